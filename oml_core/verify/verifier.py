@@ -1,0 +1,112 @@
+"""Check which fingerprints a model answers, and what that proves.
+
+Every (fingerprint, wrapper) prompt goes through one batched greedy decoding pass. A
+fingerprint counts as matched when any wrapper produced its response; the evidence rule is
+fixed before decoding: a key's null rate is the chance an unrelated model matches it under
+any of the W wrappers, bounded by W x (per-wrapper rate) where only a per-wrapper rate is
+known (`response_prob`), or measured directly by running the same keys, wrappers and rule on
+null models. Then p = P[X >= matched] for X a Poisson-binomial over those rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from oml_core import evidence, progress
+from oml_core.config import VerifyConfig, validate
+from oml_core.errors import OMLInputError
+from oml_core.fingerprints import FingerprintSet, load_fingerprints
+from oml_core.inference import generate
+from oml_core.models import LoadedModel, load_model
+from oml_core.verify.matching import is_match
+from oml_core.verify.wrappers import Wrapper, build_wrappers
+
+LOOSE_RULES = ("contains", "normalized")  # response_prob says nothing about these
+
+
+def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper], rule: str,
+               max_new_tokens: int | None = None, batch_size: int = 64,
+               desc: str = "verify") -> list[list[bool]]:
+    """hits[i][w]: did fingerprint i come back under wrapper w (one batched pass)."""
+    tokenizer = loaded.tokenizer
+    response_ids = [tokenizer(fp.response, add_special_tokens=False)["input_ids"]
+                    for fp in fset.fingerprints]
+    if max_new_tokens is None:
+        longest = max(len(ids) for ids in response_ids)
+        max_new_tokens = longest + (32 if rule in LOOSE_RULES else 2 if rule == "prefix" else 0)
+    prompts = [w.render(tokenizer, fp.key) for fp in fset.fingerprints for w in wrappers]
+    with progress.bar(desc, len(prompts)) as advance:
+        outputs = generate(loaded, prompts, max_new_tokens, batch_size, progress=advance)
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    width = len(wrappers)
+    return [[is_match(rule, outputs[i * width + w], texts[i * width + w], fp.response,
+                      response_ids[i]) for w in range(width)]
+            for i, fp in enumerate(fset.fingerprints)]
+
+
+def _summarise(hits: list[list[bool]], wrappers: list[Wrapper]) -> dict:
+    return {
+        "matched": sum(any(row) for row in hits),
+        "total": len(hits),
+        "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
+                     for j, w in enumerate(wrappers)},
+    }
+
+
+def _measure_null(cfg: VerifyConfig, fset: FingerprintSet) -> tuple[float | None, list[dict]]:
+    """Run the keys on each null model with the same wrappers and rule; pooled Laplace rate."""
+    reports, hits, trials = [], 0, 0
+    for spec in cfg.null_model:
+        null = load_model(spec, cfg.device, cfg.dtype)
+        wrappers, notes = build_wrappers(cfg.wrappers, cfg.num_system_prompts, null.has_chat_template)
+        outcome = _summarise(check_keys(null, fset, wrappers, cfg.match, cfg.max_new_tokens,
+                                        cfg.batch_size, desc=f"null model {len(reports) + 1}"),
+                             wrappers)
+        reports.append({"model": null.name, **outcome, "skipped_wrappers": notes})
+        hits, trials = hits + outcome["matched"], trials + outcome["total"]
+        del null
+    return (evidence.laplace_rate(hits, trials) if trials else None), reports
+
+
+def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
+           fset: FingerprintSet | None = None) -> dict:
+    """Verify a model against a fingerprint set; returns a JSON-ready report without secrets."""
+    validate(cfg)
+    if fset is None:
+        if not cfg.fingerprints:
+            raise OMLInputError("no fingerprint set given; pass --fingerprints FILE")
+        fset = load_fingerprints(cfg.fingerprints)
+    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype)
+    fset = fset.trimmed(loaded.tokenizer, cfg.num_fingerprints, cfg.max_key_tokens,
+                        cfg.max_response_tokens)
+    wrappers, notes = build_wrappers(cfg.wrappers, cfg.num_system_prompts, loaded.has_chat_template)
+    if not wrappers:
+        raise OMLInputError(f"no usable wrapper among {cfg.wrappers!r} ({'; '.join(notes)}); "
+                            "add 'bare' to --wrappers")
+    hits = check_keys(loaded, fset, wrappers, cfg.match, cfg.max_new_tokens, cfg.batch_size)
+    measured, null_reports = _measure_null(cfg, fset)
+
+    # response_prob is a one-wrapper, exact-token chance: union-bound it over the wrappers.
+    probs = None
+    if cfg.match not in LOOSE_RULES:
+        probs = [None if p is None else evidence.union_bound_rate(p, len(wrappers))
+                 for p in fset.response_probs]
+    rates, source = evidence.combine_null_rates(probs, measured, cfg.null_rate, len(fset))
+    summary = _summarise(hits, wrappers)
+    rule = (f"a fingerprint counts once if its response comes back under any of "
+            f"{len(wrappers)} wrappers ({cfg.match} match); p = P[X >= matched], X a "
+            f"Poisson-binomial over per-key null rates ({source}); match when p <= {cfg.alpha:g}")
+    decision = evidence.decide(summary["matched"], rates, cfg.alpha, source=source, rule=rule)
+    return {
+        "model": loaded.name,
+        "fingerprints": cfg.fingerprints,
+        **decision.to_dict(),
+        "match_rule": cfg.match,
+        "wrappers": summary["wrappers"],
+        "skipped_wrappers": notes,
+        "null_models": null_reports,
+        "per_fingerprint": [{"id": fp.id, "matched": any(row),
+                             "wrappers": [w.name for w, hit in zip(wrappers, row) if hit]}
+                            for fp, row in zip(fset.fingerprints, hits)],
+        "settings": asdict(cfg),
+    }
