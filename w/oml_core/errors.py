@@ -1,5 +1,0 @@
-"""Errors the user can fix. Interfaces print the message as one line and exit with code 2."""
-
-
-class OMLInputError(ValueError):
-    """Bad input from the user: the message names the problem and the fix, never a secret."""
