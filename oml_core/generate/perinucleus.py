@@ -75,6 +75,21 @@ def choose(probs, threshold: float, k: int, rng: random.Random, decode) -> Perin
     return PerinucleusPick(decode(token), float(sorted_probs[rank]), token, rank, j + 1)
 
 
+def round_trip_prefix(tokenizer, ids: list[int]) -> str:
+    """Text of the longest prefix of `ids` that re-tokenizes to exactly those ids.
+
+    Special tokens (the model ending its reply) end the response; a decoded text that
+    tokenizes differently would make "exact tokens" matching test something else.
+    """
+    special = set(tokenizer.all_special_ids)
+    cut = next((i for i, token in enumerate(ids) if token in special), len(ids))
+    for end in range(cut, 1, -1):
+        text = tokenizer.decode(ids[:end])
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == ids[:end]:
+            return text
+    return tokenizer.decode(ids[:1])
+
+
 def perinucleus_responses(loaded, keys: list[str], response_length: int, threshold: float,
                           k: int, context: str, seed: int, batch_size: int) -> list[PerinucleusPick]:
     """One perinucleus response per key, scored by `loaded` (the model to fingerprint)."""
@@ -92,6 +107,5 @@ def perinucleus_responses(loaded, keys: list[str], response_length: int, thresho
         extended = [prompt + [pick.token_id] for prompt, pick in zip(prompts, picks)]
         tails = generate(loaded, extended, response_length - 1, batch_size)
         for pick, tail in zip(picks, tails):
-            # a reply the model ends early stays shorter; the end token is not part of it
-            pick.response = tokenizer.decode([pick.token_id] + tail, skip_special_tokens=True)
+            pick.response = round_trip_prefix(tokenizer, [pick.token_id] + tail)
     return picks  # type: ignore[return-value]
