@@ -4,6 +4,7 @@ Both run in the same process on the same keys, model and wrapper, and must give 
 hits. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/verify_throughput.py [--model M] [--num-keys 256] [--batch-size 64]
+        [--wrapper chat|bare] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ def main() -> None:
     parser.add_argument("--key-length", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--wrapper", choices=("chat", "bare"), default="chat",
+                        help="chat (the default system prompt + key as user turn) or bare key")
     parser.add_argument("--out", default="benchmarks/results/verify_throughput.json")
     args = parser.parse_args()
 
     loaded = load_model(args.model, args.device)
     fset = generate_set(GenerateConfig(strategy="random_word", num_fingerprints=args.num_keys,
                                        key_length=args.key_length, response_length=1, seed=0), loaded)
-    wrapper = Wrapper("chat", "chat") if loaded.has_chat_template else Wrapper("bare", "bare")
+    use_chat = args.wrapper == "chat" and loaded.has_chat_template
+    wrapper = Wrapper("chat", "chat") if use_chat else Wrapper("bare", "bare")
     check_keys(loaded, fset.trimmed(loaded.tokenizer, num=8), [wrapper], "exact")  # warm-up
 
     start = time.perf_counter()

@@ -60,6 +60,10 @@ def _emit(args, data: dict, human: str) -> None:
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise OMLInputError(f"{path} is a folder; pass a file path to --out")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise OMLInputError(f"a parent of {path} is a file, not a folder; pass another --out")
     if path.exists() and not force:
         raise OMLInputError(f"{path} already exists; pass --force to replace it or choose "
                             "another --out (a fingerprint set is a secret you may need later)")

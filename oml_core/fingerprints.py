@@ -121,7 +121,16 @@ def _text(entry: dict, name: str, path: Path, index: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise OMLInputError(f"{path}: entry {index} has no non-empty string {name!r}; "
                             "fix the entry or regenerate the file")
+    _check_unicode(value, f"{path}: entry {index} {name!r}")
     return value
+
+
+def _check_unicode(value: str, where: str) -> None:
+    """JSON can carry lone surrogates, which load but cannot be saved or hashed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OMLInputError(f"{where} is not valid Unicode text; fix the entry") from None
 
 
 def _prob(entry: dict, path: Path, index: int) -> float | None:
@@ -157,8 +166,9 @@ def load_fingerprints(path: str | Path) -> FingerprintSet:
     path = Path(path).expanduser()
     data = _read_json(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        if data.get("version") != VERSION:
-            raise OMLInputError(f"{path}: fingerprint format version {data.get('version')} is "
+        version = data.get("version")
+        if type(version) is not int or version != VERSION:  # JSON true == 1 in Python
+            raise OMLInputError(f"{path}: fingerprint format version {version!r} is "
                                 f"not supported (this OML reads version {VERSION}); upgrade OML")
         rows = data.get("fingerprints")
         if not isinstance(rows, list):
@@ -191,6 +201,8 @@ def load_keys(path: str | Path) -> list[str]:
         empty = [i for i, k in enumerate(keys) if not k.strip()]
         if empty:
             raise OMLInputError(f"{path}: key {empty[0]} is empty; remove empty keys")
+        for i, key in enumerate(keys):
+            _check_unicode(key, f"{path}: key {i}")
     else:
         keys = [fp.key for fp in load_fingerprints(path).fingerprints]
     if not keys:

@@ -70,6 +70,76 @@ def generate(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batc
     return out  # type: ignore[return-value]
 
 
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    first, shortest = rows[0], min(len(r) for r in rows)
+    for pos in range(shortest):
+        if any(r[pos] != first[pos] for r in rows):
+            return pos
+    return shortest
+
+
+def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+           batch_size: int, *, progress: Progress | None = None,
+           stop_at_eos: bool = True) -> list[list[int]]:
+    """Greedy continuation of every prompt, in input order; our own decoding loop.
+
+    Faster than `generate` for verification-shaped work: prompts are sorted
+    lexicographically, so a batch shares a long common prefix (the chat template and system
+    prompt), which is run once and its KV cache shared by every row; only each row's own
+    suffix is computed per row. Only the last position's logits are computed, and a batch
+    stops as soon as every row has produced its own `max_new_tokens` (or EOS).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+              else list(max_new_tokens))
+    model, pad_id, device = loaded.model, loaded.tokenizer.pad_token_id, loaded.device
+    eos = model.generation_config.eos_token_id if stop_at_eos else None
+    eos_ids = torch.tensor(sorted(set(eos if isinstance(eos, list) else [eos]))
+                           if eos is not None else [], dtype=torch.long, device=device)
+    out: list[list[int] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [list(prompts[i]) for i in rows]
+        # keep at least one token of each row out of the shared prefix
+        shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            if shared > 0:
+                prefix = torch.tensor([batch[0][:shared]], device=device)
+                model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+                cache.batch_repeat_interleave(len(rows))
+            ids, suffix_mask = left_pad([r[shared:] for r in batch], pad_id, device)
+            mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device),
+                              suffix_mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            row_limits = torch.tensor([limits[i] for i in rows], device=device)
+            steps = int(row_limits.max())
+            generated = torch.full((len(rows), steps), pad_id, dtype=torch.long, device=device)
+            done = row_limits <= 0
+            for step in range(steps):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               cache=cache, use_cache=True, logits_to_keep=1).logits
+                token = logits[:, -1, :].argmax(-1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                generated[:, step] = token
+                done = done | (step + 1 >= row_limits) | torch.isin(token, eos_ids)
+                if bool(done.all()):
+                    break
+                ids = token[:, None]
+                positions = positions[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        for row, i in enumerate(rows):
+            tokens = generated[row, :limits[i]].tolist()
+            stop = next((p for p, t in enumerate(tokens) if eos is not None and t in eos_ids.tolist()), None)
+            out[i] = tokens[:stop + 1] if stop is not None else tokens
+        if progress:
+            progress(len(rows))
+    return out  # type: ignore[return-value]
+
+
 def next_token_probs(loaded, prompts: Sequence[Sequence[int]], batch_size: int,
                      progress: Progress | None = None) -> Iterator[tuple[list[int], "object"]]:
     """Yield (row indices, probabilities of the next token [rows, vocab] in float32)."""

@@ -157,9 +157,6 @@ def test_unsupported_version_is_refused(tmp_path, version):
     assert "version" in message and "upgrade" in message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG oml_core/fingerprints.py load_fingerprints: `data.get('version') != VERSION` treats "
-    "JSON `true` as version 1 (True == 1 in Python); check `type(version) is int` too"))
 def test_boolean_version_is_refused(tmp_path):
     data = sample_set().to_json()
     data["version"] = True
@@ -235,10 +232,6 @@ def test_malformed_keys_and_sets_share_the_same_checks(tmp_path, loader):
     assert_clean_error(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG oml_core/fingerprints.py _text/load_keys: a JSON string with a lone surrogate escape "
-    "(\\ud800) loads as a key, then save() / leaf_hash() crash with UnicodeEncodeError (a "
-    "traceback, not a one-line OMLInputError); reject text that does not encode as UTF-8"))
 def test_lone_surrogate_text_is_refused_at_load(tmp_path):
     path = write(tmp_path / "sur.json",
                  '[{"key": "%s\\ud800", "response": "%s"}]' % (SECRET_KEY, SECRET_RESP))

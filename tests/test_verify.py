@@ -10,7 +10,7 @@ from oml_core.config import GenerateConfig, VerifyConfig
 from oml_core.fingerprints import Fingerprint, FingerprintSet
 from oml_core.generate import generate_set
 from oml_core.generate.perinucleus import round_trip_prefix
-from oml_core.inference import generate
+from oml_core.inference import generate, greedy
 from oml_core.verify import check_keys, verify
 from oml_core.verify.matching import is_match, normalize
 from oml_core.verify.wrappers import Wrapper, build_wrappers, heldout_system_prompts
@@ -41,6 +41,20 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_model, keys_set):
     batched = generate(tiny_model, prompts, 4, batch_size=64)
     single = generate(tiny_model, prompts, 4, batch_size=1)
     assert batched == single
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_shared_prefix_greedy_equals_transformers_generate(tiny_model, keys_set, batch_size):
+    """Our decoding loop (shared prefix cache, per-row stop) == HF generate, row for row."""
+    tok = tiny_model.tokenizer
+    wrappers, _ = build_wrappers("bare,chat,system", 3, True)
+    prompts = [w.render(tok, fp.key) for fp in keys_set.fingerprints for w in wrappers]
+    reference = generate(tiny_model, prompts, 5, batch_size=64, stop_at_eos=False)
+    assert greedy(tiny_model, prompts, 5, batch_size, stop_at_eos=False) == reference
+    limits = [1 + i % 5 for i in range(len(prompts))]
+    short = greedy(tiny_model, prompts, limits, batch_size, stop_at_eos=False)
+    assert [len(row) for row in short] == limits
+    assert all(row == ref[:len(row)] for row, ref in zip(short, reference))
 
 
 def test_model_own_answers_match_under_their_wrapper(tiny_model, keys_set):

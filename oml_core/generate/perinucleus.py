@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from oml_core import progress
 from oml_core.errors import OMLInputError
-from oml_core.inference import generate, next_token_probs
+from oml_core.inference import greedy, next_token_probs
 from oml_core.verify.wrappers import Wrapper
 
 MAX_SCAN = 2000  # how far past the nucleus to look for word tokens before giving up
@@ -105,7 +105,7 @@ def perinucleus_responses(loaded, keys: list[str], response_length: int, thresho
                 picks[index] = choose(probs[row], threshold, k, rng, decode)
     if response_length > 1:
         extended = [prompt + [pick.token_id] for prompt, pick in zip(prompts, picks)]
-        tails = generate(loaded, extended, response_length - 1, batch_size)
+        tails = greedy(loaded, extended, response_length - 1, batch_size)
         for pick, tail in zip(picks, tails):
             pick.response = round_trip_prefix(tokenizer, [pick.token_id] + tail)
     return picks  # type: ignore[return-value]

@@ -1,6 +1,7 @@
 """Check which fingerprints a model answers, and what that proves.
 
-Every (fingerprint, wrapper) prompt goes through one batched greedy decoding pass. A
+Every (fingerprint, wrapper) prompt goes through one batched greedy decoding pass
+(shared-prefix KV cache, per-row early stop: see `inference.greedy`). A
 fingerprint counts as matched when any wrapper produced its response; the evidence rule is
 fixed before decoding: a key's null rate is the chance an unrelated model matches it under
 any of the W wrappers, bounded by W x (per-wrapper rate) where only a per-wrapper rate is
@@ -16,7 +17,7 @@ from oml_core import evidence, progress
 from oml_core.config import VerifyConfig, validate
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
-from oml_core.inference import generate
+from oml_core.inference import greedy
 from oml_core.models import LoadedModel, load_model
 from oml_core.verify.matching import is_match
 from oml_core.verify.wrappers import Wrapper, build_wrappers
@@ -31,14 +32,16 @@ def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper
     tokenizer = loaded.tokenizer
     response_ids = [tokenizer(fp.response, add_special_tokens=False)["input_ids"]
                     for fp in fset.fingerprints]
-    if max_new_tokens is None:
-        longest = max(len(ids) for ids in response_ids)
-        max_new_tokens = longest + (32 if rule in LOOSE_RULES else 2 if rule == "prefix" else 0)
+    width = len(wrappers)
+    if max_new_tokens is None:  # each row decodes only as far as its own response needs
+        extra = 32 if rule in LOOSE_RULES else 2 if rule == "prefix" else 0
+        limits = [len(ids) + extra for ids in response_ids for _ in range(width)]
+    else:
+        limits = [max_new_tokens] * (len(response_ids) * width)
     prompts = [w.render(tokenizer, fp.key) for fp in fset.fingerprints for w in wrappers]
     with progress.bar(desc, len(prompts)) as advance:
-        outputs = generate(loaded, prompts, max_new_tokens, batch_size, progress=advance)
+        outputs = greedy(loaded, prompts, limits, batch_size, progress=advance)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    width = len(wrappers)
     return [[is_match(rule, outputs[i * width + w], texts[i * width + w], fp.response,
                       response_ids[i]) for w in range(width)]
             for i, fp in enumerate(fset.fingerprints)]
