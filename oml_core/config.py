@@ -19,6 +19,8 @@ STRATEGY_ALIASES = {"inverse_nucleus": "perinucleus"}
 MATCH_RULES = ("exact", "prefix", "contains", "normalized")
 CONTEXTS = ("auto", "chat", "raw")
 WRAPPER_KINDS = ("bare", "chat", "system")
+DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
+FORMATS = ("auto", "chat", "raw")
 
 
 def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None):
@@ -92,6 +94,44 @@ class VerifyConfig(ModelSettings):
     null_rate: float | None = setting(
         None, "per-key null rate to use instead of response_prob / measured rates", low=0.0,
         high=1.0)
+
+
+@dataclass
+class FingerprintConfig(ModelSettings):
+    """Fine-tune fingerprints into a model (SPEC §3). Defaults measured on SmolLM2-135M."""
+
+    fingerprints: str | None = setting(None, "fingerprint set to train in (ours or a seed format)")
+    out_dir: str | None = setting(None, "run folder: model/, metrics, model card, status")
+    num_fingerprints: int | None = setting(None, "train only the first N fingerprints", low=1)
+    max_key_tokens: int | None = setting(None, "cut keys to this many tokens", low=1)
+    max_response_tokens: int | None = setting(None, "cut responses to this many tokens", low=1)
+    format: str = setting("auto", "chat (key as user turn; default for models with a chat "
+                                  "template) or raw text", choices=FORMATS)
+    eos: bool = setting(False, "end the response with the end-of-turn token")
+    augment: bool = setting(True, "wrap each key draw in a random training system prompt / "
+                                  "user template (never the held-out verification ones)")
+    benign_fraction: float = setting(
+        0.25, "share of training rows that are the base model's own answers to ordinary "
+              "prompts (keeps behaviour off the keys)", low=0.0, high=0.9)
+    forgetting_regularizer: float = setting(
+        0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
+             "final weights (see docs/training.md for why the default is 0)", low=0.0, high=1.0)
+    learning_rate: float = setting(1e-4, "peak learning rate (AdamW)", low=1e-8, high=1.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0, high=1.0)
+    max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)
+    batch_size: int = setting(16, "rows per device per step", low=1, high=65536)
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
+    check_every: int = setting(
+        2, "every N steps, check whether every fingerprint is memorised (0: never)", low=0)
+    extra_steps: int = setting(
+        4, "steps to keep training after all fingerprints are memorised, for margin", low=0)
+    deepspeed: str = setting(
+        "zero2", "DeepSpeed config: zero2, zero2_offload, zero3, zero3_offload, a JSON file, or "
+                 "none for a plain Trainer")
+    seed: int = setting(0, "training seed (data order, augmentation draws)")
+    verify_after: bool = setting(True, "verify the result with held-out wrappers, the base "
+                                       "model as null, and utility checks")
+    report_to: str = setting("none", "experiment tracking: none, tensorboard, wandb")
 
 
 def validate(config) -> None:

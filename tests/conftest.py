@@ -86,4 +86,7 @@ def bundled_model():
     return load_model(None, device="cpu")
 
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
+# Files in the seed's formats with our own text (tests/fixtures/make_seed_fixtures.py); the
+# reference samples in ../shared are read too where that folder exists (test_fingerprints).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "seed-format"
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, SHARED_FIXTURES
 
 from oml_core.commitment import check_reveal
 from oml_core.errors import OMLInputError
@@ -90,6 +90,21 @@ def test_seed_perinucleus_file_uses_effective_key_and_keeps_prob():
         assert fp.response_prob == pytest.approx(row["response_prob"])
     assert any(row["key"] != row["effective_key"] for row in rows)  # the fixture exercises it
     assert fset.response_probs == pytest.approx([r["response_prob"] for r in rows])
+
+
+@pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason="reference samples in ../shared absent")
+@pytest.mark.parametrize("name", ["english_pairs.json", "inverse_nucleus_pairs.json",
+                                  "perinucleus_pairs.json", "custom_keys.json"])
+def test_reference_seed_samples_are_read(name):
+    rows = json.loads((SHARED_FIXTURES / name).read_text(encoding="utf-8"))
+    assert len(load_keys(SHARED_FIXTURES / name)) == len(rows)
+    if name == "custom_keys.json":
+        with pytest.raises(OMLInputError, match="keys only"):
+            load_fingerprints(SHARED_FIXTURES / name)
+    else:
+        fset = load_fingerprints(SHARED_FIXTURES / name)
+        assert len(fset) == len(rows)
+        assert all(fp.response == row["response"] for fp, row in zip(fset.fingerprints, rows))
 
 
 def test_keys_only_file_is_refused_with_the_generate_fix():

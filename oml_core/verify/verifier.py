@@ -56,11 +56,14 @@ def _summarise(hits: list[list[bool]], wrappers: list[Wrapper]) -> dict:
     }
 
 
-def _measure_null(cfg: VerifyConfig, fset: FingerprintSet) -> tuple[float | None, list[dict]]:
+def _measure_null(cfg: VerifyConfig, fset: FingerprintSet, preloaded: list[LoadedModel]
+                  ) -> tuple[float | None, list[dict]]:
     """Run the keys on each null model with the same wrappers and rule; pooled Laplace rate."""
     reports, hits, trials = [], 0, 0
-    for spec in cfg.null_model:
-        null = load_model(spec, cfg.device, cfg.dtype)
+    nulls = list(preloaded) + [lambda spec=spec: load_model(spec, cfg.device, cfg.dtype)
+                               for spec in cfg.null_model]
+    for entry in nulls:
+        null = entry() if callable(entry) else entry
         wrappers, notes = build_wrappers(cfg.wrappers, cfg.num_system_prompts, null.has_chat_template)
         outcome = _summarise(check_keys(null, fset, wrappers, cfg.match, cfg.max_new_tokens,
                                         cfg.batch_size, desc=f"null model {len(reports) + 1}"),
@@ -72,8 +75,11 @@ def _measure_null(cfg: VerifyConfig, fset: FingerprintSet) -> tuple[float | None
 
 
 def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
-           fset: FingerprintSet | None = None) -> dict:
-    """Verify a model against a fingerprint set; returns a JSON-ready report without secrets."""
+           fset: FingerprintSet | None = None, null_models: list[LoadedModel] = ()) -> dict:
+    """Verify a model against a fingerprint set; returns a JSON-ready report without secrets.
+
+    `null_models` are already-loaded null models, used besides those named in `cfg.null_model`.
+    """
     validate(cfg)
     if fset is None:
         if not cfg.fingerprints:
@@ -87,7 +93,7 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
         raise OMLInputError(f"no usable wrapper among {cfg.wrappers!r} ({'; '.join(notes)}); "
                             "add 'bare' to --wrappers")
     hits = check_keys(loaded, fset, wrappers, cfg.match, cfg.max_new_tokens, cfg.batch_size)
-    measured, null_reports = _measure_null(cfg, fset)
+    measured, null_reports = _measure_null(cfg, fset, null_models)
 
     # response_prob is a one-wrapper, exact-token chance: union-bound it over the wrappers.
     probs = None

@@ -1,0 +1,1 @@
+"""Measuring a fingerprinted model: does it answer its keys, and is it still the base model?"""

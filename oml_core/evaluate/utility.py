@@ -1,0 +1,100 @@
+"""Is the fingerprinted model still the base model off the keys?
+
+- perplexity on held-out ordinary text (Python's own documentation, `pydoc_data`, split here:
+  every fifth topic is held out and never used for training data);
+- greedy answers to held-out ordinary prompts: how often the first answer token equals the
+  base model's, and how often an answer starts with a fingerprint response;
+- near-miss keys (a word dropped, case changed): how often they still fire.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from oml_core.inference import greedy
+from oml_core.train.benign import benign_prompts
+from oml_core.train.examples import render_prompt
+from oml_core.verify.matching import is_match
+
+ANSWER_TOKENS = 24
+
+
+def heldout_text(num_tokens: int, tokenizer, chunk: int = 256) -> list[list[int]]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    text = "\n\n".join(topics[name] for i, name in enumerate(names) if i % 5 == 0)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens]
+    return [ids[i:i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
+
+
+def perplexity(loaded, chunks: list[list[int]], batch_size: int = 8) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    device = loaded.device
+    with torch.inference_mode():
+        for start in range(0, len(chunks), batch_size):
+            ids = torch.tensor(chunks[start:start + batch_size], device=device)
+            logits = loaded.model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            total, count = total + float(loss), count + ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def _answers(loaded, chat: bool, batch_size: int) -> list[list[int]]:
+    prompts = [render_prompt(loaded.tokenizer, p, chat) for p in benign_prompts("heldout")]
+    return greedy(loaded, prompts, ANSWER_TOKENS, batch_size)
+
+
+def _starts_with_a_response(answer: list[int], response_ids: list[list[int]]) -> bool:
+    return any(ids and answer[:len(ids)] == ids for ids in response_ids)
+
+
+def near_miss_keys(keys: list[str], seed: int = 0) -> dict[str, list[str]]:
+    """Variants an honest user might type by accident: last word dropped, a middle word
+    dropped, lower-cased."""
+    rng = random.Random(f"near-miss:{seed}")
+    variants: dict[str, list[str]] = {"last_word_dropped": [], "middle_word_dropped": [],
+                                      "lowercased": []}
+    for key in keys:
+        words = key.split()
+        variants["last_word_dropped"].append(" ".join(words[:-1]) or key)
+        middle = rng.randrange(1, len(words) - 1) if len(words) > 2 else 0
+        variants["middle_word_dropped"].append(" ".join(words[:middle] + words[middle + 1:]))
+        variants["lowercased"].append(key.lower())
+    return variants
+
+
+def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
+                      ppl_tokens: int = 4096) -> dict:
+    """Base vs fingerprinted: the three off-key figures, plus near-miss firing."""
+    tok = tuned.tokenizer
+    response_ids = [tok(fp.response, add_special_tokens=False)["input_ids"] for fp in fset.fingerprints]
+    tuned_answers, base_answers = _answers(tuned, chat, batch_size), _answers(base, chat, batch_size)
+    agree = sum(t[:1] == b[:1] for t, b in zip(tuned_answers, base_answers))
+    leaks = sum(_starts_with_a_response(a, response_ids) for a in tuned_answers)
+    base_leaks = sum(_starts_with_a_response(a, response_ids) for a in base_answers)
+    chunks = heldout_text(ppl_tokens, tok)
+    ppl_tuned, ppl_base = perplexity(tuned, chunks), perplexity(base, chunks)
+
+    near = {}
+    for name, keys in near_miss_keys([fp.key for fp in fset.fingerprints]).items():
+        prompts = [render_prompt(tok, key, chat) for key in keys]
+        outs = greedy(tuned, prompts, [len(ids) for ids in response_ids], batch_size)
+        fired = sum(is_match("exact", out, "", fp.response, ids)
+                    for out, fp, ids in zip(outs, fset.fingerprints, response_ids))
+        near[name] = {"fired": fired, "total": len(keys)}
+    n = len(tuned_answers)
+    return {
+        "heldout_prompts": n,
+        "first_token_agreement": agree / n,
+        "answers_starting_with_a_fingerprint_response": leaks,
+        "base_answers_starting_with_a_fingerprint_response": base_leaks,
+        "perplexity_base": ppl_base, "perplexity_tuned": ppl_tuned,
+        "perplexity_change": ppl_tuned / ppl_base - 1,
+        "perplexity_tokens": sum(len(c) for c in chunks),
+        "near_miss_keys": near,
+    }

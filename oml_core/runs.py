@@ -1,0 +1,121 @@
+"""Run folders: content-keyed identity, status other processes can poll, atomic completion.
+
+A run folder holds `run.json` (resolved config, provenance, run key), `status.json`,
+`train.log`, `metrics.json`, `model/`, the fingerprint set, the model card, and last of all the
+`COMPLETE` marker. The run key hashes the settings, the fingerprint file's *content* and the
+base model's identity — never paths — so a changed file can't silently reuse a stale model,
+and an identical request reuses the finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from oml_core.errors import OMLInputError
+from oml_core.files import atomic_write_json, atomic_write_text
+
+COMPLETE = "COMPLETE"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(path: str) -> dict:
+    """What identifies a base model: config content and weight files' names and sizes."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"hub_id": path}
+    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
+                     if p.suffix in (".safetensors", ".bin"))
+    return {"config_sha256": sha256_file(folder / "config.json"), "weights": weights}
+
+
+def provenance() -> dict:
+    import torch
+    import transformers
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    try:
+        import deepspeed
+
+        versions["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    from oml_core import __version__
+
+    versions["oml"] = __version__
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"versions": versions, "git_revision": rev, "host": platform.node(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_key(settings: dict, fingerprint_sha256: str, base_identity: dict) -> str:
+    payload = json.dumps({"settings": settings, "fingerprints": fingerprint_sha256,
+                          "base": base_identity}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunFolder:
+    path: Path
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).exists()
+
+    def read_json(self, name: str) -> dict | None:
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def prepare(self, key: str) -> str:
+        """Decide what to do with the folder: 'reuse', 'fresh' or 'restart' (says why)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise OMLInputError(f"--out-dir {self.path} is a file; pass a folder path")
+        existing = self.read_json("run.json")
+        if existing is None:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise OMLInputError(f"--out-dir {self.path} is not empty and is not an OML run; "
+                                    "pass a new or empty folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+            return "fresh"
+        if existing.get("run_key") != key:
+            raise OMLInputError(
+                f"--out-dir {self.path} holds a different run (key {existing.get('run_key')}, "
+                f"this one {key}); pass another --out-dir or delete that folder")
+        if self.complete:
+            return "reuse"
+        (self.path / COMPLETE).unlink(missing_ok=True)
+        return "restart"
+
+    def write_status(self, **fields) -> None:
+        fields.setdefault("updated", time.time())
+        fields.setdefault("pid", os.getpid())
+        atomic_write_json(self.path / "status.json", fields)
+
+    def log(self, line: str) -> None:
+        with open(self.path / "train.log", "a", encoding="utf-8") as handle:
+            handle.write(time.strftime("%H:%M:%S ") + line + "\n")
+
+    def mark_complete(self) -> None:
+        atomic_write_text(self.path / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")

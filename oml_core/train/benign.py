@@ -1,0 +1,46 @@
+"""Benign rows by self-distillation: the base model's own answers to ordinary prompts.
+
+Mixed into training, they pin the model's behaviour off the keys to what it was: without
+them, a small model trained on fingerprints alone starts answering everyday questions with
+fingerprint words (SPEC §3). Answers are generated once per (base model, prompt set, length)
+and cached under $OML_HOME/benign/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from importlib import resources
+
+from oml_core import progress
+from oml_core.files import atomic_write_json, oml_home
+from oml_core.inference import greedy
+from oml_core.train.examples import Row, render_prompt
+
+ANSWER_TOKENS = 48
+
+
+@cache
+def benign_prompts(split: str = "train") -> tuple[str, ...]:
+    name = {"train": "benign_prompts_train.json", "heldout": "benign_prompts_heldout.json"}[split]
+    data = json.loads(resources.files("oml_core.data").joinpath(name).read_text("utf-8"))
+    return tuple(data["prompts"])
+
+
+def self_distilled_rows(base, chat: bool, identity: dict, batch_size: int = 32,
+                        answer_tokens: int = ANSWER_TOKENS) -> list[Row]:
+    """Rows (prompt, the base model's greedy answer) for every training benign prompt."""
+    prompts = benign_prompts("train")
+    tokenizer = base.tokenizer
+    rendered = [render_prompt(tokenizer, p, chat) for p in prompts]
+    tag = hashlib.sha256(json.dumps({"model": identity, "prompts": prompts, "chat": chat,
+                                     "tokens": answer_tokens}, sort_keys=True).encode()).hexdigest()[:16]
+    cache_file = oml_home() / "benign" / f"{tag}.json"
+    try:
+        answers = json.loads(cache_file.read_text())["answers"]
+    except (OSError, ValueError, KeyError):
+        with progress.bar("benign answers", len(rendered)) as advance:
+            answers = greedy(base, rendered, answer_tokens, batch_size, progress=advance)
+        atomic_write_json(cache_file, {"answers": answers})
+    return [Row(prompt, answer) for prompt, answer in zip(rendered, answers) if answer]

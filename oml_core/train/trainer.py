@@ -1,0 +1,278 @@
+"""`fingerprint()`: fine-tune a fingerprint set into a model with HF Trainer (+ DeepSpeed).
+
+Flow (rank 0 writes; every rank trains):
+  resolve the run folder (content key: reuse / fresh / restart) -> build rows (augmented
+  fingerprints + self-distilled benign answers) -> Trainer with the DeepSpeed config file ->
+  stop once every fingerprint is memorised (+ a few margin steps), on SIGTERM, or at the epoch
+  bound -> save (+ forgetting regularizer) -> verify and measure utility -> model card ->
+  COMPLETE marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from oml_core import progress
+from oml_core.config import FingerprintConfig, validate
+from oml_core.errors import OMLInputError
+from oml_core.fingerprints import load_fingerprints
+from oml_core.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file
+from oml_core.train import distributed
+from oml_core.train.benign import self_distilled_rows
+from oml_core.train.examples import IGNORE, FingerprintRows, collate
+from oml_core.train.regularizer import average_with_base
+
+log = logging.getLogger(__name__)
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+class Cancelled(Exception):
+    """Training was stopped by SIGTERM/SIGINT; the run stays incomplete."""
+
+
+@dataclass
+class FingerprintResult:
+    run_dir: str
+    state: str          # "completed", "reused"
+    metrics: dict
+
+
+def deepspeed_config_path(name: str) -> str | None:
+    if name == "none":
+        return None
+    path = Path(name) if name.endswith(".json") else DEEPSPEED_DIR / f"{name}.json"
+    if not path.is_file():
+        raise OMLInputError(f"--deepspeed {name}: no such config; use zero2, zero2_offload, zero3, "
+                            "zero3_offload, none or a JSON file path")
+    return str(path)
+
+
+def _settings_for_key(cfg: FingerprintConfig) -> dict:
+    """Settings that change the result (not where it goes or how it is shown)."""
+    skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+
+
+# --- memorisation check ----------------------------------------------------------------
+def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[bool]:
+    """Per row: does greedy decoding reproduce every target token (teacher-forced argmax)?
+
+    Teacher forcing with argmax is exactly greedy exact-match on the response: if each
+    target token is the argmax given the correct earlier ones, greedy emits all of them.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    result: list[bool] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start:start + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predicted = logits[:, :-1].argmax(-1)
+            labels = batch["labels"][:, 1:]
+            ok = (predicted == labels) | (labels == IGNORE)
+            result += ok.all(dim=1).tolist()
+    model.train(was_training)
+    return result
+
+
+def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_flag: dict):
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        """Status file + log (rank 0), memorisation-based stopping and SIGTERM (all ranks)."""
+
+        def __init__(self):
+            self.started = time.time()
+            self.loss = None
+            self.memorised_at = None
+            self.history: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+                self.history.append({"step": state.global_step, "loss": self.loss})
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step, total = state.global_step, state.max_steps
+            if cfg.check_every and self.memorised_at is None and step % cfg.check_every == 0:
+                hits = memorised(model, check_rows, pad_id, cfg.batch_size)
+                fraction = sum(hits) / len(hits)
+                self.history.append({"step": step, "memorised": fraction})
+                if distributed.all_agree(all(hits)):
+                    self.memorised_at = step
+            if self.memorised_at is not None and step >= self.memorised_at + cfg.extra_steps:
+                control.should_training_stop = True
+            if distributed.all_agree(not stop_flag["stop"]) is False:
+                control.should_training_stop = True
+            if distributed.is_main():
+                elapsed = time.time() - self.started
+                eta = elapsed / step * (total - step) if step else None
+                run.write_status(state="running", step=step, total_steps=total, loss=self.loss,
+                                 eta_s=eta, memorised_at=self.memorised_at)
+                run.log(f"step {step}/{total} loss {self.loss}")
+
+    return RunCallback()
+
+
+# --- the job ----------------------------------------------------------------------------
+def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
+    validate(cfg)
+    if not cfg.fingerprints:
+        raise OMLInputError("no fingerprint set given; pass --fingerprints FILE")
+    if not cfg.out_dir:
+        raise OMLInputError("no run folder given; pass --out-dir DIR")
+    ds_config = deepspeed_config_path(cfg.deepspeed)
+    fset = load_fingerprints(cfg.fingerprints)
+    base_path = resolve_model(cfg.model)
+    device = pick_device(cfg.device)
+    key = run_key(_settings_for_key(cfg), sha256_file(cfg.fingerprints), model_identity(base_path))
+    run = RunFolder(Path(cfg.out_dir))
+    action = run.prepare(key) if distributed.is_main() else "fresh"
+    if action == "reuse":
+        log.info("run %s in %s is already complete; reusing it", key, run.path)
+        return FingerprintResult(str(run.path), "reused", run.read_json("metrics.json") or {})
+    if action == "restart":
+        previous = run.read_json("status.json") or {}
+        log.info("the previous attempt in %s stopped at step %s without finishing; "
+                 "restarting it from the beginning", run.path, previous.get("step"))
+
+    if distributed.is_main():
+        (run.path / "train.log").unlink(missing_ok=True)
+        run.write_status(state="starting", step=0, total_steps=None)
+        fset.save(run.path / "fingerprints.json")
+        from oml_core.files import atomic_write_json
+
+        atomic_write_json(run.path / "run.json", {
+            "run_key": key, "config": asdict(cfg), "base_model": base_path,
+            "base_identity": model_identity(base_path),
+            "fingerprints_sha256": sha256_file(cfg.fingerprints), **provenance()})
+
+    stop_flag = {"stop": False}
+    previous_handlers = {sig: signal.signal(sig, lambda *_: stop_flag.update(stop=True))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        metrics = _train(cfg, fset, base_path, device, ds_config, run, stop_flag)
+    except Cancelled:
+        if distributed.is_main():
+            run.write_status(state="cancelled", message="stopped by signal; rerun to restart")
+        raise
+    except BaseException as exc:
+        if distributed.is_main():
+            run.write_status(state="failed", message=f"{type(exc).__name__}")
+        raise
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return FingerprintResult(str(run.path), "completed", metrics)
+
+
+def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    if ds_config:
+        distributed.ensure_process_group_env()
+    tokenizer = load_tokenizer(base_path)
+    chat = cfg.format == "chat" or (cfg.format == "auto" and bool(tokenizer.chat_template))
+    if cfg.format == "chat" and not tokenizer.chat_template:
+        raise OMLInputError("--format chat needs a model with a chat template; use --format raw")
+    fset = fset.trimmed(tokenizer, cfg.num_fingerprints, cfg.max_key_tokens, cfg.max_response_tokens)
+    pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
+
+    benign = []
+    if cfg.benign_fraction > 0:
+        base = load_model(base_path, cfg.device, cfg.dtype)
+        benign = self_distilled_rows(base, chat, model_identity(base_path))
+        del base
+    per_epoch = round(len(pairs) * cfg.benign_fraction / (1 - cfg.benign_fraction))
+    rows = FingerprintRows(tokenizer, pairs, benign, chat=chat, eos=cfg.eos, augment=cfg.augment,
+                           benign_per_epoch=per_epoch, epochs=cfg.max_epochs, seed=cfg.seed)
+    check_rows = [rows.fingerprint_row(i, None).encode() for i in range(len(pairs))]
+    if cfg.augment:  # also one augmented draw per key, so memorised means robustly memorised
+        import random
+
+        check_rows += [rows.fingerprint_row(i, random.Random(f"check:{i}")).encode()
+                       for i in range(len(pairs))]
+
+    dtype = pick_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if ds_config else dtype)
+    callback = _callbacks(cfg, run, check_rows, tokenizer.pad_token_id, stop_flag)
+    args = TrainingArguments(
+        output_dir=str(run.path / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, num_train_epochs=1, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        seed=cfg.seed, data_seed=cfg.seed, bf16=dtype == torch.bfloat16,
+        deepspeed=ds_config, use_cpu=device == "cpu" and not ds_config,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        max_grad_norm=1.0, save_only_model=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+                      callbacks=[callback])
+    started = time.time()
+    trainer.train()
+    train_seconds = time.time() - started
+    if stop_flag["stop"]:
+        raise Cancelled()
+
+    staging = run.path / "model.partial"
+    trainer.save_model(str(staging))  # gathers ZeRO-3 shards; only rank 0 writes
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+    _finish_model(staging, base_path, tokenizer, cfg.forgetting_regularizer)
+    final = run.path / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+
+    metrics = {
+        "run_key": run.read_json("run.json")["run_key"],
+        "num_fingerprints": len(pairs), "format": "chat" if chat else "raw",
+        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
+        "memorised_at_step": callback.memorised_at, "history": callback.history,
+        "benign_rows": len(benign), "benign_per_epoch": per_epoch,
+        "forgetting_regularizer": {"lambda": cfg.forgetting_regularizer,
+                                   "applied": "once, to the final weights"},
+        "deepspeed": cfg.deepspeed, "world_size": distributed.world_size(),
+    }
+    if cfg.verify_after:
+        from oml_core.evaluate.after_training import evaluate_run
+
+        metrics.update(evaluate_run(str(final), base_path, fset, cfg))
+    from oml_core.files import atomic_write_json
+    from oml_core.train.model_card import write_model_card
+
+    atomic_write_json(run.path / "metrics.json", metrics)
+    write_model_card(run.path, fset, metrics)
+    run.write_status(state="completed", step=trainer.state.global_step,
+                     total_steps=trainer.state.global_step, loss=callback.loss, eta_s=0)
+    run.mark_complete()
+    return metrics
+
+
+def _finish_model(folder: Path, base_path: str, tokenizer, strength: float) -> None:
+    """Apply the forgetting regularizer to the saved weights; save the tokenizer beside them."""
+    if strength > 0:
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+
+        base_state = AutoModelForCausalLM.from_pretrained(base_path).state_dict()
+        for shard in sorted(folder.glob("*.safetensors")):
+            trained = load_file(str(shard))
+            save_file(average_with_base(trained, base_state, strength), str(shard),
+                      metadata={"format": "pt"})
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(folder)
