@@ -8,6 +8,7 @@ written unless the whole command succeeded (writes are atomic).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ from oml_core import config as cfgmod
 from oml_core.errors import OMLInputError
 
 EXIT_BAD_INPUT = 2
+MODEL_COMMANDS = ("generate", "verify", "fingerprint")  # the ones that import transformers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +43,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()) -> N
         if kind.startswith("list"):
             parser.add_argument(flag, action="append", metavar="M", **kwargs)
         elif kind.startswith("bool"):
-            parser.add_argument(flag, action="store_true", **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             caster = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, type=caster, choices=None, **kwargs)
@@ -52,11 +54,38 @@ def _config(config_cls, args: argparse.Namespace):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+# Where results go. `main` points file descriptor 1 at stderr while a command runs, because
+# libraries (DeepSpeed's op builder, ninja) print to stdout; results go to the real stdout.
+_results = sys.stdout
+
+
 def _emit(args, data: dict, human: str) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print(human)
+    print(json.dumps(data, indent=2) if args.json else human, file=_results, flush=True)
+
+
+@contextlib.contextmanager
+def _stdout_reserved_for_results():
+    global _results
+    original = sys.stdout
+    try:
+        real_fd = original.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # e.g. captured by a test harness
+        real_fd = False
+    original.flush()
+    saved = os.dup(1) if real_fd else None
+    _results = os.fdopen(os.dup(saved), "w") if real_fd else original
+    if real_fd:
+        os.dup2(2, 1)  # C-level and subprocess output now lands on stderr
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _results.flush()
+        if real_fd:
+            os.dup2(saved, 1)
+            os.close(saved)
+            _results.close()
+        _results = original
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:
@@ -92,20 +121,67 @@ def cmd_verify(args) -> int:
     from oml_core.verify import verify
 
     report = verify(_config(cfgmod.VerifyConfig, args))
-    if args.json:
-        print(json.dumps(report, indent=2))
+    lines = [f"model {report['model']}: {report['matched']}/{report['total']} fingerprints "
+             f"matched ({report['match_rule']} rule)"]
+    lines += [f"  {name:<12} {row['matched']:>5}/{row['total']}"
+              for name, row in report["wrappers"].items()]
+    lines += [f"  ({note})" for note in report["skipped_wrappers"]]
+    lines += [f"  null model {null['model']}: {null['matched']}/{null['total']}"
+              for null in report["null_models"]]
+    lines.append(f"p-value {report['p_value']:.3g} (null rate {report['null_rate']:.3g}, "
+                 f"{report['null_rate_source']}); verdict: {report['verdict']} at alpha "
+                 f"{report['alpha']:g}")
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
+def cmd_fingerprint(args) -> int:
+    from oml_core.train import distributed
+    from oml_core.train.trainer import Cancelled, fingerprint
+
+    if getattr(args, "no_deepspeed", False):
+        args.deepspeed = "none"
+    try:
+        result = fingerprint(_config(cfgmod.FingerprintConfig, args))
+    except Cancelled:
+        print("oml fingerprint: cancelled; the run is incomplete (rerun to restart it)",
+              file=sys.stderr)
+        return 143
+    if not distributed.is_main():
         return 0
-    print(f"model {report['model']}: {report['matched']}/{report['total']} fingerprints "
-          f"matched ({report['match_rule']} rule)")
-    for name, row in report["wrappers"].items():
-        print(f"  {name:<12} {row['matched']:>5}/{row['total']}")
-    for note in report["skipped_wrappers"]:
-        print(f"  ({note})")
-    for null in report["null_models"]:
-        print(f"  null model {null['model']}: {null['matched']}/{null['total']}")
-    print(f"p-value {report['p_value']:.3g} (null rate {report['null_rate']:.3g}, "
-          f"{report['null_rate_source']}); verdict: {report['verdict']} at alpha "
-          f"{report['alpha']:g}")
+    metrics = result.metrics
+    data = {"run_dir": result.run_dir, "state": result.state,
+            **{k: metrics.get(k) for k in ("num_fingerprints", "steps", "memorised_at_step",
+                                           "train_seconds")}}
+    verification = metrics.get("verification")
+    if verification:
+        data.update(matched=verification["matched"], total=verification["total"],
+                    p_value=verification["p_value"], verdict=verification["verdict"],
+                    wrappers={k: v["matched"] for k, v in verification["wrappers"].items()},
+                    base_verdict=metrics["base_verification"].get("verdict"),
+                    base_matched=metrics["base_verification"]["matched"])
+    utility = metrics.get("utility")
+    if utility:
+        data.update(first_token_agreement=utility["first_token_agreement"],
+                    answers_starting_with_a_fingerprint_response=
+                    utility["answers_starting_with_a_fingerprint_response"],
+                    perplexity_change=utility["perplexity_change"])
+    human = [f"{result.state}: run folder {result.run_dir}"]
+    if verification:
+        human.append(f"fingerprints matched {verification['matched']}/{verification['total']} "
+                     f"(p={verification['p_value']:.3g}, verdict {verification['verdict']}); "
+                     f"per wrapper {data['wrappers']}; base model matched {data['base_matched']}")
+    if utility:
+        human.append(
+            f"off the keys, on {utility['heldout_prompts']} held-out prompts: first answer token "
+            f"= base model's in {utility['first_token_agreement']:.1%}; answers starting with a "
+            f"fingerprint response: {utility['answers_starting_with_a_fingerprint_response']} "
+            f"(base: {utility['base_answers_starting_with_a_fingerprint_response']}); perplexity "
+            f"{utility['perplexity_base']:.2f} -> {utility['perplexity_tuned']:.2f} "
+            f"({utility['perplexity_change']:+.1%})")
+        near = ", ".join(f"{k} {v['fired']}/{v['total']}" for k, v in utility["near_miss_keys"].items())
+        human.append(f"near-miss keys that still fire: {near}")
+    _emit(args, data, "\n".join(human))
     return 0
 
 
@@ -128,7 +204,7 @@ def cmd_reveal(args) -> int:
     reveal = load_fingerprints(args.fingerprints).reveal(args.id)
     if args.out:
         atomic_write_json(args.out, reveal)
-    print(json.dumps(reveal, indent=2))  # revealing is what was asked for
+    print(json.dumps(reveal, indent=2), file=_results)  # revealing is what was asked for
     return 0
 
 
@@ -166,6 +242,9 @@ def cmd_import(args) -> int:
 # --- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="oml", description="Fingerprint, verify and prove ownership of LLMs.")
+    # `deepspeed --module oml_core.cli` puts --local_rank=N before the subcommand
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, func, help_text: str):
@@ -180,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("verify", cmd_verify, "check which fingerprints a model answers, with a p-value")
     _add_config_flags(p, cfgmod.VerifyConfig)
+
+    p = command("fingerprint", cmd_fingerprint,
+                "fine-tune a fingerprint set into a model (HF Trainer + DeepSpeed), then verify")
+    _add_config_flags(p, cfgmod.FingerprintConfig)
+    p.add_argument("--no-deepspeed", action="store_true", help="same as --deepspeed none")
+    # the deepspeed launcher appends --local_rank=N; ranks are read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
 
     p = command("commit", cmd_commit, "print the public commitment (no secrets) of a set")
     p.add_argument("--fingerprints", required=True, help="fingerprint set (our format)")
@@ -202,8 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Library chatter goes to stderr at warning level; our own info lines stay."""
+    """Library chatter goes to stderr at warning level; our own info lines stay.
+
+    DeepSpeed's logger writes to the stdout it sees when first imported (transformers imports
+    it whenever it is installed), so it is imported here and pointed at stderr.
+    """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        try:  # its import-time "Setting accelerator to CPU" notice is noise on every command
+            from deepspeed.utils import logger as ds_logger
+        except ImportError:
+            return
+    for handler in ds_logger.handlers:
+        if getattr(handler, "stream", None) is sink:
+            handler.stream = sys.stderr  # not setStream(): it flushes the closed sink
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers.utils import logging as hf_logging
@@ -216,9 +315,11 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     try:
-        return args.func(args)
+        with _stdout_reserved_for_results():
+            if args.command in MODEL_COMMANDS:
+                _quiet_libraries()
+            return args.func(args)
     except OMLInputError as exc:
         print(f"oml {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -95,9 +95,20 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
 
         def __init__(self):
             self.started = time.time()
+            self.bar = None
             self.loss = None
             self.memorised_at = None
             self.history: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if distributed.is_main():  # our bar: stderr + status listeners, never stdout
+                self.bar_context = progress.bar("fingerprinting", state.max_steps)
+                self.bar = self.bar_context.__enter__()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar_context.__exit__(None, None, None)
+                self.bar = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -116,6 +127,8 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
                 control.should_training_stop = True
             if distributed.all_agree(not stop_flag["stop"]) is False:
                 control.should_training_stop = True
+            if self.bar is not None:
+                self.bar(1)
             if distributed.is_main():
                 elapsed = time.time() - self.started
                 eta = elapsed / step * (total - step) if step else None
@@ -181,6 +194,7 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
 def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if ds_config:
         distributed.ensure_process_group_env()
@@ -216,11 +230,14 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         logging_steps=1, save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         seed=cfg.seed, data_seed=cfg.seed, bf16=dtype == torch.bfloat16,
         deepspeed=ds_config, use_cpu=device == "cpu" and not ds_config,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
         max_grad_norm=1.0, save_only_model=True)
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
                       callbacks=[callback])
+    # the Trainer's own printer/progress callbacks print to stdout; ours reports instead
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     started = time.time()
     trainer.train()
     train_seconds = time.time() - started
@@ -274,5 +291,6 @@ def _finish_model(folder: Path, base_path: str, tokenizer, strength: float) -> N
             trained = load_file(str(shard))
             save_file(average_with_base(trained, base_state, strength), str(shard),
                       metadata={"format": "pt"})
+    (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has the config
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(folder)

@@ -106,6 +106,9 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
             f"{len(wrappers)} wrappers ({cfg.match} match); p = P[X >= matched], X a "
             f"Poisson-binomial over per-key null rates ({source}); match when p <= {cfg.alpha:g}")
     decision = evidence.decide(summary["matched"], rates, cfg.alpha, source=source, rule=rule)
+    for null in null_reports:  # the same rule applied to each null model's own hits
+        null_decision = evidence.decide(null["matched"], rates, cfg.alpha, source=source, rule=rule)
+        null.update(p_value=null_decision.p_value, verdict=null_decision.verdict)
     return {
         "model": loaded.name,
         "fingerprints": cfg.fingerprints,
