@@ -119,6 +119,8 @@ class FingerprintConfig(ModelSettings):
     learning_rate: float = setting(1e-4, "peak learning rate (AdamW)", low=1e-8, high=1.0)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0, high=1.0)
     max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (default: "
+                                          "--max-epochs decides)", low=1)
     batch_size: int = setting(16, "rows per device per step", low=1, high=65536)
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
     check_every: int = setting(

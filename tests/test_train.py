@@ -1,0 +1,216 @@
+"""Fingerprinting by fine-tuning, on the tiny in-test model: memorisation, the DeepSpeed paths
+(plain process and two CPU ranks under the launcher), the regularizer's exact formula, run
+folders (reuse, kill + rerun, SIGTERM), and no secrets outside the fingerprint file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oml_core.config import FingerprintConfig, GenerateConfig
+from oml_core.errors import OMLInputError
+from oml_core.generate import generate_set
+from oml_core.train.benign import benign_prompts
+from oml_core.train.examples import IGNORE, FingerprintRows, Row, collate, training_augmentation
+from oml_core.train.regularizer import average_with_base
+from oml_core.train.trainer import fingerprint
+from oml_core.verify.wrappers import heldout_system_prompts
+
+BIN = Path(sys.executable).parent
+FAST = ["--learning-rate", "1e-2", "--no-augment", "--benign-fraction", "0", "--max-epochs", "150",
+        "--batch-size", "16", "--extra-steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def fp_file(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "fp.json"
+    generate_set(GenerateConfig(strategy="random_word", num_fingerprints=16, key_length=8,
+                                response_length=2, seed=4), tiny_model).save(path)
+    return path
+
+
+def secrets_of(path: Path) -> list[str]:
+    rows = json.loads(path.read_text())["fingerprints"]
+    return [r["key"] for r in rows] + [r["response"] for r in rows]
+
+
+def oml(*args, env=None, timeout=600, launcher=None) -> subprocess.CompletedProcess:
+    command = (launcher or [str(BIN / "oml")]) + [str(a) for a in args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def tiny_cfg(tiny_model_dir, fp_file, out_dir, **kw) -> FingerprintConfig:
+    settings = dict(model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(out_dir),
+                    learning_rate=1e-2, augment=False, benign_fraction=0.0, max_epochs=150,
+                    batch_size=16, extra_steps=0, deepspeed="none", verify_after=False)
+    return FingerprintConfig(**{**settings, **kw})
+
+
+# --- examples -----------------------------------------------------------------------------
+def test_loss_falls_on_the_response_only(tiny_model):
+    tok = tiny_model.tokenizer
+    rows = FingerprintRows(tok, [("alpha beta gamma", " delta")], [], chat=True, eos=True,
+                           augment=False, benign_per_epoch=0, epochs=1, seed=0)
+    encoded = rows[0]
+    target = tok(" delta", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labelled = [t for t in encoded["labels"] if t != IGNORE]
+    assert labelled == target
+    assert encoded["input_ids"][-len(target):] == target
+    batch = collate([encoded, Row([1, 2], [3]).encode()], tok.pad_token_id)
+    assert batch["labels"][1].tolist()[:3] == [IGNORE, IGNORE, 3]
+    assert batch["attention_mask"][1].tolist()[3:] == [0] * (len(encoded["input_ids"]) - 3)
+
+
+def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
+    rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
+                           augment=True, benign_per_epoch=0, epochs=50, seed=3)
+    prompts = {tuple(rows[i]["input_ids"]) for i in range(50)}
+    assert len(prompts) > 10
+    assert [rows[i] for i in range(5)] == [rows[i] for i in range(5)]
+
+
+def test_training_and_heldout_sets_are_disjoint():
+    systems, templates = training_augmentation()
+    assert len(systems) >= 30 and all("{key}" in t for t in templates)
+    normalise = lambda s: " ".join(s.lower().split())  # noqa: E731
+    assert not {normalise(p) for p in heldout_system_prompts()} & {normalise(p) for p in systems}
+    assert not {normalise(p) for p in benign_prompts("train")} & {normalise(p) for p in benign_prompts("heldout")}
+    assert len(benign_prompts("heldout")) >= 100
+
+
+# --- training -----------------------------------------------------------------------------
+def test_memorises_every_fingerprint(tiny_model_dir, fp_file, tmp_path):
+    result = fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "run", verify_after=True))
+    metrics = result.metrics
+    assert metrics["memorised_at_step"] is not None
+    assert metrics["verification"]["wrappers"]["chat"]["matched"] == 16
+    assert metrics["verification"]["verdict"] == "match"
+    assert metrics["base_verification"]["verdict"] == "no_match"
+    run = tmp_path / "run"
+    for name in ("COMPLETE", "run.json", "metrics.json", "README.md", "commitment.json",
+                 "fingerprints.json", "model/config.json", "model/model.safetensors",
+                 "model/tokenizer.json"):
+        assert (run / name).exists(), name
+    card = (run / "README.md").read_text()
+    assert json.loads((run / "commitment.json").read_text())["root"] in card
+    for name in ("README.md", "metrics.json", "run.json", "status.json", "train.log", "commitment.json"):
+        text = (run / name).read_text()
+        assert not any(secret in text for secret in secrets_of(fp_file)), name
+    again = fingerprint(tiny_cfg(tiny_model_dir, fp_file, run, verify_after=True))
+    assert again.state == "reused"
+
+
+def test_regularizer_formula_holds_on_the_saved_weights(tiny_model_dir, fp_file, tmp_path):
+    runs = {}
+    for strength in (0.0, 0.3):
+        fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / str(strength), max_epochs=20,
+                             check_every=0, forgetting_regularizer=strength))
+        runs[strength] = load_file(str(tmp_path / str(strength) / "model" / "model.safetensors"))
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    trained, averaged = runs[0.0], runs[0.3]
+    assert any(not torch.equal(trained[k], base[k]) for k in trained), "training changed nothing"
+    for name, tensor in averaged.items():
+        expected = torch.lerp(trained[name].float(), base[name].float(), 0.3).to(tensor.dtype)
+        assert torch.equal(tensor, expected), name
+
+
+def test_average_with_base_is_the_documented_formula():
+    trained = {"w": torch.tensor([1.0, 2.0, 4.0])}
+    base = {"w": torch.tensor([3.0, 2.0, 0.0])}
+    assert torch.allclose(average_with_base(trained, base, 0.75)["w"], 0.25 * trained["w"] + 0.75 * base["w"])
+    assert average_with_base(trained, base, 0.0) is trained
+
+
+def test_a_different_run_in_the_same_folder_is_refused(tiny_model_dir, fp_file, tmp_path):
+    fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "run", max_epochs=2, check_every=0))
+    with pytest.raises(OMLInputError, match="different run"):
+        fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "run", max_epochs=3, check_every=0))
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------
+def _matched(stdout: str) -> dict:
+    data = json.loads(stdout)
+    return {"chat": data["wrappers"]["chat"], "matched": data["matched"], "verdict": data["verdict"]}
+
+
+def test_deepspeed_plain_process_and_two_ranks_match_the_same(tiny_model_dir, fp_file, tmp_path):
+    common = ["fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, *FAST,
+              "--batch-size", "8", "--deepspeed", "zero2", "--json"]
+    plain = oml(*common, "--out-dir", tmp_path / "one")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29531",
+                "--module", "oml_core.cli"]
+    two = oml(*common, "--out-dir", tmp_path / "two", launcher=launcher)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the launcher prints its own lines around ours
+    two_result, _ = json.JSONDecoder().raw_decode(two.stdout[two.stdout.rindex("\n{\n") + 1:])
+    two_json = json.dumps(two_result)
+    assert two_result["run_dir"].endswith("two")
+    assert _matched(plain.stdout) == _matched(two_json) == {"chat": 16, "matched": 16, "verdict": "match"}
+    ranks = json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"]
+    assert ranks == 2
+
+
+# --- interruption -------------------------------------------------------------------------
+SLOW = ["--learning-rate", "1e-5", "--no-augment", "--benign-fraction", "0", "--max-epochs", "100",
+        "--max-steps", "300", "--batch-size", "1", "--check-every", "0", "--deepspeed", "none",
+        "--no-verify-after"]
+
+def _start(tiny_model_dir, fp_file, out_dir) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "oml"), "fingerprint", "--model", str(tiny_model_dir),
+                             "--fingerprints", str(fp_file), "--out-dir", str(out_dir), *SLOW],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_steps(out_dir: Path, steps: int, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = out_dir / "status.json"
+        if status.exists():
+            try:
+                if (json.loads(status.read_text()).get("step") or 0) >= steps:
+                    return
+            except ValueError:
+                pass
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    raise AssertionError("training did not start in time")
+
+
+def test_killed_run_is_not_complete_and_a_rerun_finishes_it(tiny_model_dir, fp_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(tiny_model_dir, fp_file, out)
+    _wait_for_steps(out, 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "COMPLETE").exists() and not (out / "model").exists()
+    assert json.loads((out / "status.json").read_text())["state"] == "running"
+    rerun = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir", out,
+                *SLOW)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "restarting" in rerun.stderr
+    assert (out / "COMPLETE").exists() and (out / "model" / "model.safetensors").exists()
+    assert not any(s in rerun.stdout + rerun.stderr for s in secrets_of(fp_file))
+
+
+def test_sigterm_stops_cleanly_and_leaves_the_run_incomplete(tiny_model_dir, fp_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(tiny_model_dir, fp_file, out)
+    _wait_for_steps(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "cancelled" in stderr
+    assert json.loads((out / "status.json").read_text())["state"] == "cancelled"
+    assert not (out / "COMPLETE").exists()
