@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
-# The main job on the bundled SmolLM2-135M-Instruct, start to finish, on CPU.
-# Fine-tuning arrives with the next milestone; until then the demo generates a perinucleus
-# set, checks the *base* model against it (it must not match), commits to the set publicly and
-# proves one pair's membership.
+# The main job on the bundled SmolLM2-135M-Instruct, start to finish, on CPU:
+# generate 16 perinucleus fingerprints -> fine-tune them in (HF Trainer + DeepSpeed ZeRO-2) ->
+# verify (held-out system prompts, base model as null) -> off-key utility -> commitment.
 set -euo pipefail
 out=${OML_DEMO_DIR:-runs/demo}
+n=${OML_DEMO_FINGERPRINTS:-16}
 mkdir -p "$out"
-n=${OML_DEMO_FINGERPRINTS:-32}
+start=$(date +%s)
 
 echo "== 1. generate $n perinucleus fingerprints on the bundled model"
 oml generate --strategy perinucleus --num-fingerprints "$n" --key-length 16 \
   --response-length 1 --seed 7 --out "$out/fingerprints.json" --force
 
-echo "== 2. verify the base model (not fingerprinted yet: expect no_match)"
+echo "== 2. fingerprint the model (reuses a finished identical run)"
+oml fingerprint --fingerprints "$out/fingerprints.json" --out-dir "$out/run" \
+  ${OML_DEMO_TRAIN_ARGS:-}
+
+echo "== 3. the un-fingerprinted base model on the same keys (expect no_match)"
 oml verify --fingerprints "$out/fingerprints.json" --json > "$out/verify-base.json"
 python - "$out/verify-base.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"base model: {r['matched']}/{r['total']} matched, p={r['p_value']:.3g}, verdict={r['verdict']}")
-print("per wrapper:", {k: v["matched"] for k, v in r["wrappers"].items()})
 PY
 
-echo "== 3. publish a commitment (no secrets in it)"
+echo "== 4. the public commitment (no secrets; also in $out/run/README.md)"
 oml commit --fingerprints "$out/fingerprints.json" --out "$out/commitment.json"
-
-echo "== 4. reveal one pair with its Merkle proof, and check it against the commitment"
 oml reveal --fingerprints "$out/fingerprints.json" --id fp-00000 --out "$out/reveal-fp-00000.json" > /dev/null
 oml check-reveal --manifest "$out/commitment.json" --reveal "$out/reveal-fp-00000.json"
-echo "demo outputs in $out/"
+echo "demo finished in $(( $(date +%s) - start )) s; outputs in $out/"

@@ -84,6 +84,8 @@ class FingerprintRows:
         return Row(render_prompt(self.tokenizer, key, self.chat, system, template), self.targets[index])
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):  # iteration protocol: `for row in rows` must end
+            raise IndexError(i)
         epoch, slot = divmod(i, self.width)
         if slot < len(self.pairs):
             rng = random.Random(f"augment:{self.seed}:{i}") if self.augment else None

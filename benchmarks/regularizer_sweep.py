@@ -1,0 +1,55 @@
+"""Measure the forgetting regularizer on a finished run: for each lambda, average the run's
+final weights with the base (saved = lerp(trained, base, lambda)), then verify and compare
+behaviour off the keys. This is how the default lambda was chosen (docs/training.md).
+
+    .venv/bin/python benchmarks/regularizer_sweep.py --run runs/demo/run --lambdas 0 0.1 0.2 0.3 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from oml_core.config import FingerprintConfig, VerifyConfig
+from oml_core.evaluate.utility import compare_behaviour
+from oml_core.fingerprints import load_fingerprints
+from oml_core.models import load_model
+from oml_core.train.regularizer import average_with_base
+from oml_core.verify import verify
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--out", default="benchmarks/results/regularizer_sweep.json")
+    args = parser.parse_args()
+
+    run = Path(args.run)
+    info = json.loads((run / "run.json").read_text())
+    cfg = FingerprintConfig(**info["config"])
+    fset = load_fingerprints(run / "fingerprints.json")
+    base = load_model(info["base_model"], "cpu")
+    tuned = load_model(str(run / "model"), "cpu")
+    trained_state = {k: v.clone() for k, v in tuned.model.state_dict().items()}
+    base_state = base.model.state_dict()
+    rows = []
+    for strength in args.lambdas:
+        tuned.model.load_state_dict(average_with_base(trained_state, base_state, strength))
+        report = verify(VerifyConfig(wrappers="bare,chat,system", num_system_prompts=4), tuned, fset)
+        utility = compare_behaviour(tuned, base, fset, chat=cfg.format != "raw")
+        rows.append({"lambda": strength, "matched": report["matched"],
+                     "per_wrapper": {k: v["matched"] for k, v in report["wrappers"].items()},
+                     "first_token_agreement": utility["first_token_agreement"],
+                     "leaks": utility["answers_starting_with_a_fingerprint_response"],
+                     "perplexity_change": utility["perplexity_change"],
+                     "near_miss": {k: v["fired"] for k, v in utility["near_miss_keys"].items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"run": str(run), "config": info["config"], "rows": rows},
+                                         indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
