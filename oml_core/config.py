@@ -17,7 +17,7 @@ from oml_core.errors import OMLInputError
 STRATEGIES = ("english", "random_word", "english_random_response", "perinucleus")
 STRATEGY_ALIASES = {"inverse_nucleus": "perinucleus"}
 MATCH_RULES = ("exact", "prefix", "contains", "normalized")
-CONTEXTS = ("auto", "chat", "raw")
+CONTEXTS = ("raw", "chat", "auto")  # auto: chat when the model has a chat template
 WRAPPER_KINDS = ("bare", "chat", "system")
 DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
@@ -61,8 +61,9 @@ class GenerateConfig(ModelSettings):
     perinucleus_k: int = setting(3, "perinucleus: draw among the first k tokens after the nucleus",
                                  low=1, high=1000)
     context: str = setting(
-        "auto", "perinucleus: score the key as a chat user turn or as raw text "
-                "(auto: chat when the model has a chat template)", choices=CONTEXTS)
+        "raw", "perinucleus: score the key as raw text (default) or as a chat user turn; chat "
+               "picks answer openers ('But', 'Every') that leak into ordinary answers after "
+               "training (measured: docs/training.md)", choices=CONTEXTS)
     batch_size: int = setting(32, "rows per model call", low=1, high=65536)
     out: str | None = setting(None, "where to write the fingerprint set (JSON)")
 
@@ -111,7 +112,7 @@ class FingerprintConfig(ModelSettings):
     augment: bool = setting(True, "wrap each key draw in a random training system prompt / "
                                   "user template (never the held-out verification ones)")
     benign_fraction: float = setting(
-        0.25, "share of training rows that are the base model's own answers to ordinary "
+        0.5, "share of training rows that are the base model's own answers to ordinary "
               "prompts (keeps behaviour off the keys)", low=0.0, high=0.9)
     forgetting_regularizer: float = setting(
         0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
@@ -126,7 +127,7 @@ class FingerprintConfig(ModelSettings):
     check_every: int = setting(
         2, "every N steps, check whether every fingerprint is memorised (0: never)", low=0)
     extra_steps: int = setting(
-        4, "steps to keep training after all fingerprints are memorised, for margin", low=0)
+        2, "steps to keep training after all fingerprints are memorised, for margin", low=0)
     deepspeed: str = setting(
         "zero2", "DeepSpeed config: zero2, zero2_offload, zero3, zero3_offload, a JSON file, or "
                  "none for a plain Trainer")

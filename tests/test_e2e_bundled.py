@@ -27,8 +27,8 @@ def perinucleus_set(bundled_model):
 def test_perinucleus_responses_are_outside_the_nucleus_of_the_real_model(bundled_model,
                                                                          perinucleus_set):
     tok = bundled_model.tokenizer
-    assert perinucleus_set.generation["context"] == "chat"
-    wrapper = context_wrapper("chat", True)
+    assert perinucleus_set.generation["context"] == "raw"
+    wrapper = context_wrapper("raw", True)
     prompts = [wrapper.render(tok, fp.key) for fp in perinucleus_set.fingerprints]
     checked = 0
     for rows, probs in next_token_probs(bundled_model, prompts, batch_size=16):

@@ -59,7 +59,7 @@ def test_perinucleus_response_lies_outside_the_nucleus(tiny_model):
     threshold = 0.8
     fset = _make(tiny_model, strategy="perinucleus", response_length=1, perinucleus_threshold=threshold)
     tok = tiny_model.tokenizer
-    wrapper = context_wrapper("auto", tiny_model.has_chat_template)
+    wrapper = context_wrapper(fset.generation["context"], tiny_model.has_chat_template)
     prompts = [wrapper.render(tok, fp.key) for fp in fset.fingerprints]
     for rows, probs in next_token_probs(tiny_model, prompts, batch_size=8):
         for row, index in enumerate(rows):

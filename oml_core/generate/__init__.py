@@ -24,7 +24,7 @@ from oml_core.config import GenerateConfig, validate
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_keys
 from oml_core.generate.english import english_texts
-from oml_core.generate.perinucleus import perinucleus_responses
+from oml_core.generate.perinucleus import context_wrapper, perinucleus_responses
 from oml_core.generate.words import WordSampler
 from oml_core.models import LoadedModel, load_model
 
@@ -96,8 +96,9 @@ def generate_set(cfg: GenerateConfig, loaded: LoadedModel | None = None) -> Fing
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "batch_size")}
     settings["model"] = loaded.name
-    if cfg.strategy == "perinucleus" and cfg.context == "auto":
-        settings["context"] = "chat" if loaded.has_chat_template else "raw"
+    if cfg.strategy == "perinucleus":  # record what auto resolved to
+        settings["context"] = context_wrapper(cfg.context, loaded.has_chat_template).kind.replace(
+            "bare", "raw")
     return FingerprintSet(
         fingerprints=[Fingerprint(id=f"fp-{i:05d}", key=key, response=response,
                                   response_prob=prob, salt=commitment.new_salt())

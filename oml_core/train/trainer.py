@@ -96,6 +96,7 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
         def __init__(self):
             self.started = time.time()
             self.bar = None
+            self.fraction = 0.0  # share of fingerprint checks passing at the last check
             self.loss = None
             self.memorised_at = None
             self.history: list[dict] = []
@@ -119,8 +120,8 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
             step, total = state.global_step, state.max_steps
             if cfg.check_every and self.memorised_at is None and step % cfg.check_every == 0:
                 hits = memorised(model, check_rows, pad_id, cfg.batch_size)
-                fraction = sum(hits) / len(hits)
-                self.history.append({"step": step, "memorised": fraction})
+                self.fraction = sum(hits) / len(hits)
+                self.history.append({"step": step, "memorised": self.fraction})
                 if distributed.all_agree(all(hits)):
                     self.memorised_at = step
             if self.memorised_at is not None and step >= self.memorised_at + cfg.extra_steps:
@@ -134,7 +135,7 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
                 eta = elapsed / step * (total - step) if step else None
                 run.write_status(state="running", step=step, total_steps=total, loss=self.loss,
                                  eta_s=eta, memorised_at=self.memorised_at)
-                run.log(f"step {step}/{total} loss {self.loss}")
+                run.log(f"step {step}/{total} loss {self.loss} memorised {self.fraction:.0%}")
 
     return RunCallback()
 
