@@ -117,6 +117,9 @@ class FingerprintConfig(ModelSettings):
     forgetting_regularizer: float = setting(
         0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
              "final weights (see docs/training.md for why the default is 0)", low=0.0, high=1.0)
+    train_embeddings: bool = setting(
+        False, "also train the token embeddings / output head (off: with Adam every one of the "
+               "vocabulary's output rows drifts each step, shifting every answer)")
     learning_rate: float = setting(1e-4, "peak learning rate (AdamW)", low=1e-8, high=1.0)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0, high=1.0)
     max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)

@@ -108,6 +108,11 @@ class RunFolder:
         (self.path / COMPLETE).unlink(missing_ok=True)
         return "restart"
 
+    def reusable_action(self, key: str) -> str:
+        """Read-only: 'reuse' if a complete run with this key is here, else 'fresh'."""
+        existing = self.read_json("run.json") or {}
+        return "reuse" if self.complete and existing.get("run_key") == key else "fresh"
+
     def write_status(self, **fields) -> None:
         fields.setdefault("updated", time.time())
         fields.setdefault("pid", os.getpid())

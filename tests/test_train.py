@@ -159,6 +159,8 @@ def test_deepspeed_plain_process_and_two_ranks_match_the_same(tiny_model_dir, fp
     assert _matched(plain.stdout) == _matched(two_json) == {"chat": 16, "matched": 16, "verdict": "match"}
     ranks = json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"]
     assert ranks == 2
+    again = oml(*common, "--out-dir", tmp_path / "two", launcher=launcher, timeout=180)
+    assert again.returncode == 0 and '"state": "reused"' in again.stdout, again.stderr[-2000:]
 
 
 # --- interruption -------------------------------------------------------------------------

@@ -153,7 +153,9 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
     device = pick_device(cfg.device)
     key = run_key(_settings_for_key(cfg), sha256_file(cfg.fingerprints), model_identity(base_path))
     run = RunFolder(Path(cfg.out_dir))
-    action = run.prepare(key) if distributed.is_main() else "fresh"
+    # Only rank 0 touches the folder; the others must still agree on reusing a finished run,
+    # or they would start training and wait forever for a rank 0 that already returned.
+    action = run.prepare(key) if distributed.is_main() else run.reusable_action(key)
     if action == "reuse":
         log.info("run %s in %s is already complete; reusing it", key, run.path)
         return FingerprintResult(str(run.path), "reused", run.read_json("metrics.json") or {})
@@ -223,6 +225,10 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
 
     dtype = pick_dtype(cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if ds_config else dtype)
+    if not cfg.train_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     callback = _callbacks(cfg, run, check_rows, tokenizer.pad_token_id, stop_flag)
     args = TrainingArguments(
         output_dir=str(run.path / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
