@@ -114,6 +114,9 @@ class FingerprintConfig(ModelSettings):
     benign_fraction: float = setting(
         0.5, "share of training rows that are the base model's own answers to ordinary "
               "prompts (keeps behaviour off the keys)", low=0.0, high=0.9)
+    benign_soft_weight: float = setting(
+        1.0, "weight of the soft first-token loss on benign rows: cross-entropy against the base "
+             "model's whole first-answer-token distribution (0: off)", low=0.0, high=100.0)
     forgetting_regularizer: float = setting(
         0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
              "final weights (see docs/training.md for why the default is 0)", low=0.0, high=1.0)

@@ -71,6 +71,36 @@ def test_loss_falls_on_the_response_only(tiny_model):
     assert batch["attention_mask"][1].tolist()[3:] == [0] * (len(encoded["input_ids"]) - 3)
 
 
+def test_benign_rows_carry_soft_first_token_targets():
+    benign = Row([5, 6, 7], [8, 9], soft_ids=(8, 4), soft_probs=(0.75, 0.25)).encode()
+    plain = Row([1, 2], [3]).encode()
+    batch = collate([plain, benign], pad_id=0)
+    assert batch["soft_pos"].tolist() == [-1, 2]  # the position that predicts the first answer token
+    assert batch["soft_ids"][1].tolist() == [8, 4]
+    assert batch["soft_probs"][1].tolist() == [0.75, 0.25]
+    assert batch["labels"][1].tolist() == [IGNORE] * 3 + [8, 9]
+
+
+def test_soft_first_token_loss_pulls_towards_the_base_distribution(tiny_model_dir, tmp_path):
+    """Train only on benign rows whose soft target puts all mass on one token: it becomes the
+    first answer token (the hard target says otherwise, with weight 1 against 20)."""
+    from oml_core.train.trainer import _trainer_class
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [Row([10 + i, 11, 12], [20, 21], soft_ids=(30,), soft_probs=(1.0,)).encode()
+            for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True, logging_steps=100)
+    trainer = _trainer_class(20.0)(model=model, args=args, train_dataset=rows,
+                                  data_collator=lambda b: collate(b, 0))
+    trainer.train()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[10, 11, 12]])).logits[0, -1]
+    assert int(logits.argmax()) == 30
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)
@@ -96,6 +126,9 @@ def test_memorises_every_fingerprint(tiny_model_dir, fp_file, tmp_path):
     assert metrics["verification"]["wrappers"]["chat"]["matched"] == 16
     assert metrics["verification"]["verdict"] == "match"
     assert metrics["base_verification"]["verdict"] == "no_match"
+    utility = metrics["utility"]
+    assert utility["heldout_prompts"] >= 100 and 0 <= utility["first_token_agreement"] <= 1
+    assert utility["first_token_kl"] >= 0 and utility["perplexity_base"] > 1
     run = tmp_path / "run"
     for name in ("COMPLETE", "run.json", "metrics.json", "README.md", "commitment.json",
                  "fingerprints.json", "model/config.json", "model/model.safetensors",

@@ -49,6 +49,42 @@ def _answers(loaded, chat: bool, batch_size: int) -> list[list[int]]:
     return greedy(loaded, prompts, ANSWER_TOKENS, batch_size)
 
 
+def first_token_distributions(loaded, chat: bool, batch_size: int):
+    """[prompts, vocab] next-token probabilities at the start of each held-out answer."""
+    import torch
+
+    from oml_core.inference import next_token_probs
+
+    prompts = [render_prompt(loaded.tokenizer, p, chat) for p in benign_prompts("heldout")]
+    out = torch.empty(0)
+    for rows, probs in next_token_probs(loaded, prompts, batch_size):
+        if not out.numel():
+            out = torch.empty((len(prompts), probs.shape[1]))
+        out[rows] = probs
+    return out
+
+
+def first_token_shift(tuned, base, chat: bool, batch_size: int, confident: float = 0.5) -> dict:
+    """How far the first answer token's distribution moved.
+
+    Greedy agreement alone is hypersensitive where the base model hesitates between openers
+    (near ties flip under any change), so also: the mean KL(base || tuned), and agreement on
+    the prompts where the base model's top token has probability >= `confident`.
+    """
+    import torch
+
+    p_base = first_token_distributions(base, chat, batch_size)
+    p_tuned = first_token_distributions(tuned, chat, batch_size)
+    kl = (p_base * (p_base.clamp_min(1e-12).log() - p_tuned.clamp_min(1e-12).log())).sum(-1)
+    sure = p_base.max(-1).values >= confident
+    same = p_base.argmax(-1) == p_tuned.argmax(-1)
+    return {"first_token_kl": float(kl.mean()),
+            "confident_prompts": int(sure.sum()),
+            "first_token_agreement_where_base_is_confident":
+                float(same[sure].float().mean()) if bool(sure.any()) else None,
+            "base_top_token_prob_median": float(torch.median(p_base.max(-1).values))}
+
+
 def _starts_with_a_response(answer: list[int], response_ids: list[list[int]]) -> bool:
     return any(ids and answer[:len(ids)] == ids for ids in response_ids)
 
@@ -97,4 +133,5 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
         "perplexity_change": ppl_tuned / ppl_base - 1,
         "perplexity_tokens": sum(len(c) for c in chunks),
         "near_miss_keys": near,
+        **first_token_shift(tuned, base, chat, batch_size),
     }

@@ -15,10 +15,11 @@ from importlib import resources
 
 from oml_core import progress
 from oml_core.files import atomic_write_json, oml_home
-from oml_core.inference import greedy
+from oml_core.inference import greedy, next_token_probs
 from oml_core.train.examples import Row, render_prompt
 
 ANSWER_TOKENS = 48
+SOFT_TOP_K = 64  # first-token targets keep the base's 64 likeliest tokens (most of the mass)
 
 
 @cache
@@ -28,19 +29,37 @@ def benign_prompts(split: str = "train") -> tuple[str, ...]:
     return tuple(data["prompts"])
 
 
+def _first_token_targets(base, rendered: list[list[int]], batch_size: int):
+    """The base model's top-SOFT_TOP_K first-answer-token ids and renormalised probabilities."""
+    ids: list[list[int]] = [[] for _ in rendered]
+    probs: list[list[float]] = [[] for _ in rendered]
+    for rows, dist in next_token_probs(base, rendered, batch_size):
+        top = dist.topk(SOFT_TOP_K, dim=-1)
+        mass = top.values / top.values.sum(-1, keepdim=True)
+        for row, index in enumerate(rows):
+            ids[index], probs[index] = top.indices[row].tolist(), mass[row].tolist()
+    return ids, probs
+
+
 def self_distilled_rows(base, chat: bool, identity: dict, batch_size: int = 32,
                         answer_tokens: int = ANSWER_TOKENS) -> list[Row]:
-    """Rows (prompt, the base model's greedy answer) for every training benign prompt."""
+    """Rows (prompt, the base model's greedy answer, its first-token distribution) for every
+    training benign prompt."""
     prompts = benign_prompts("train")
     tokenizer = base.tokenizer
     rendered = [render_prompt(tokenizer, p, chat) for p in prompts]
     tag = hashlib.sha256(json.dumps({"model": identity, "prompts": prompts, "chat": chat,
-                                     "tokens": answer_tokens}, sort_keys=True).encode()).hexdigest()[:16]
+                                     "tokens": answer_tokens, "soft": SOFT_TOP_K},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     cache_file = oml_home() / "benign" / f"{tag}.json"
     try:
-        answers = json.loads(cache_file.read_text())["answers"]
+        cached = json.loads(cache_file.read_text())
+        answers, soft_ids, soft_probs = cached["answers"], cached["soft_ids"], cached["soft_probs"]
     except (OSError, ValueError, KeyError):
         with progress.bar("benign answers", len(rendered)) as advance:
             answers = greedy(base, rendered, answer_tokens, batch_size, progress=advance)
-        atomic_write_json(cache_file, {"answers": answers})
-    return [Row(prompt, answer) for prompt, answer in zip(rendered, answers) if answer]
+        soft_ids, soft_probs = _first_token_targets(base, rendered, batch_size)
+        atomic_write_json(cache_file, {"answers": answers, "soft_ids": soft_ids,
+                                       "soft_probs": soft_probs})
+    return [Row(prompt, answer, tuple(ids), tuple(ps))
+            for prompt, answer, ids, ps in zip(rendered, answers, soft_ids, soft_probs) if answer]

@@ -30,12 +30,19 @@ def training_augmentation() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Row:
+    """Prompt + target tokens; benign rows may also carry the base model's distribution over
+    the first answer token (top ids and probabilities) as a soft target."""
+
     prompt: list[int]
     target: list[int]
+    soft_ids: tuple[int, ...] = ()
+    soft_probs: tuple[float, ...] = ()
 
     def encode(self) -> dict:
         return {"input_ids": self.prompt + self.target,
-                "labels": [IGNORE] * len(self.prompt) + self.target}
+                "labels": [IGNORE] * len(self.prompt) + self.target,
+                "soft_ids": list(self.soft_ids), "soft_probs": list(self.soft_probs),
+                "soft_pos": len(self.prompt) - 1 if self.soft_ids else -1}
 
 
 def render_prompt(tokenizer, text: str, chat: bool, system: str = "", template: str = "{key}") -> list[int]:
@@ -99,6 +106,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
+    soft_width = max(len(r.get("soft_ids", ())) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -107,4 +115,15 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         ids[n, :length] = torch.tensor(row["input_ids"])
         labels[n, :length] = torch.tensor(row["labels"])
         mask[n, :length] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if soft_width:  # soft first-token targets of benign rows (absent rows: position -1)
+        batch["soft_ids"] = torch.zeros((len(rows), soft_width), dtype=torch.long)
+        batch["soft_probs"] = torch.zeros((len(rows), soft_width))
+        batch["soft_pos"] = torch.full((len(rows),), -1, dtype=torch.long)
+        for n, row in enumerate(rows):
+            if row.get("soft_ids"):
+                k = len(row["soft_ids"])
+                batch["soft_ids"][n, :k] = torch.tensor(row["soft_ids"])
+                batch["soft_probs"][n, :k] = torch.tensor(row["soft_probs"])
+                batch["soft_pos"][n] = row["soft_pos"]
+    return batch

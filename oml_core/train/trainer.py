@@ -61,6 +61,35 @@ def _settings_for_key(cfg: FingerprintConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
+# --- the loss -----------------------------------------------------------------------------
+def _trainer_class(soft_weight: float):
+    from transformers import Trainer
+
+    class FingerprintTrainer(Trainer):
+        """HF Trainer + a soft first-token term on benign rows.
+
+        Training fingerprints pushes the distribution at the start of *every* answer towards
+        odd tokens; pinning the base model's whole first-token distribution on ordinary prompts
+        (not just its greedy token) is what keeps answers starting as the base model's did.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            soft = {k: inputs.pop(k) for k in ("soft_ids", "soft_probs", "soft_pos") if k in inputs}
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            rows = (soft["soft_pos"] >= 0).nonzero().squeeze(-1) if soft else None
+            if soft_weight > 0 and rows is not None and rows.numel():
+                logits = outputs.logits[rows, soft["soft_pos"][rows]].float()
+                log_probs = torch.log_softmax(logits, dim=-1).gather(-1, soft["soft_ids"][rows])
+                cross_entropy = -(soft["soft_probs"][rows] * log_probs).sum(-1).mean()
+                loss = loss + soft_weight * cross_entropy / self.args.gradient_accumulation_steps
+            return (loss, outputs) if return_outputs else loss
+
+    return FingerprintTrainer
+
+
 # --- memorisation check ----------------------------------------------------------------
 def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[bool]:
     """Per row: does greedy decoding reproduce every target token (teacher-forced argmax)?
@@ -196,7 +225,7 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
 
 def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if ds_config:
@@ -243,7 +272,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         # together cuts padding ~2.5x against random batches (rows are deterministic per
         # index, so their lengths are known up front)
         train_sampling_strategy="group_by_length")
-    trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+    trainer = _trainer_class(cfg.benign_soft_weight)(
+        model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
                       callbacks=[callback])
     # the Trainer's own printer/progress callbacks print to stdout; ours reports instead
