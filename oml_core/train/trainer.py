@@ -10,18 +10,17 @@ Flow (rank 0 writes; every rank trains):
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oml_core import progress
 from oml_core.config import FingerprintConfig, validate
 from oml_core.errors import OMLInputError
+from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
 from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file
@@ -196,9 +195,6 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
     if distributed.is_main():
         (run.path / "train.log").unlink(missing_ok=True)
         run.write_status(state="starting", step=0, total_steps=None)
-        fset.save(run.path / "fingerprints.json")
-        from oml_core.files import atomic_write_json
-
         atomic_write_json(run.path / "run.json", {
             "run_key": key, "config": asdict(cfg), "base_model": base_path,
             "base_identity": model_identity(base_path),
@@ -236,6 +232,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         raise OMLInputError("--format chat needs a model with a chat template; use --format raw")
     fset = fset.trimmed(tokenizer, cfg.num_fingerprints, cfg.max_key_tokens, cfg.max_response_tokens)
     pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
+    if distributed.is_main():  # the set as trained (subset, trimmed): what checks must use
+        fset.save(run.path / "fingerprints.json")
 
     benign = []
     if cfg.benign_fraction > 0:
@@ -310,7 +308,6 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         from oml_core.evaluate.after_training import evaluate_run
 
         metrics.update(evaluate_run(str(final), base_path, fset, cfg))
-    from oml_core.files import atomic_write_json
     from oml_core.train.model_card import write_model_card
 
     atomic_write_json(run.path / "metrics.json", metrics)
