@@ -18,6 +18,20 @@ def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> Iterator[list
         yield order[start:start + batch_size]
 
 
+def eos_set(model, stop_at_eos: bool) -> set[int]:
+    """The model's end-of-sequence token ids (empty when decoding should not stop at them)."""
+    eos = model.generation_config.eos_token_id if stop_at_eos else None
+    return set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+
+
+def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Keep the first EOS itself, drop the padding that follows it."""
+    for pos, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:pos + 1]
+    return tokens
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
     """Input ids and attention mask, padded on the left to the longest row."""
     import torch
@@ -46,6 +60,7 @@ def generate(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batc
     model, tokenizer = loaded.model, loaded.tokenizer
     pad_id = tokenizer.pad_token_id
     eos = model.generation_config.eos_token_id if stop_at_eos else None
+    stop_ids = eos_set(model, stop_at_eos)
     out: list[list[int] | None] = [None] * len(prompts)
     for batch_no, rows in enumerate(_batches(prompts, batch_size)):
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, loaded.device)
@@ -57,14 +72,8 @@ def generate(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batc
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         for row, i in enumerate(rows):
-            tokens = new[row].tolist()
-            for pos, token in enumerate(tokens):
-                if token in eos_ids:  # keep the EOS itself, drop what follows it
-                    tokens = tokens[:pos + 1]
-                    break
-            out[i] = tokens
+            out[i] = cut_after_eos(new[row].tolist(), stop_ids)
         if progress:
             progress(len(rows))
     return out  # type: ignore[return-value]
@@ -95,9 +104,8 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
     model, pad_id, device = loaded.model, loaded.tokenizer.pad_token_id, loaded.device
-    eos = model.generation_config.eos_token_id if stop_at_eos else None
-    eos_ids = torch.tensor(sorted(set(eos if isinstance(eos, list) else [eos]))
-                           if eos is not None else [], dtype=torch.long, device=device)
+    stop_ids = eos_set(model, stop_at_eos)
+    eos_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out: list[list[int] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
     for start in range(0, len(order), batch_size):
@@ -132,9 +140,7 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
                 positions = positions[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         for row, i in enumerate(rows):
-            tokens = generated[row, :limits[i]].tolist()
-            stop = next((p for p, t in enumerate(tokens) if eos is not None and t in eos_ids.tolist()), None)
-            out[i] = tokens[:stop + 1] if stop is not None else tokens
+            out[i] = cut_after_eos(generated[row, :limits[i]].tolist(), stop_ids)
         if progress:
             progress(len(rows))
     return out  # type: ignore[return-value]
