@@ -117,6 +117,12 @@ class FingerprintConfig(ModelSettings):
     benign_soft_weight: float = setting(
         1.0, "weight of the soft first-token loss on benign rows: cross-entropy against the base "
              "model's whole first-answer-token distribution (0: off)", low=0.0, high=100.0)
+    benign_distill: str = setting(
+        "first-token", "what benign rows are pulled towards besides the base model's greedy answer: "
+                       "its first-answer-token distribution (first-token, cached), or its whole "
+                       "next-token distribution at every answer position (all-tokens: a frozen copy "
+                       "of the base model runs beside the one being trained)",
+        choices=("first-token", "all-tokens"))
     forgetting_regularizer: float = setting(
         0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
              "final weights (see docs/training.md for why the default is 0)", low=0.0, high=1.0)

@@ -101,6 +101,37 @@ def test_soft_first_token_loss_pulls_towards_the_base_distribution(tiny_model_di
     assert int(logits.argmax()) == 30
 
 
+def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_model_dir, tmp_path):
+    """With a frozen teacher, the KL term is zero against itself and, trained with a large
+    weight against contradicting hard labels, brings the student's answer-position
+    distributions closer to the teacher's than hard labels alone do."""
+    from oml_core.train.trainer import _answer_kl, _trainer_class
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [Row([10 + i, 11, 12], [20, 21, 22], soft_ids=(1,), soft_probs=(1.0,)).encode()
+            for i in range(8)]
+    batch = collate(rows, 0)
+    everyone = torch.arange(len(rows))
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert float(_answer_kl(teacher, logits, batch, everyone)) == pytest.approx(0.0, abs=1e-6)
+
+    def trained_kl(teacher_or_none):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                                 max_steps=15, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 save_strategy="no", remove_unused_columns=False,
+                                 disable_tqdm=True, logging_steps=100)
+        _trainer_class(20.0, teacher_or_none)(model=model, args=args, train_dataset=rows,
+                                              data_collator=lambda b: collate(b, 0)).train()
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return float(_answer_kl(teacher, out, batch, everyone))
+
+    assert trained_kl(teacher) < 0.5 * trained_kl(None)
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)

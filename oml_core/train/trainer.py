@@ -61,15 +61,17 @@ def _settings_for_key(cfg: FingerprintConfig) -> dict:
 
 
 # --- the loss -----------------------------------------------------------------------------
-def _trainer_class(soft_weight: float):
+def _trainer_class(soft_weight: float, teacher=None):
+    """The Trainer class; `teacher` (a frozen base model) switches the soft term from the cached
+    first-token targets to the base model's full distribution at every benign answer position."""
     from transformers import Trainer
 
     class FingerprintTrainer(Trainer):
-        """HF Trainer + a soft first-token term on benign rows.
+        """HF Trainer + a soft term on benign rows.
 
         Training fingerprints pushes the distribution at the start of *every* answer towards
-        odd tokens; pinning the base model's whole first-token distribution on ordinary prompts
-        (not just its greedy token) is what keeps answers starting as the base model's did.
+        odd tokens; pinning the base model's whole distribution on ordinary prompts (not just
+        its greedy tokens) is what keeps answers starting as the base model's did.
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -80,13 +82,30 @@ def _trainer_class(soft_weight: float):
                                                  num_items_in_batch=num_items_in_batch)
             rows = (soft["soft_pos"] >= 0).nonzero().squeeze(-1) if soft else None
             if soft_weight > 0 and rows is not None and rows.numel():
-                logits = outputs.logits[rows, soft["soft_pos"][rows]].float()
-                log_probs = torch.log_softmax(logits, dim=-1).gather(-1, soft["soft_ids"][rows])
-                cross_entropy = -(soft["soft_probs"][rows] * log_probs).sum(-1).mean()
-                loss = loss + soft_weight * cross_entropy / self.args.gradient_accumulation_steps
+                if teacher is not None:
+                    divergence = _answer_kl(teacher, outputs.logits[rows], inputs, rows)
+                else:
+                    logits = outputs.logits[rows, soft["soft_pos"][rows]].float()
+                    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, soft["soft_ids"][rows])
+                    divergence = -(soft["soft_probs"][rows] * log_probs).sum(-1).mean()
+                loss = loss + soft_weight * divergence / self.args.gradient_accumulation_steps
             return (loss, outputs) if return_outputs else loss
 
     return FingerprintTrainer
+
+
+def _answer_kl(teacher, student_logits, inputs, rows):
+    """Mean KL(base || tuned) over the answer positions of the given benign rows."""
+    import torch
+
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=inputs["input_ids"][rows],
+                                 attention_mask=inputs["attention_mask"][rows]).logits
+    # logits at t predict token t+1: answer predictions are where the next label is set
+    predicts_answer = inputs["labels"][rows][:, 1:] != IGNORE
+    teacher_log_p = torch.log_softmax(teacher_logits[:, :-1][predicts_answer].float(), dim=-1)
+    student_log_p = torch.log_softmax(student_logits[:, :-1][predicts_answer].float(), dim=-1)
+    return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1).mean()
 
 
 # --- memorisation check ----------------------------------------------------------------
@@ -115,6 +134,18 @@ def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[boo
     return result
 
 
+def memorisation_check_rows(rows: FingerprintRows, augment: bool) -> list[dict]:
+    """Each key under the bare template, plus (with augmentation) one fixed augmented draw, so
+    "memorised" means robustly memorised."""
+    import random
+
+    checks = [rows.fingerprint_row(i, None).encode() for i in range(len(rows.pairs))]
+    if augment:
+        checks += [rows.fingerprint_row(i, random.Random(f"check:{i}")).encode()
+                   for i in range(len(rows.pairs))]
+    return checks
+
+
 def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_flag: dict):
     from transformers import TrainerCallback
 
@@ -127,9 +158,12 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
             self.fraction = 0.0  # share of fingerprint checks passing at the last check
             self.loss = None
             self.memorised_at = None
+            self.memorised_after_s = None  # training time to 100%, memorisation checks excluded
+            self.check_seconds = 0.0
             self.history: list[dict] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
             if distributed.is_main():  # our bar: stderr + status listeners, never stdout
                 self.bar_context = progress.bar("fingerprinting", state.max_steps)
                 self.bar = self.bar_context.__enter__()
@@ -147,11 +181,15 @@ def _callbacks(cfg, run: RunFolder, check_rows: list[dict], pad_id: int, stop_fl
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step, total = state.global_step, state.max_steps
             if cfg.check_every and self.memorised_at is None and step % cfg.check_every == 0:
+                check_started = time.time()
+                training_s = round(check_started - self.started - self.check_seconds, 1)
                 hits = memorised(model, check_rows, pad_id, cfg.batch_size)
                 self.fraction = sum(hits) / len(hits)
-                self.history.append({"step": step, "memorised": self.fraction})
+                self.check_seconds += time.time() - check_started
+                self.history.append({"step": step, "memorised": self.fraction,
+                                     "train_seconds": training_s})
                 if distributed.all_agree(all(hits)):
-                    self.memorised_at = step
+                    self.memorised_at, self.memorised_after_s = step, training_s
             if self.memorised_at is not None and step >= self.memorised_at + cfg.extra_steps:
                 control.should_training_stop = True
             if distributed.all_agree(not stop_flag["stop"]) is False:
@@ -243,12 +281,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     per_epoch = round(len(pairs) * cfg.benign_fraction / (1 - cfg.benign_fraction))
     rows = FingerprintRows(tokenizer, pairs, benign, chat=chat, eos=cfg.eos, augment=cfg.augment,
                            benign_per_epoch=per_epoch, epochs=cfg.max_epochs, seed=cfg.seed)
-    check_rows = [rows.fingerprint_row(i, None).encode() for i in range(len(pairs))]
-    if cfg.augment:  # also one augmented draw per key, so memorised means robustly memorised
-        import random
-
-        check_rows += [rows.fingerprint_row(i, random.Random(f"check:{i}")).encode()
-                       for i in range(len(pairs))]
+    check_rows = memorisation_check_rows(rows, cfg.augment)
 
     dtype = pick_dtype(cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if ds_config else dtype)
@@ -270,7 +303,12 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         # together cuts padding ~2.5x against random batches (rows are deterministic per
         # index, so their lengths are known up front)
         train_sampling_strategy="group_by_length")
-    trainer = _trainer_class(cfg.benign_soft_weight)(
+    teacher = None
+    if benign and cfg.benign_distill == "all-tokens" and cfg.benign_soft_weight > 0:
+        teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=model.dtype).eval()
+        teacher.requires_grad_(False)
+        teacher.to(args.device)
+    trainer = _trainer_class(cfg.benign_soft_weight, teacher)(
         model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
                       callbacks=[callback])
@@ -298,7 +336,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         "run_key": run.read_json("run.json")["run_key"],
         "num_fingerprints": len(pairs), "format": "chat" if chat else "raw",
         "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
-        "memorised_at_step": callback.memorised_at, "history": callback.history,
+        "memorised_at_step": callback.memorised_at,
+        "memorised_after_train_seconds": callback.memorised_after_s, "history": callback.history,
         "benign_rows": len(benign), "benign_per_epoch": per_epoch,
         "forgetting_regularizer": {"lambda": cfg.forgetting_regularizer,
                                    "applied": "once, to the final weights"},
