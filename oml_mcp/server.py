@@ -1,0 +1,552 @@
+"""The MCP server: OML engine functions wired to tools and resources, thinly.
+
+Each tool (1) checks its arguments (schemas from the engine's configs, paths confined to the
+workspace), (2) calls one engine function, in-process for short work (generate, verify; with
+progress notifications) or as a detached job for fine-tuning, and (3) returns a small summary
+that never holds a fingerprint key or response, except `reveal_fingerprint` when explicitly
+confirmed. User mistakes become `is_error` results naming the problem; unexpected failures
+become a generic message with the exception type while the traceback goes to stderr.
+"""
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from oml_core import __version__, progress
+from oml_core.config import (
+    DEEPSPEED_CONFIGS,
+    FingerprintConfig,
+    GenerateConfig,
+    VerifyConfig,
+    validate,
+)
+from oml_core.errors import OMLInputError
+from oml_core.files import atomic_write_json
+from oml_core.runs import RunFolder
+from oml_mcp.jobs import JobStore, read_tail
+from oml_mcp.paths import Workspace
+from oml_mcp.schemas import (
+    CancelResult,
+    CommitmentResult,
+    FingerprintSetInfo,
+    FingerprintSetList,
+    GenerateResult,
+    JobList,
+    JobResult,
+    JobStarted,
+    JobStatus,
+    RevealResult,
+    RunInfo,
+    RunList,
+    VerifyResult,
+    config_defaults,
+    config_parameters,
+)
+
+log = logging.getLogger("oml_mcp")
+
+LOG_TAIL_BYTES = 16_384     # the job-log resource returns at most this much
+MAX_LISTED = 200            # list tools stop here (results stay small)
+MAX_LEAVES_SHOWN = 100
+PROGRESS_EVERY_S = 0.5      # at most two progress notifications a second
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one folder name, no traversal
+
+INSTRUCTIONS = """\
+OML fingerprints LLMs: secret (key, response) pairs are fine-tuned into a model and later
+checked to prove the model is yours. Typical flow: generate_fingerprints (makes a secret set
+file) -> start_fingerprinting (returns a job id at once; training takes minutes to hours) ->
+poll job_status every 10-60 s until completed -> job_result -> verify_model on the run's
+model/ folder. show_commitment gives the public commitment to publish. Keys and responses are
+secret: no tool returns them except reveal_fingerprint, only when the user explicitly asks.
+Relative paths are inside OML_HOME; other paths must be inside the configured roots."""
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+ADDITIVE = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+
+# One in-process model job at a time: models are large, the CPU is shared, and the engine's
+# progress listener is process-wide.
+_ENGINE_LOCK = threading.Lock()
+
+
+# --- wiring helpers ---------------------------------------------------------------------------
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _log_crash(tool: str, exc: BaseException) -> None:
+    """Where it broke, without the exception's message (it could quote a fingerprint)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("tool %s failed with %s (message withheld)\n%s", tool, type(exc).__name__, frames)
+
+
+def _refuse_unknown_arguments(ctx: Context, tool: str, known: set[str]) -> None:
+    """A misspelt argument would otherwise be dropped silently and its default used."""
+    try:
+        given = (ctx.request_context.params or {}).get("arguments") or {}
+    except (AttributeError, ValueError):
+        return
+    unknown = sorted(set(given) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "no arguments"
+        raise ToolError(f"unknown argument(s) {', '.join(unknown)}; {tool} takes: {takes}")
+
+
+def _register(app: MCPServer, fn, *, name: str, description: str, annotations: ToolAnnotations,
+              signature: inspect.Signature | None = None) -> None:
+    """Add `fn` as tool `name` behind one guard: unknown arguments, error translation, threads.
+
+    `signature` (keyword parameters + return model) replaces fn's own, for tools whose
+    parameters are generated from a config. Sync bodies run in a worker thread so a slow
+    disk or a cancel's grace period never blocks the event loop.
+    """
+    sig = signature or inspect.signature(fn, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "ctx"]
+    known = {p.name for p in params}
+    wants_ctx = "ctx" in inspect.signature(fn).parameters
+
+    async def tool(**kwargs):
+        ctx = kwargs.pop("ctx")
+        _refuse_unknown_arguments(ctx, name, known)
+        if wants_ctx:
+            kwargs["ctx"] = ctx
+        try:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(**kwargs)
+            return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs))
+        except ToolError:
+            raise
+        except OMLInputError as exc:  # written for users: one line, names the fix, no secrets
+            raise ToolError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - any crash becomes a safe is_error result
+            _log_crash(name, exc)
+            raise ToolError(f"internal error ({type(exc).__name__}); the server log (stderr) has "
+                            "the details") from None
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)
+    tool.__signature__ = sig.replace(parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + [ctx_param])
+    tool.__annotations__ = {p.name: p.annotation for p in params} | {
+        "ctx": Context, "return": sig.return_annotation}
+    tool.__name__ = tool.__qualname__ = name
+    app.add_tool(tool, name=name, description=description, annotations=annotations)
+
+
+async def _run_engine(ctx: Context, label: str, work):
+    """Run blocking engine work in a thread, forwarding its progress bars as notifications.
+
+    Progress must only grow, and the engine shows several bars one after another (keys, then
+    responses; the model, then null models), so each bar's count is added to the earlier ones.
+    """
+    await ctx.report_progress(0, None, f"{label}: loading the model")
+
+    def in_thread():
+        with _ENGINE_LOCK:
+            seen = {"desc": None, "offset": 0, "total": 0, "sent": 0.0}
+
+            def listener(desc: str, done: int, total: int) -> None:
+                if desc != seen["desc"]:
+                    seen["offset"] += seen["total"]
+                    seen.update(desc=desc, total=total)
+                now = time.monotonic()
+                if done < total and now - seen["sent"] < PROGRESS_EVERY_S:
+                    return
+                seen["sent"] = now
+                try:
+                    anyio.from_thread.run(ctx.report_progress, seen["offset"] + done, None,
+                                          f"{label}: {desc} {done}/{total}")
+                except Exception as exc:  # noqa: BLE001 - a client that went away must not stop the engine
+                    log.debug("progress notification not sent (%s)", type(exc).__name__)
+
+            progress.set_listener(listener)
+            try:
+                return work()
+            finally:
+                progress.set_listener(None)
+
+    return await anyio.to_thread.run_sync(in_thread)
+
+
+def _config_from(config_cls, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    cfg = config_cls(**{k: v for k, v in values.items() if k in names})
+    validate(cfg)
+    return cfg
+
+
+def _new_file(path: Path, what: str) -> Path:
+    """Refuse to replace anything: a fingerprint set is a secret the user may still need."""
+    if path.is_dir():
+        raise OMLInputError(f"{what} {path} is a folder; pass a file path")
+    if path.exists():
+        raise OMLInputError(f"{what} {path} already exists; choose another file name (existing "
+                            "files are never replaced over MCP)")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise OMLInputError(f"a parent of {what} {path} is a file, not a folder; pass another path")
+    return path
+
+
+def _flags(config_cls, values: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """CLI flags for the settings that differ from the config's defaults."""
+    defaults = config_defaults(config_cls)
+    argv: list[str] = []
+    for name, value in values.items():
+        if name in skip or name not in defaults or value == defaults[name] or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_summary(path: Path) -> RunInfo:
+    """What a run folder says about itself: status, settings, and the final metrics' headline."""
+    run = RunFolder(path)
+
+    def doc(name: str) -> dict:
+        data = run.read_json(name)
+        return data if isinstance(data, dict) else {}
+    status, settings, metrics = doc("status.json"), doc("run.json"), doc("metrics.json")
+    verification = metrics.get("verification") or {}
+    utility = metrics.get("utility") or {}
+    return RunInfo(
+        name=path.name, path=str(path), complete=run.complete, state=status.get("state"),
+        step=status.get("step"), total_steps=status.get("total_steps"), loss=status.get("loss"),
+        run_key=settings.get("run_key"), base_model=settings.get("base_model"),
+        fingerprints=(settings.get("config") or {}).get("fingerprints"),
+        num_fingerprints=metrics.get("num_fingerprints"),
+        memorised_at_step=metrics.get("memorised_at_step"),
+        train_seconds=metrics.get("train_seconds"),
+        matched=verification.get("matched"), total=verification.get("total"),
+        p_value=verification.get("p_value"), verdict=verification.get("verdict"),
+        first_token_agreement=utility.get("first_token_agreement"),
+        perplexity_change=utility.get("perplexity_change"),
+        model_dir=str(path / "model") if run.complete and (path / "model").is_dir() else None,
+        summary_uri=f"oml://runs/{path.name}/summary")
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("run.json", "status.json"))
+
+
+# --- the server -------------------------------------------------------------------------------
+
+def build_server(workspace: Workspace | None = None) -> MCPServer:
+    ws = workspace or Workspace.from_env()
+    jobs = JobStore(ws.home / "jobs")
+    sets_dir, runs_dir, reports_dir = ws.home / "fingerprints", ws.home / "runs", ws.home / "reports"
+    app = MCPServer("oml", instructions=INSTRUCTIONS, version=__version__)
+
+    # -- generate ------------------------------------------------------------------------------
+    async def generate_fingerprints(ctx: Context, **values) -> GenerateResult:
+        values.update(model=ws.model(values.get("model")),
+                      key_model=ws.model(values.get("key_model"), "key_model"),
+                      keys_file=ws.optional_path(values.get("keys_file"), "keys_file"))
+        out = (ws.path(values["out"], "out") if values.get("out") else
+               sets_dir / f"{values['strategy']}-{values['num_fingerprints']}-seed{values['seed']}"
+                          f"-{_stamp()}.json")
+        values["out"] = str(_new_file(out, "out"))
+        if values["keys_file"]:
+            values["keys_file"] = str(values["keys_file"])
+        cfg = _config_from(GenerateConfig, values)
+        from oml_core.generate import generate_set
+
+        started = time.time()
+        fset = await _run_engine(ctx, "generate", lambda: generate_set(cfg))
+        fset.save(_new_file(out, "out"))
+        probs = [p for p in fset.response_probs if p is not None]
+        return GenerateResult(path=str(out), count=len(fset), strategy=fset.strategy,
+                              commitment_root=fset.manifest()["root"],
+                              mean_response_prob=sum(probs) / len(probs) if probs else None,
+                              model=cfg.model or "bundled", seconds=round(time.time() - started, 2))
+
+    _register(app, generate_fingerprints, name="generate_fingerprints", annotations=ADDITIVE,
+              signature=inspect.Signature(config_parameters(GenerateConfig, notes={
+                  "model": "a folder inside the workspace, a hub id, or omit for the bundled model",
+                  "out": "a NEW .json file (relative paths are inside OML_HOME); default: "
+                         "OML_HOME/fingerprints/<strategy>-<n>-seed<seed>-<time>.json",
+              }), return_annotation=GenerateResult),
+              description=(
+                  "Make a new secret fingerprint set (key -> response pairs) for a model and save "
+                  "it as a JSON file; returns the file path, count and the public commitment root, "
+                  "never the keys or responses. Runs in the server (seconds to a few minutes; "
+                  "progress is reported). Use this first, before start_fingerprinting. Never "
+                  "overwrites an existing file."))
+
+    # -- verify --------------------------------------------------------------------------------
+    async def verify_model(ctx: Context, **values) -> VerifyResult:
+        values.update(model=ws.model(values.get("model")),
+                      fingerprints=str(ws.path(values["fingerprints"], "fingerprints")),
+                      null_model=[ws.model(m, "null_model") or "bundled"
+                                  for m in values.get("null_model") or []])
+        cfg = _config_from(VerifyConfig, values)
+        from oml_core.verify import verify
+
+        started = time.time()
+        report = await _run_engine(ctx, "verify", lambda: verify(cfg))
+        report_path = reports_dir / f"verify-{_stamp()}.json"
+        atomic_write_json(report_path, report)
+        summary = {k: report[k] for k in VerifyResult.model_fields if k in report}
+        return VerifyResult(**summary, report_path=str(report_path),
+                            seconds=round(time.time() - started, 2))
+
+    _register(app, verify_model, name="verify_model", annotations=ToolAnnotations(
+                  read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                  open_world_hint=False),
+              signature=inspect.Signature(config_parameters(VerifyConfig, required=("fingerprints",), notes={
+                  "model": "model to check: a folder inside the workspace (e.g. a run's model/ "
+                           "folder), a hub id, or omit for the bundled model",
+                  "fingerprints": "path of the set file (relative paths are inside OML_HOME)",
+              }), return_annotation=VerifyResult),
+              description=(
+                  "Check locally whether a model answers a fingerprint set's keys with their "
+                  "responses, and how strong that evidence is: matched count, p-value and a "
+                  "match/no_match verdict. Runs in the server (seconds to minutes; progress is "
+                  "reported) and writes the full report (ids only, no secrets) under "
+                  "OML_HOME/reports. Use it on a fingerprinted model (a run's model_dir) or a "
+                  "suspect copy."))
+
+    # -- fingerprinting job --------------------------------------------------------------------
+    def start_fingerprinting(**values) -> JobStarted:
+        values.update(model=ws.model(values.get("model")),
+                      fingerprints=str(ws.path(values["fingerprints"], "fingerprints")))
+        if values.get("deepspeed") not in DEEPSPEED_CONFIGS:
+            if not str(values.get("deepspeed")).endswith(".json"):
+                raise OMLInputError(f"deepspeed {values.get('deepspeed')!r} is not one of "
+                                    f"{', '.join(DEEPSPEED_CONFIGS)} or a .json config file")
+            values["deepspeed"] = str(ws.path(values["deepspeed"], "deepspeed"))
+        out_dir = (ws.path(values["out_dir"], "out_dir") if values.get("out_dir") else
+                   runs_dir / f"{Path(values['fingerprints']).stem}-{_stamp()}")
+        values["out_dir"] = str(out_dir)
+        cfg = _config_from(FingerprintConfig, values)
+        # fail now, not minutes later in the worker, on what can be checked cheaply
+        from oml_core.fingerprints import load_fingerprints
+        from oml_core.models import resolve_model
+
+        load_fingerprints(cfg.fingerprints)
+        if cfg.model:
+            resolve_model(cfg.model)
+        if cfg.deepspeed.endswith(".json") and not Path(cfg.deepspeed).is_file():
+            raise OMLInputError(f"deepspeed config {cfg.deepspeed} does not exist; use one of "
+                                f"{', '.join(DEEPSPEED_CONFIGS)} or an existing JSON file")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OMLInputError(f"out_dir {out_dir} is a file; pass a folder path")
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
+            raise OMLInputError(f"out_dir {out_dir} is not empty and is not an OML run; pass a "
+                                "new or empty folder")
+        busy = jobs.active_run_dirs().get(str(out_dir))
+        if busy:
+            raise OMLInputError(f"job {busy} is already training into {out_dir}; wait for it, "
+                                "cancel it, or pass another out_dir")
+        command = [sys.executable, "-P", "-m", "oml_core.cli", "fingerprint",
+                   "--fingerprints", cfg.fingerprints, "--out-dir", cfg.out_dir,
+                   *_flags(FingerprintConfig, dataclasses.asdict(cfg),
+                           skip=("fingerprints", "out_dir")), "--json"]
+        env = {**os.environ, "OML_HOME": str(ws.home), "OML_PROGRESS": "0",
+               "PYTHONUNBUFFERED": "1"}
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                    if v != config_defaults(FingerprintConfig)[k]}
+        status = jobs.start("fingerprint", command, args=settings, run_dir=str(out_dir), env=env,
+                            cwd=ws.home)
+        return JobStarted(**status, next_step=(
+            f"poll job_status with job_id {status['job_id']} every 10-60 s; when it is "
+            "completed, call job_result, then verify_model on the run's model/ folder"))
+
+    _register(app, start_fingerprinting, name="start_fingerprinting", annotations=ADDITIVE,
+              signature=inspect.Signature(config_parameters(
+                  FingerprintConfig, required=("fingerprints",), notes={
+                      "model": "base model to fingerprint: a folder inside the workspace, a hub "
+                               "id, or omit for the bundled model",
+                      "fingerprints": "path of the set file from generate_fingerprints",
+                      "out_dir": "run folder (relative paths are inside OML_HOME); default: "
+                                 "OML_HOME/runs/<set name>-<time>; the same settings in the same "
+                                 "folder reuse a finished run",
+                      "deepspeed": "on a CPU-only machine 'none' is about twice as fast",
+                  }), return_annotation=JobStarted),
+              description=(
+                  "Start fine-tuning a fingerprint set into a model, as a background job that "
+                  "outlives this call and the server; returns a job_id immediately. Training takes "
+                  "minutes to hours: poll job_status for step/loss/eta, then job_result; "
+                  "cancel_job stops it. The trained model lands in the run folder's model/ "
+                  "subfolder and is verified there when training ends."))
+
+    def job_status(job_id: Annotated[str, Field(description="id from start_fingerprinting or "
+                                                           "list_jobs")]) -> JobStatus:
+        return JobStatus(**jobs.status(job_id))
+
+    _register(app, job_status, name="job_status", annotations=READ_ONLY, description=(
+        "State of one background job: starting, running (with step, total_steps, loss and eta_s "
+        "from training), or the final completed/failed/cancelled with the reason. Cheap; poll "
+        "it every 10-60 s while a job runs. A job whose worker died is reported failed."))
+
+    def list_jobs(limit: Annotated[int, Field(description="at most this many, newest first",
+                                              ge=1, le=MAX_LISTED)] = 20) -> JobList:
+        found, total = jobs.list(limit)
+        return JobList(jobs=[JobStatus(**j) for j in found], total=total)
+
+    _register(app, list_jobs, name="list_jobs", annotations=READ_ONLY, description=(
+        "List background jobs (newest first) with their states, including jobs started before "
+        "the server restarted. Use it to find a job id you lost."))
+
+    def job_result(job_id: Annotated[str, Field(description="id of a finished job")]) -> JobResult:
+        return JobResult(**jobs.result(job_id))
+
+    _register(app, job_result, name="job_result", annotations=READ_ONLY, description=(
+        "Result of a finished job: final state, exit code, failure reason and the command's "
+        "summary (run folder, steps, fingerprints matched, p-value, verdict, utility). Errors "
+        "if the job is still running: poll job_status first."))
+
+    def cancel_job(job_id: Annotated[str, Field(description="id of the job to stop")],
+                   grace_seconds: Annotated[float, Field(
+                       description="seconds to let training stop at its next step before the "
+                                   "job's processes are killed", ge=0, le=50)] = 20.0,
+                   ) -> CancelResult:
+        return CancelResult(**jobs.cancel(job_id, grace_seconds))
+
+    _register(app, cancel_job, name="cancel_job", annotations=ToolAnnotations(
+        read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
+        description=(
+            "Stop a running background job and all its processes (SIGTERM, then SIGKILL after "
+            "the grace period). The run folder stays incomplete; starting the same run again "
+            "restarts it from the beginning. Only when the user wants the job stopped."))
+
+    # -- listings ------------------------------------------------------------------------------
+    def list_fingerprint_sets(folder: Annotated[str | None, Field(
+            description="folder to list (not recursive); default OML_HOME/fingerprints")] = None,
+                              ) -> FingerprintSetList:
+        from oml_core.fingerprints import load_fingerprints
+
+        where = ws.path(folder, "folder") if folder else sets_dir
+        if folder and not where.is_dir():
+            raise OMLInputError(f"folder {where} is not an existing folder")
+        files = sorted(where.glob("*.json")) if where.is_dir() else []
+        sets = []
+        for path in files[:MAX_LISTED]:
+            info = {"path": str(path), "bytes": path.stat().st_size}
+            try:
+                fset = load_fingerprints(path)
+            except OMLInputError as exc:
+                info["problem"] = str(exc)
+            else:
+                info.update(count=len(fset), strategy=fset.strategy, created=fset.created,
+                            source_format=fset.source_format,
+                            committable=all(fp.salt for fp in fset.fingerprints))
+            sets.append(FingerprintSetInfo(**info))
+        return FingerprintSetList(folder=str(where), sets=sets, truncated=len(files) > MAX_LISTED)
+
+    _register(app, list_fingerprint_sets, name="list_fingerprint_sets", annotations=READ_ONLY,
+              description=(
+                  "List fingerprint set files (path, count, strategy, created) without their "
+                  "contents. Use it to find the set to fingerprint, verify or commit to."))
+
+    def list_runs() -> RunList:
+        folders = {p for p in runs_dir.iterdir() if _is_run_folder(p)} if runs_dir.is_dir() else set()
+        for job in jobs.list(MAX_LISTED)[0]:  # runs started into a root outside OML_HOME/runs
+            if job.get("run_dir") and _is_run_folder(Path(job["run_dir"])):
+                folders.add(Path(job["run_dir"]))
+        ordered = sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
+        return RunList(runs=[run_summary(p) for p in ordered[:MAX_LISTED]],
+                       truncated=len(ordered) > MAX_LISTED)
+
+    _register(app, list_runs, name="list_runs", annotations=READ_ONLY, description=(
+        "List fingerprinting run folders (newest first): state, steps, whether complete, the "
+        "fingerprinted model folder and its verification headline (matched, p-value, verdict)."))
+
+    # -- commitment and reveal -----------------------------------------------------------------
+    def show_commitment(
+            fingerprints: Annotated[str, Field(description="path of the set file")],
+            out: Annotated[str | None, Field(description="also write the full public manifest to "
+                                                         "this NEW file")] = None,
+    ) -> CommitmentResult:
+        from oml_core.fingerprints import load_fingerprints
+
+        path = ws.path(fingerprints, "fingerprints")
+        target = _new_file(ws.path(out, "out"), "out") if out else None
+        manifest = load_fingerprints(path).manifest()
+        if target:
+            atomic_write_json(target, manifest)
+        return CommitmentResult(
+            fingerprints=str(path), format=manifest["format"], version=manifest["version"],
+            algorithm=manifest["algorithm"], count=manifest["count"], root=manifest["root"],
+            strategy=manifest.get("strategy"), tokenizer=manifest.get("tokenizer"),
+            leaves=manifest["leaves"][:MAX_LEAVES_SHOWN],
+            leaves_truncated=len(manifest["leaves"]) > MAX_LEAVES_SHOWN,
+            written_to=str(target) if target else None)
+
+    _register(app, show_commitment, name="show_commitment", annotations=ADDITIVE, description=(
+        "The public commitment to a fingerprint set: a salted hash per pair and their Merkle "
+        "root, with no secrets. Publish the root (or the manifest written with `out`) when "
+        "releasing the model, so a later reveal proves the set existed then."))
+
+    def reveal_fingerprint(
+            fingerprints: Annotated[str, Field(description="path of the set file")],
+            fingerprint_id: Annotated[str, Field(description="id of the pair, e.g. fp-00003")],
+            confirm_reveal: Annotated[bool, Field(
+                description="must be true: the user explicitly asked to disclose this pair")] = False,
+            out: Annotated[str | None, Field(description="also write the reveal to this NEW "
+                                                         "file")] = None,
+    ) -> RevealResult:
+        if confirm_reveal is not True:
+            raise OMLInputError(
+                "revealing discloses a secret key and response for good; call again with "
+                "confirm_reveal=true only if the user explicitly asked to reveal this pair")
+        from oml_core.fingerprints import load_fingerprints
+
+        path = ws.path(fingerprints, "fingerprints")
+        target = _new_file(ws.path(out, "out"), "out") if out else None
+        reveal = load_fingerprints(path).reveal(fingerprint_id)
+        if target:
+            atomic_write_json(target, reveal)
+        log.info("revealed fingerprint %s of %s on request", fingerprint_id, path)
+        return RevealResult(**reveal, written_to=str(target) if target else None)
+
+    _register(app, reveal_fingerprint, name="reveal_fingerprint", annotations=ToolAnnotations(
+        # read-only on disk, but disclosing a secret cannot be undone: flagged destructive so
+        # clients ask the user first
+        read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False),
+        description=(
+            "Disclose ONE fingerprint pair (key, response, salt) with its Merkle proof against "
+            "the published commitment root, e.g. to prove ownership in a dispute. Only when the "
+            "user explicitly asks to reveal; requires confirm_reveal=true. The other pairs stay "
+            "secret."))
+
+    # -- resources -----------------------------------------------------------------------------
+    @app.resource("oml://runs/{name}/summary", mime_type="application/json",
+                  description="Summary of the run folder OML_HOME/runs/<name>: state, steps, "
+                              "verification headline (no secrets)")
+    def run_summary_resource(name: str) -> str:
+        path = (runs_dir / name).resolve() if _NAME.fullmatch(name) else None
+        if path is None or path.parent != runs_dir.resolve() or not _is_run_folder(path):
+            raise ResourceError(f"no run {name!r} in {runs_dir}; list runs with list_runs")
+        return run_summary(path).model_dump_json(indent=2)
+
+    @app.resource("oml://jobs/{job_id}/log", mime_type="text/plain",
+                  description=f"The last {LOG_TAIL_BYTES // 1024} KiB of a job's worker log")
+    def job_log_resource(job_id: str) -> str:
+        try:
+            return read_tail(jobs.log_path(job_id), LOG_TAIL_BYTES)
+        except OMLInputError as exc:
+            raise ResourceError(str(exc)) from None
+
+    return app

@@ -1,0 +1,53 @@
+"""Shared pieces of the MCP tests: job settings that keep tiny-model training to seconds,
+secret checks over tool results, and polling with a deadline."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+# memorises a small random-word set on the tiny model in a few seconds, then stops
+FAST_JOB = {"learning_rate": 1e-2, "augment": False, "benign_fraction": 0.0, "max_epochs": 150,
+            "batch_size": 16, "extra_steps": 0, "deepspeed": "none", "verify_after": False}
+# many tiny steps and no early stop: a job that is still running when the test acts on it
+SLOW_JOB = {"learning_rate": 1e-5, "augment": False, "benign_fraction": 0.0, "max_epochs": 100,
+            "max_steps": 300, "batch_size": 1, "check_every": 0, "deepspeed": "none",
+            "verify_after": False}
+FINAL = ("completed", "failed", "cancelled")
+TOOLS = {"generate_fingerprints", "start_fingerprinting", "verify_model", "job_status",
+         "list_jobs", "job_result", "cancel_job", "list_fingerprint_sets", "list_runs",
+         "show_commitment", "reveal_fingerprint"}
+
+
+def secrets_of(path: str | Path) -> list[str]:
+    rows = json.loads(Path(path).read_text())["fingerprints"]
+    return [r["key"].strip() for r in rows] + [r["response"].strip() for r in rows]
+
+
+def result_text(result) -> str:
+    """Everything a client receives from a tool call, as one string."""
+    parts = [getattr(block, "text", "") for block in result.content]
+    if result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+MIN_SECRET_CHARS = 6  # shorter strings (a tiny model's 'gr') turn up in any text by chance
+
+
+def assert_no_secrets(text: str, secrets) -> None:
+    for secret in (s for s in secrets if len(s) >= MIN_SECRET_CHARS):
+        assert secret not in text, "a fingerprint key or response reached a tool result"
+        assert json.dumps(secret, ensure_ascii=True)[1:-1] not in text
+
+
+def wait_until(check, timeout: float, what: str, every: float = 0.3):
+    """Call `check()` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
