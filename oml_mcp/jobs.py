@@ -84,14 +84,7 @@ def is_alive(pid: int | None, start_ticks: int | None) -> bool:
 
 def last_line(path: Path, limit: int = 8192) -> str | None:
     """The last non-empty line of a log (progress bars use \\r, so split on that too)."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - limit))
-            tail = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
+    tail = read_tail(path, limit)
     lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
     return lines[-1][:REASON_CHARS] if lines else None
 
@@ -103,7 +96,7 @@ def read_tail(path: Path, max_bytes: int) -> str:
             size = handle.tell()
             handle.seek(max(0, size - max_bytes))
             data = handle.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
+    except OSError:
         return ""
     if size > max_bytes:
         data = f"[... {size - max_bytes} earlier bytes not shown ...]\n" + data.split("\n", 1)[-1]
