@@ -51,3 +51,34 @@ def wait_until(check, timeout: float, what: str, every: float = 0.3):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def npm_tool(package: str, version: str, binary: str) -> Path:
+    """A pinned npm CLI, installed once into a cache outside the repository
+    (`$OML_TEST_TOOLS`, default ~/.cache/oml-test-tools); skips, saying why, without npm or
+    a reachable registry."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tools = Path(os.environ.get("OML_TEST_TOOLS") or Path.home() / ".cache" / "oml-test-tools")
+    prefix = tools / f"{package.rsplit('/', 1)[-1]}-{version}"
+    path = prefix / "node_modules" / ".bin" / binary
+    if path.exists():
+        return path
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed, so {package} cannot be installed")
+    prefix.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
+                               "--loglevel=error", f"{package}@{version}"],
+                              check=False, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"npm install {package}@{version} took over 300 s (registry unreachable?)")
+    if proc.returncode != 0 or not path.exists():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"npm install {package}@{version} failed: {tail}")
+    return path

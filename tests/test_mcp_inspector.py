@@ -1,8 +1,8 @@
 """A third-party client drives the server: the MCP Inspector CLI (npm, pinned version).
 
 The set-up installs `@modelcontextprotocol/inspector` once into a cache folder outside the
-repository (`$OML_TEST_TOOLS`, default ~/.cache/oml-test-tools) with the ordinary npm client;
-where npm is missing or the registry is unreachable the tests are skipped, saying why.
+repository (`mcp_helpers.npm_tool`); where npm is missing or the registry is unreachable the
+tests are skipped, saying why.
 `--strict` makes the Inspector also judge our tool schemas for portability across clients.
 """
 
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from mcp_helpers import TOOLS
+from mcp_helpers import TOOLS, npm_tool
 
 INSPECTOR = "@modelcontextprotocol/inspector"
 VERSION = "2.12.0"
@@ -24,25 +23,7 @@ VERSION = "2.12.0"
 
 @pytest.fixture(scope="module")
 def inspector() -> Path:
-    tools = Path(os.environ.get("OML_TEST_TOOLS") or Path.home() / ".cache" / "oml-test-tools")
-    prefix = tools / f"inspector-{VERSION}"
-    binary = prefix / "node_modules" / ".bin" / "mcp-inspector"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed, so the MCP Inspector CLI cannot be installed")
-    prefix.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                               "--loglevel=error", f"{INSPECTOR}@{VERSION}"],
-                              check=False, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"npm install {INSPECTOR}@{VERSION} took over 300 s (registry unreachable?)")
-    if proc.returncode != 0 or not binary.exists():
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"npm install {INSPECTOR}@{VERSION} failed: {tail}")
-    return binary
+    return npm_tool(INSPECTOR, VERSION, "mcp-inspector")
 
 
 def inspect(inspector: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
