@@ -124,8 +124,8 @@ class FingerprintConfig(ModelSettings):
                        "of the base model runs beside the one being trained)",
         choices=("first-token", "all-tokens"))
     forgetting_regularizer: float = setting(
-        0.0, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to the "
-             "final weights (see docs/training.md for why the default is 0)", low=0.0, high=1.0)
+        0.15, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
+              "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0)
     train_embeddings: bool = setting(
         False, "also train the token embeddings / output head (off: with Adam every one of the "
                "vocabulary's output rows drifts each step, shifting every answer)")
