@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from oml_core import config as cfgmod
 from oml_core.errors import OMLInputError
 
 EXIT_BAD_INPUT = 2
-MODEL_COMMANDS = ("generate", "verify", "fingerprint")  # the ones that import transformers
+MODEL_COMMANDS = ("generate", "verify", "fingerprint", "eval")  # the ones that import transformers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,6 +186,70 @@ def cmd_fingerprint(args) -> int:
     return 0
 
 
+def _fmt(value, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" if percent else f"{value:.4g}"
+
+
+def cmd_eval(args) -> int:
+    if getattr(args, "eval_command", None) == "capacity":
+        return cmd_eval_capacity(args)
+    from oml_core.evaluate.run_eval import evaluate, headlines
+
+    summary = evaluate(_config(cfgmod.EvalConfig, args))
+    heads = headlines(summary["parts"])
+    data = {k: summary[k] for k in ("run", "out", "computed", "cached", "report", "seconds")}
+    data["parts"] = heads
+    lines = [(f"evaluated {summary['run']} in {summary['seconds']:.0f} s "
+              f"(computed: {', '.join(summary['computed']) or 'nothing'}; "
+              f"cached: {', '.join(summary['cached']) or 'nothing'})")]
+    if "utility" in heads:
+        u = heads["utility"]
+        lines.append(f"utility: fingerprints matched {u['matched']}/{u['total']} (base {u['base_matched']}); "
+                     f"perplexity {_fmt(u['perplexity_base'])} -> {_fmt(u['perplexity_tuned'])} "
+                     f"({u['perplexity_change']:+.1%}); first answer token = base's in "
+                     f"{_fmt(u['first_token_agreement'], True)}")
+    if "persistence" in heads:
+        p = heads["persistence"]
+        kept = ", ".join(f"{k.removesuffix('_retention')} {_fmt(v, True)}" for k, v in p.items()
+                         if k.endswith("_retention"))
+        lines.append(f"persistence: retained after {p['steps']} benign steps: {kept}")
+    if "false_positives" in heads:
+        f = heads["false_positives"]
+        models = ", ".join(f"{name} {m['matched']}/{m['total']} ({m['verdict']})"
+                           for name, m in f["models"].items())
+        lines.append(f"false positives: {models or 'no model run'}; pooled null rate "
+                     f"{_fmt(f['null_rate'])} -> {f['null_file']}")
+        lines += [f"  skipped {note}" for note in f["skipped"]]
+    if "robustness" in heads:
+        lines.append("robustness: " + ", ".join(
+            f"{k} {_fmt(v, True)}" for k, v in heads["robustness"].items()))
+    lines.append(f"report: {summary['report']['html']} (also eval.md, eval.json)")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_eval_capacity(args) -> int:
+    from oml_core.evaluate.capacity import run_capacity
+
+    cfg = _config(cfgmod.CapacityConfig, args)
+    if getattr(args, "no_deepspeed", False):
+        cfg.deepspeed = "none"
+    summary = run_capacity(cfg)
+    data = {k: summary[k] for k in ("sizes", "regularizers", "runs", "seconds", "report")}
+    data["points"] = [{k: p[k] for k in ("n", "regularizer", "matched", "total", "accuracy",
+                                         "perplexity_change", "first_token_agreement", "steps")}
+                      for p in summary["points"]]
+    lines = [f"capacity sweep in {summary['seconds']:.0f} s:"]
+    lines += [f"  N={p['n']:<5} lambda={p['regularizer']:<5g} matched {p['matched']}/{p['total']} "
+              f"perplexity {_fmt(p['perplexity_change'], True)} first token = base's "
+              f"{_fmt(p['first_token_agreement'], True)}" for p in summary["points"]]
+    lines.append(f"report: {summary['report']['html']}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
 def cmd_commit(args) -> int:
     from oml_core.fingerprints import load_fingerprints
     from oml_core.files import atomic_write_json
@@ -268,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
 
+    p = command("eval", cmd_eval,
+                "measure a fingerprinted run: utility, persistence, false positives, robustness "
+                "(report in RUN/eval); `oml eval capacity` sweeps the number of fingerprints")
+    _add_config_flags(p, cfgmod.EvalConfig)
+    eval_sub = p.add_subparsers(dest="eval_command", required=False, parser_class=_Parser,
+                                metavar="{capacity}")
+    cap = eval_sub.add_parser("capacity", help="fingerprint N = 16, 64, 256, 1024 into a model "
+                                               "and plot accuracy and utility against N",
+                              description="fingerprint N pairs into one model for each N in "
+                                          "--sizes, with and without the regularizer; report "
+                                          "accuracy and utility against N")
+    cap.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print machine-readable JSON")
+    _add_config_flags(cap, cfgmod.CapacityConfig,
+                      skip=("out_dir", "num_fingerprints", "forgetting_regularizer", "verify_after"))
+    cap.add_argument("--no-deepspeed", action="store_true", help="same as --deepspeed none")
+
     p = command("commit", cmd_commit, "print the public commitment (no secrets) of a set")
     p.add_argument("--fingerprints", required=True, help="fingerprint set (our format)")
     p.add_argument("--out", help="also write the manifest here")
@@ -285,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprints", required=True, help="seed file (list of {key, response})")
     p.add_argument("--out", required=True, help="where to write the set in our format")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+
+    # Commands from other packages (e.g. `oml audit` from clients/) register themselves through
+    # this entry point group, so the engine never imports them.
+    for entry in importlib.metadata.entry_points(group="oml.commands"):
+        entry.load()(sub)
     return parser
 
 

@@ -1,0 +1,20 @@
+"""Endpoint auditing: probe a suspect API with fingerprint keys and weigh what comes back.
+
+    from clients import AuditConfig, run_audit
+    summary = run_audit(AuditConfig(base_url=..., model=..., fingerprints=...))
+
+Interfaces (the `oml audit` command, the MCP audit tool) call `run_audit`; the engine
+(oml_core) never imports this package.
+"""
+
+from clients.config import AuditConfig
+
+
+def run_audit(cfg: AuditConfig) -> dict:
+    """Run or resume an audit; see clients.audit.run_audit."""
+    from clients.audit import run_audit as _run
+
+    return _run(cfg)
+
+
+__all__ = ["AuditConfig", "run_audit"]

@@ -1,0 +1,53 @@
+"""Endpoint adapters: one class per API behind the retrying, concurrent base class.
+
+`make_adapter(cfg)` picks the class named by `cfg.adapter`. To add an API (e.g. Anthropic
+messages), subclass `Adapter` with `build_request`, `transmit` and `parse`, and register it in
+ADAPTERS; nothing else in the auditor changes.
+"""
+
+from __future__ import annotations
+
+from clients.adapters.base import (
+    Adapter,
+    Answer,
+    CallResult,
+    FatalEndpointError,
+    Prompt,
+    Reply,
+    Request,
+    RunDeadline,
+    Sampling,
+    TransportError,
+)
+
+
+def _openai(cfg, settings):
+    from clients.adapters.openai_compat import OpenAIAdapter
+
+    return OpenAIAdapter(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, dialect=cfg.dialect,
+                         **settings)
+
+
+def _http(cfg, settings):
+    from clients.adapters.http_template import (
+        HTTPTemplateAdapter,
+        load_template,
+        parse_headers,
+    )
+
+    return HTTPTemplateAdapter(cfg.base_url, cfg.model, load_template(cfg.request_template),
+                               parse_headers(cfg.header), cfg.answer_path,
+                               api_key_env=cfg.api_key_env, **settings)
+
+
+ADAPTERS = {"openai": _openai, "http": _http}
+
+
+def make_adapter(cfg) -> Adapter:
+    settings = {"concurrency": cfg.concurrency, "request_timeout": cfg.request_timeout,
+                    "max_retries": cfg.max_retries, "max_backoff": cfg.max_backoff}
+    return ADAPTERS[cfg.adapter](cfg, settings)
+
+
+__all__ = ["ADAPTERS", "Adapter", "Answer", "CallResult", "FatalEndpointError", "Prompt", "Reply",
+           "Request", "RunDeadline", "Sampling", "TransportError", "make_adapter"]

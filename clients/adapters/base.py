@@ -1,0 +1,333 @@
+"""The adapter base class: owns concurrency, timeouts and retries; subclasses speak one API.
+
+A subclass only builds a request from a prompt (`build_request`), puts it on the wire once
+(`transmit`, which returns the status, headers and body text) and reads the answer out of a
+successful reply (`parse`). Everything that makes an audit robust lives here, once:
+
+- bounded concurrency: `run_all` keeps at most `concurrency` requests in flight (asyncio workers);
+- per-request timeout (`request_timeout`) and a whole-run deadline;
+- retries with tenacity: exponential backoff with full jitter on 429, 5xx, timeouts, dropped
+  connections and malformed replies, honouring `Retry-After` / `retry-after-ms` when the
+  endpoint sends one (capped at `max_backoff`);
+- non-retryable statuses (400, 401, 403, 404, 422, ...) raise `FatalEndpointError` at once, so
+  the audit stops early with one clear line instead of burning keys on a misconfiguration;
+- every call ends in a `CallResult`, an answer or an error: an error is never turned into a miss.
+
+Adding an API (Anthropic messages, say) means a new subclass with those three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base, wait_random_exponential
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
+
+
+@dataclass
+class Prompt:
+    """What one probe sends: chat messages, or raw text for a completions endpoint."""
+
+    kind: str                                   # "chat" or "completion"
+    messages: list[dict] | None = None
+    text: str | None = None
+    tools: list[dict] | None = None             # OpenAI function specs, when sent natively
+
+
+@dataclass
+class Sampling:
+    temperature: float
+    max_tokens: int
+    seed: int | None = None
+
+
+@dataclass
+class Request:
+    route: str                                  # "chat" or "completions"
+    body: dict
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict
+    text: str
+
+
+@dataclass
+class Answer:
+    text: str
+    tool_calls: list[dict] = field(default_factory=list)   # [{"name", "arguments"}]
+    finish_reason: str | None = None
+    refusal: str | None = None
+    usage: dict | None = None
+    meta: dict = field(default_factory=dict)               # reply id, model, system_fingerprint
+
+
+@dataclass
+class CallResult:
+    answer: Answer | None
+    error: dict | None                          # {"kind", "status", "message"}
+    latency_s: float
+    attempts: int
+    retry_reasons: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TransportError(Exception):
+    """A failed attempt worth retrying: rate limit, server error, timeout, connection, malformed."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.kind, self.status, self.retry_after = kind, status, retry_after
+
+
+class FatalEndpointError(Exception):
+    """The endpoint refused the request in a way retrying cannot fix (bad key, bad model, 400)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RunDeadline(Exception):
+    """The whole-run timeout passed before this call could finish."""
+
+
+def parse_retry_after(headers: dict, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or an HTTP date), else None."""
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = lowered.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            if name != "retry-after":
+                continue
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            reference = datetime.fromtimestamp(now, UTC) if now else datetime.now(UTC)
+            seconds = (when - reference).total_seconds()
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class _WaitHonouringRetryAfter(wait_base):
+    """Exponential backoff with full jitter, unless the endpoint said how long to wait."""
+
+    def __init__(self, initial: float, cap: float):
+        self.cap = cap
+        self.backoff = wait_random_exponential(multiplier=initial, max=cap)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(self.cap, retry_after)
+        return self.backoff(retry_state)
+
+
+class _StopAtDeadline(stop_base):
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class Adapter(ABC):
+    """Base class of every endpoint adapter (see the module docstring)."""
+
+    name = "base"
+    supports_completions = False
+    supports_sampling = True
+    supports_seed = True
+
+    def __init__(self, *, concurrency: int = 8, request_timeout: float = 60.0,
+                 max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5):
+        self.concurrency = concurrency
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.max_backoff = max_backoff
+        self.initial_backoff = initial_backoff
+
+    # --- what a subclass provides -------------------------------------------------------
+    def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
+        """Why this adapter cannot send such a probe (None: it can)."""
+        if prompt.kind == "completion" and not self.supports_completions:
+            return f"the {self.name} adapter has no completions endpoint"
+        if sampling.temperature > 0 and not self.supports_sampling:
+            return f"the {self.name} adapter cannot set a temperature"
+        return None
+
+    @abstractmethod
+    def build_request(self, prompt: Prompt, sampling: Sampling) -> Request:
+        """The request for one probe (also what the evidence log records, key redacted)."""
+
+    @abstractmethod
+    async def transmit(self, request: Request) -> Reply:
+        """Send once. Return the reply whatever its status; raise TransportError on timeouts
+        and connection failures."""
+
+    @abstractmethod
+    def parse(self, data: Any) -> Answer:
+        """The answer in a successful reply's decoded JSON; raise KeyError/TypeError/ValueError
+        when it is not there (the reply then counts as malformed and is retried)."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+    # --- one call, with retries ---------------------------------------------------------
+    def _check(self, reply: Reply) -> Answer:
+        if reply.status == 401 or reply.status == 403:
+            raise FatalEndpointError(reply.status, f"HTTP {reply.status}: the endpoint refused the "
+                                     "credentials; put a valid API key in the environment variable "
+                                     "named by --api-key-env")
+        if reply.status in RETRYABLE_STATUS or reply.status >= 500:
+            kind = "rate_limited" if reply.status == 429 else "server_error"
+            raise TransportError(kind, f"HTTP {reply.status}: {_short(reply.text)}", reply.status,
+                                 parse_retry_after(reply.headers))
+        if not 200 <= reply.status < 300:
+            raise FatalEndpointError(reply.status, f"HTTP {reply.status}: {_short(reply.text)}; "
+                                     "check --base-url, --model and the request settings")
+        try:
+            data = json.loads(reply.text)
+        except ValueError:
+            raise TransportError("malformed", "the reply is not valid JSON", reply.status) from None
+        try:
+            return self.parse(data)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise TransportError("malformed", f"no answer in the reply ({type(exc).__name__})",
+                                 reply.status) from None
+
+    async def _attempt(self, request: Request) -> Answer:
+        try:
+            async with asyncio.timeout(self.request_timeout + 1.0):  # a guard over the client's own
+                reply = await self.transmit(request)
+        except TimeoutError:
+            raise TransportError("timeout", f"no reply within {self.request_timeout:g} s") from None
+        return self._check(reply)
+
+    async def call(self, request: Request, deadline: float | None = None) -> CallResult:
+        """Send one request until it succeeds, fails for good, or the retries run out."""
+        start = time.monotonic()
+        reasons: list[str] = []
+        attempts = 0
+
+        def note(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            reasons.append(getattr(exc, "kind", type(exc).__name__))
+            log.debug("retrying after %s (attempt %d)", reasons[-1], state.attempt_number)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransportError),
+            stop=stop_after_attempt(self.max_retries + 1) | _StopAtDeadline(deadline),
+            wait=_WaitHonouringRetryAfter(self.initial_backoff, self.max_backoff),
+            before_sleep=note, reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    answer = await self._attempt(request)
+        except TransportError as exc:
+            error = {"kind": exc.kind, "status": exc.status, "message": str(exc)}
+            return CallResult(None, error, time.monotonic() - start, attempts, reasons)
+        return CallResult(answer, None, time.monotonic() - start, attempts, reasons)
+
+    # --- many calls, bounded concurrency ------------------------------------------------
+    async def run_all(self, jobs: Sequence[Any], request_of: Callable[[Any], Request | None],
+                      on_result: Callable[[Any, Request | None, CallResult], Awaitable[None] | None],
+                      deadline: float | None = None,
+                      tolerate: Callable[[Any, FatalEndpointError], bool] | None = None) -> None:
+        """Run every job with at most `concurrency` in flight; `on_result` sees each result as it
+        completes. `request_of` may return None to skip a job. A FatalEndpointError stops the
+        run (raised after the workers are cancelled) unless `tolerate(job, error)` says it only
+        concerns that job. Once the deadline passes no new job starts and RunDeadline is raised;
+        calls cut short by it are not reported (they stay pending for a resume)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+
+        async def report(job: Any, request: Request | None, result: CallResult) -> None:
+            outcome = on_result(job, request, result)
+            if asyncio.iscoroutine(outcome):
+                await outcome
+
+        async def worker() -> None:
+            while True:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RunDeadline()
+                request = request_of(job)
+                if request is None:
+                    continue
+                try:
+                    result = await self.call(request, deadline)
+                except FatalEndpointError as exc:
+                    error = {"kind": "fatal", "status": exc.status, "message": str(exc)}
+                    await report(job, request, CallResult(None, error, 0.0, 1, []))
+                    if tolerate is not None and tolerate(job, exc):
+                        continue
+                    raise
+                if deadline is not None and not result.ok and time.monotonic() >= deadline:
+                    raise RunDeadline()
+                await report(job, request, result)
+
+        if not jobs:
+            return
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(jobs)))]
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            async with asyncio.timeout(remaining):
+                done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+        except TimeoutError:
+            raise RunDeadline() from None
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)

@@ -1,0 +1,418 @@
+"""`run_audit(cfg)`: probe an endpoint with fingerprint keys and turn the answers into a verdict.
+
+Flow: load the set -> fix the plan and the decision rule (plan.json, before any request) ->
+reserve the keys in the endpoint's ledger -> send every probe not yet answered (bounded
+concurrency, retries; each finished call appended to evidence.jsonl) -> apply the rule to the
+latest record of every probe -> report.json / report.md / report.html.
+
+The audit folder is the unit of resumption: rerunning the same command (or `run_audit` with the
+same config) continues it, sending only the probes that have no answer yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clients import decision
+from clients.adapters import FatalEndpointError, RunDeadline, make_adapter
+from clients.answers import Redactor, kind_of, match
+from clients.config import AuditConfig, layer_list, validate_audit
+from clients.evidence_log import EvidenceLog
+from clients.ledger import KeyLedger, endpoint_identity
+from clients.probes import Probe, plan_probes
+from clients.report import verdict_words, write_reports
+from oml_core import progress
+from oml_core.errors import OMLInputError
+from oml_core.evidence import laplace_rate
+from oml_core.files import atomic_write_json, oml_home
+from oml_core.fingerprints import Fingerprint, FingerprintSet, load_fingerprints
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+# Settings that change what is sent or how it is judged; the rest (concurrency, timeouts,
+# retries, where the folder is) may differ between a run and its resume.
+_IDENTITY_FIELDS = ("adapter", "request_template", "answer_path", "max_keys", "reuse_keys", "layers",
+                    "num_system_prompts", "sampled_layers", "temperatures", "samples", "seed",
+                    "send_seed", "max_tokens", "match", "json_fields", "alpha", "null_rate",
+                    "null_file", "dialect", "agent_native_tools")
+# Statuses that mean "this route does not exist here" for the raw (completions) layer: the
+# layer is dropped for the rest of the run instead of stopping the audit.
+_ROUTE_MISSING = (400, 404, 405, 501)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def set_digest(fset: FingerprintSet) -> str:
+    """Content hash of the pairs (not the file), so a re-saved set keeps its identity."""
+    pairs = [[fp.id, fp.key, fp.response] for fp in fset.fingerprints]
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def measured_null_rates(path: str | None) -> tuple[float, dict[str, float]] | None:
+    """The pooled per-probe null rate and any per-key rates from --null-file.
+
+    Reads the measured null-rate file (`"format": "oml-null-rates"`: top-level `null_rate`,
+    optional `per_key` {id: {"rate"}}) or a plain {"null_rate": q} / {"matched": k, "total": n}.
+    """
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise OMLInputError(f"--null-file {path}: cannot read it as JSON; pass a null-rate file "
+                            "or {\"null_rate\": q}") from None
+
+    def rate(value) -> float | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+        return float(value) if ok else None
+
+    if isinstance(data, dict):
+        pooled = rate(data.get("null_rate"))
+        k, n = data.get("matched"), data.get("total")
+        if pooled is None and isinstance(k, int) and isinstance(n, int) and 0 <= k <= n:
+            pooled = laplace_rate(k, n)
+        per_key = {}
+        for fp_id, entry in (data.get("per_key") or {}).items():
+            value = rate(entry.get("rate")) if isinstance(entry, dict) else None
+            if value is None:
+                pooled = None
+                break
+            per_key[str(fp_id)] = value
+        if pooled is not None:
+            return pooled, per_key
+    raise OMLInputError(f"--null-file {path}: expected a null-rate file with \"null_rate\" in [0, 1] "
+                        "(or {\"matched\": k, \"total\": n}); fix or re-measure it")
+
+
+def settings_id(cfg: AuditConfig, set_sha: str) -> str:
+    identity = {"endpoint": endpoint_identity(cfg.base_url), "model": cfg.model, "set": set_sha,
+                **{name: getattr(cfg, name) for name in _IDENTITY_FIELDS}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _provenance() -> dict:
+    """Versions that produced the report (cheap: no torch import)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("oml", "openai", "httpx", "tenacity"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "platform": platform.platform()}
+
+
+def _public_config(cfg: AuditConfig) -> dict:
+    data = asdict(cfg)
+    data["header"] = [h.split(":", 1)[0].strip() + ": ⟦not recorded⟧" for h in cfg.header]
+    return data
+
+
+class _Audit:
+    """One audit's state while it runs (kept out of run_audit for readability)."""
+
+    def __init__(self, cfg: AuditConfig):
+        validate_audit(cfg)
+        self.cfg = cfg
+        self.started = time.monotonic()
+        self.fset = load_fingerprints(cfg.fingerprints)
+        self.set_sha = set_digest(self.fset)
+        self.measured = measured_null_rates(cfg.null_file)
+        self.layers = layer_list(cfg)
+        self.settings_id = settings_id(cfg, self.set_sha)
+        self.folder = Path(cfg.out).expanduser() if cfg.out else oml_home() / "audits" / self.settings_id
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OMLInputError(f"--out {self.folder} is a file; pass a folder")
+        self.ledger = KeyLedger(cfg.base_url)
+        self.notes: list[str] = []
+        self.disabled: dict[str, str] = {}
+        self.calls = 0
+        self.requests = 0
+
+    # --- plan -----------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Fix the keys, probes and decision rule before the first request (or reload them)."""
+        path = self.folder / "plan.json"
+        by_id = {fp.id: fp for fp in self.fset.fingerprints}
+        if path.exists():
+            plan = json.loads(path.read_text(encoding="utf-8"))
+            if plan.get("settings_id") != self.settings_id:
+                raise OMLInputError(
+                    f"{self.folder} holds an audit with other settings (endpoint, model, set or "
+                    "probe/decision settings differ); rerun it with its own settings or pass "
+                    "another --out")
+            missing = [i for i in plan["fingerprint_ids"] if i not in by_id]
+            if missing:
+                raise OMLInputError(f"{self.folder}: the plan names fingerprints not in this set; "
+                                    "pass the set the audit started with")
+            self.resumed = True
+        else:
+            chosen, passed_over = self.ledger.select(self.fset.fingerprints, self.cfg.max_keys,
+                                                     self.cfg.reuse_keys)
+            plan = {"format": "oml-audit-plan", "version": PLAN_VERSION, "created": _now(),
+                    "settings_id": self.settings_id,
+                    "audit_id": f"{self.settings_id}-{secrets.token_hex(4)}",
+                    "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
+                    "set_sha256": self.set_sha, "fingerprint_ids": [fp.id for fp in chosen],
+                    "keys_passed_over": passed_over, "config": _public_config(self.cfg)}
+            self.resumed = False
+        self.plan_data = plan
+        self.chosen: list[Fingerprint] = [by_id[i] for i in plan["fingerprint_ids"]]
+        self.adapter = make_adapter(self.cfg)
+        probes = plan_probes(self.cfg, [fp.id for fp in self.chosen])
+        self.probes: list[Probe] = []
+        skipped: Counter = Counter()
+        for probe in probes:
+            reason = self.adapter.unsupported(probe.prompt("?"), probe.sampling)
+            if reason:
+                skipped[(probe.layer, probe.temperature > 0, reason)] += 1
+            else:
+                self.probes.append(probe)
+        for (layer, sampled, reason), count in sorted(skipped.items()):
+            self.notes.append(f"{layer} layer{' (sampled)' if sampled else ''}: {count} probe(s) not "
+                              f"sent: {reason}")
+        self.skipped = sum(skipped.values())
+        self.tested_layers = [layer for layer in self.layers
+                              if any(p.layer == layer for p in self.probes)]
+        if not self.tested_layers:
+            raise OMLInputError("no probe layer can be sent with this adapter and template; "
+                                "choose other --layers")
+        rates, sources = decision.base_rates([fp.response_prob for fp in self.chosen])
+        self.key_rates = {fp.id: rate for fp, rate in zip(self.chosen, rates)}
+        self.null_source = decision.null_source(self.cfg, sources, self.measured is not None)
+        self.measured_rates = None
+        if self.measured is not None:
+            pooled, per_key = self.measured
+            self.measured_rates = {fp.id: per_key.get(fp.id, pooled) for fp in self.chosen}
+        self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
+        if not path.exists():
+            plan.update(tests=decision.family_of(self.tested_layers), rule=self.rule,
+                        alpha=self.cfg.alpha, probes_planned=len(self.probes),
+                        probes_not_sendable=self.skipped)
+            atomic_write_json(path, plan)  # the rule is on disk before any key leaves
+        self.ledger.reserve(self.chosen, plan["audit_id"])
+        secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
+        self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
+                                 self.cfg.reveal_keys)
+        self.by_id = {fp.id: fp for fp in self.chosen}
+
+    # --- probing --------------------------------------------------------------------------
+    def disable_raw(self, status: int) -> None:
+        """The endpoint has no completions route: send no more raw probes (they are counted
+        as not sendable, not as pending)."""
+        if "raw" not in self.disabled:
+            self.disabled["raw"] = f"HTTP {status} on the completions route"
+            self.notes.append(f"raw layer: stopped after HTTP {status} from the completions "
+                              "endpoint (the endpoint has none)")
+
+    def pending(self, latest: dict[str, dict]) -> list[Probe]:
+        """Probes without an answer yet; a recorded missing completions route disables raw."""
+        for rec in latest.values():
+            error = rec.get("error") or {}
+            if (rec.get("layer") == "raw" and error.get("kind") == "fatal"
+                    and error.get("status") in _ROUTE_MISSING):
+                self.disable_raw(error["status"])
+        return [p for p in self.probes if latest.get(p.id, {}).get("status") != "ok"
+                and p.layer not in self.disabled]
+
+    def _status(self, state: str, **extra) -> None:
+        atomic_write_json(self.folder / "status.json",
+                          {"state": state, "updated": _now(), "audit_id": self.plan_data["audit_id"],
+                           **extra})
+
+    def _request(self, probe: Probe):
+        if probe.layer in self.disabled:
+            return None
+        return self.adapter.build_request(probe.prompt(self.by_id[probe.fingerprint_id].key),
+                                          probe.sampling)
+
+    def _record(self, probe: Probe, result) -> dict:
+        fp = self.by_id[probe.fingerprint_id]
+        shown_key = fp.key if self.cfg.reveal_keys else f"⟦key {fp.id}⟧"
+        described = self.adapter.build_request(probe.prompt(shown_key), probe.sampling)
+        record = {"probe": probe.id, "fingerprint_id": fp.id, "layer": probe.layer,
+                  "variant": probe.variant, "temperature": probe.temperature,
+                  "sample": probe.sample, "seed": probe.seed, "route": described.route,
+                  "request": self.redactor.value(described.body),
+                  "status": "ok" if result.ok else "error",
+                  "latency_s": round(result.latency_s, 4), "attempts": result.attempts,
+                  "retries": max(0, result.attempts - 1), "retry_reasons": result.retry_reasons,
+                  "finished": _now()}
+        if result.ok:
+            answer = result.answer
+            fields = self.cfg.json_fields if probe.layer == "agent" else 0
+            found = match(answer, fp.response, self.cfg.match, fields)
+            record.update(
+                answer=self.redactor.text(answer.text), answer_kind=kind_of(answer),
+                tool_calls=self.redactor.value(answer.tool_calls),
+                finish_reason=answer.finish_reason,
+                refusal=self.redactor.text(answer.refusal), usage=answer.usage,
+                reply=self.redactor.value(answer.meta), match=found["hit"],
+                match_detail=found,
+                answer_sha256=hashlib.sha256(answer.text.encode("utf-8")).hexdigest())
+        else:
+            error = dict(result.error)
+            error["message"] = self.redactor.text(error.get("message") or "")
+            record.update(error=error, match=None)
+        return record
+
+    async def probe_all(self, pending: list[Probe]) -> str:
+        cfg = self.cfg
+        deadline = None if cfg.run_timeout is None else self.started + cfg.run_timeout
+        state = "complete"
+        with EvidenceLog(self.folder / "evidence.jsonl") as evidence, \
+                progress.bar("audit probes", len(pending)) as advance:
+            def on_result(probe: Probe, request, result) -> None:
+                if request is None:
+                    return
+                evidence.append(self._record(probe, result))
+                self.calls += 1
+                self.requests += result.attempts
+                advance(1)
+
+            def tolerate(probe: Probe, exc: FatalEndpointError) -> bool:
+                if probe.layer == "raw" and exc.status in _ROUTE_MISSING:
+                    if "raw" not in self.disabled:
+                        self.disabled["raw"] = f"HTTP {exc.status} on the completions route"
+                        self.notes.append(f"raw layer: stopped after HTTP {exc.status} from the "
+                                          "completions endpoint (the endpoint has none)")
+                    return True
+                return False
+
+            try:
+                await self.adapter.run_all(pending, self._request, on_result, deadline=deadline,
+                                           tolerate=tolerate)
+            except RunDeadline:
+                state = "incomplete"
+                self.notes.append(f"stopped at the run timeout ({cfg.run_timeout:g} s); rerun to "
+                                  "finish the remaining probes")
+            finally:
+                await self.adapter.aclose()
+        return state
+
+    # --- verdict ----------------------------------------------------------------------------
+    def summarize(self, state: str) -> dict:
+        latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
+        planned = {p.id: p for p in self.probes}
+        outcomes = []
+        layers: dict[str, dict] = {}
+        key_hits: dict[str, dict[str, bool]] = defaultdict(dict)
+        unsent = refused = 0  # probes of a layer the endpoint turned out not to have
+        for layer in self.tested_layers:
+            layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
+                             "pending": 0, "answer_kinds": Counter(), "by_temperature": {},
+                             "variants": {}}
+        for pid, probe in planned.items():
+            row = layers[probe.layer]
+            rec = latest.get(pid)
+            if rec is None:
+                if probe.layer in self.disabled:
+                    unsent += 1
+                else:
+                    row["pending"] += 1
+                continue
+            if rec["status"] != "ok":
+                row["errors"] += 1
+                if probe.layer in self.disabled:
+                    refused += 1
+                outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
+                                 "temperature": probe.temperature, "status": "error", "hit": False})
+                continue
+            hit = bool(rec["match"])
+            outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
+                             "temperature": probe.temperature, "status": "ok", "hit": hit})
+            row["probes"] += 1
+            row["hits"] += hit
+            row["answer_kinds"][rec.get("answer_kind", "text")] += 1
+            for group, name in (("by_temperature", f"{probe.temperature:g}"),
+                                ("variants", probe.variant)):
+                cell = row[group].setdefault(name, {"hits": 0, "probes": 0})
+                cell["hits"] += hit
+                cell["probes"] += 1
+            key_hits[probe.layer][probe.fingerprint_id] = (
+                key_hits[probe.layer].get(probe.fingerprint_id, False) or hit)
+        for layer, row in layers.items():
+            row["matched"] = sum(key_hits[layer].values())
+            row["total"] = len(key_hits[layer])
+            row["answer_kinds"] = dict(row["answer_kinds"])
+        verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
+                                    self.measured_rates, self.null_source)
+        pending = sum(r["pending"] + r["errors"] for r in layers.values()) - refused
+        if pending and state == "complete":
+            state = "incomplete"
+        top = verdict["tests"][decision.ANY if decision.ANY in verdict["tests"] else self.tested_layers[0]]
+        try:
+            root = self.fset.manifest()["root"]
+        except OMLInputError:
+            root = None  # a seed-format set without salts has no commitment
+        summary = {
+            "verdict": verdict["verdict"], "p_value": verdict["p_value"],
+            "matched": top["matched"], "total": top["total"],
+            "layers": layers, "decision": verdict, "rule": self.rule, "alpha": self.cfg.alpha,
+            "state": state, "incomplete": state != "complete", "pending": pending,
+            "audit_id": self.plan_data["audit_id"], "folder": str(self.folder),
+            "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
+            "adapter": self.cfg.adapter, "set_sha256": self.set_sha, "commitment_root": root,
+            "keys_probed": len(self.chosen), "key_budget": self.cfg.max_keys,
+            "keys_passed_over": self.plan_data.get("keys_passed_over", 0),
+            "fingerprint_ids": [fp.id for fp in self.chosen], "ledger": str(self.ledger.path),
+            "probes_planned": len(self.probes),
+            "probes_done": sum(r["probes"] for r in layers.values()),
+            "probes_failed": sum(r["errors"] for r in layers.values()),
+            "probes_skipped": self.skipped + unsent + refused, "calls_this_run": self.calls,
+            "requests_this_run": self.requests, "resumed": self.resumed,
+            "notes": self.notes, "finished": _now(),
+            "seconds_this_run": round(time.monotonic() - self.started, 3),
+            "config": _public_config(self.cfg), "provenance": _provenance(),
+        }
+        if self.cfg.reveal_keys:
+            summary["revealed"] = [{"id": fp.id, "key": fp.key, "response": fp.response}
+                                   for fp in self.chosen]
+        summary["verdict_words"] = verdict_words(summary)
+        summary["reports"] = write_reports(self.folder, summary)
+        return summary
+
+
+async def run_audit_async(cfg: AuditConfig) -> dict:
+    """The audit as a coroutine (for callers that already run an event loop)."""
+    audit = _Audit(cfg)
+    audit.plan()
+    latest = EvidenceLog(audit.folder / "evidence.jsonl").latest()
+    pending = audit.pending(latest)
+    reused = sum(1 for p in audit.probes if latest.get(p.id, {}).get("status") == "ok")
+    log.info("audit %s: %d probes on %d keys (%d answered earlier, %d to send); folder %s",
+             audit.plan_data["audit_id"], len(audit.probes), len(audit.chosen), reused,
+             len(pending), audit.folder)
+    audit._status("running", probes=len(audit.probes), pending=len(pending))
+    try:
+        state = await audit.probe_all(pending) if pending else "complete"
+    except FatalEndpointError as exc:
+        audit._status("aborted", reason=audit.redactor.text(str(exc)))
+        raise OMLInputError(f"the endpoint refused a request ({audit.redactor.text(str(exc))}); "
+                            f"stopped early, the evidence so far is in {audit.folder}") from None
+    except BaseException:
+        audit._status("interrupted", calls_this_run=audit.calls)
+        raise
+    summary = audit.summarize(state)
+    audit._status(summary["state"], verdict=summary["verdict"], calls_this_run=audit.calls)
+    return summary
+
+
+def run_audit(cfg: AuditConfig) -> dict:
+    """Run (or resume) an audit and return its summary (also written to report.json)."""
+    return asyncio.run(run_audit_async(cfg))

@@ -1,0 +1,71 @@
+"""`oml audit`: registered into the `oml` command through the `oml.commands` entry point group.
+
+Thin: flags come from AuditConfig, the work is `run_audit`, the result is printed (JSON with
+--json). Bad input exits 2 with one line; Ctrl-C exits 130 and leaves a folder that the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from clients.config import AuditConfig
+
+HELP = "probe a chat / OpenAI-compatible endpoint with fingerprint keys and report the evidence"
+
+
+def register(subparsers) -> None:
+    """Add `audit` to the `oml` subcommands (called by oml_core.cli.build_parser)."""
+    from oml_core.cli import _add_config_flags
+
+    parser = subparsers.add_parser("audit", help=HELP, description=HELP)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_config_flags(parser, AuditConfig)
+    parser.set_defaults(func=cmd_audit)
+
+
+def _result(summary: dict) -> dict:
+    """The printed result: the verdict numbers first, then where everything is."""
+    tests = summary["decision"]["tests"]
+    layers = {name: {**{k: row[k] for k in ("matched", "total", "hits", "probes", "errors")},
+                     "p_value": tests[name]["p_value"]}
+              for name, row in summary["layers"].items()}
+    keep = ("verdict", "p_value", "matched", "total", "alpha", "state", "pending", "audit_id",
+            "folder", "endpoint", "model", "keys_probed", "probes_planned", "probes_done",
+            "probes_failed", "probes_skipped", "calls_this_run", "requests_this_run", "notes",
+            "reports", "verdict_words")
+    return {"verdict": summary["verdict"], "layers": layers,
+            "deciding_test": summary["decision"]["deciding_test"],
+            **{k: summary[k] for k in keep}}
+
+
+def _human(summary: dict) -> str:
+    lines = [(f"verdict: {summary['verdict']} (p = {summary['p_value']:.3g}, alpha "
+             f"{summary['alpha']:g}); {summary['matched']}/{summary['total']} keys came back")]
+    for name, row in summary["layers"].items():
+        lines.append(f"  {name:<10} {row['matched']:>4}/{row['total']:<4} keys  "
+                     f"{row['hits']:>5}/{row['probes']:<5} probes  errors {row['errors']}")
+    lines += [f"  ({note})" for note in summary["notes"]]
+    lines.append(summary["verdict_words"])
+    lines.append(f"reports: {summary['reports']['html']} (evidence: {summary['folder']}/evidence.jsonl)")
+    return "\n".join(lines)
+
+
+def cmd_audit(args) -> int:
+    from clients.audit import run_audit
+    from oml_core import cli as oml_cli
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    for noisy in ("httpx", "httpx2", "openai", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = oml_cli._config(AuditConfig, args)
+    try:
+        summary = run_audit(cfg)
+    except KeyboardInterrupt:
+        print("oml audit: interrupted; every finished call is in evidence.jsonl - rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
+    oml_cli._emit(args, _result(summary), _human(summary))
+    return 0

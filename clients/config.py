@@ -1,0 +1,143 @@
+"""AuditConfig: every setting of an endpoint audit, with its default, help and range.
+
+The single source of defaults for `oml audit` (flags are built from these fields) and for the
+MCP audit tool's schema. `validate_audit` adds the cross-field checks that one field's range
+cannot express, each failing with one line naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from oml_core.config import setting, validate
+from oml_core.errors import OMLInputError
+
+LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
+ADAPTERS = ("openai", "http")
+MATCH_RULES = ("start", "anywhere")
+DIALECTS = ("openai", "transformers")
+
+
+@dataclass
+class AuditConfig:
+    """Audit one endpoint for the fingerprints of one set (SPEC §5, §7)."""
+
+    base_url: str | None = setting(
+        None, "endpoint base URL, e.g. https://api.example.com/v1 (OpenAI-compatible) or the full "
+              "URL of a raw HTTP chat endpoint (--adapter http)")
+    model: str | None = setting(None, "model name the endpoint expects")
+    fingerprints: str | None = setting(None, "fingerprint set whose keys are probed (ours or a seed "
+                                             "format); it stays on this machine")
+    adapter: str = setting(
+        "openai", "openai: chat + legacy completions through the openai SDK; http: any JSON chat "
+                  "API through --request-template and --answer-path", choices=ADAPTERS)
+    api_key_env: str = setting(
+        "OPENAI_API_KEY", "name of the environment variable holding the endpoint's API key (the key "
+                          "itself is never written anywhere)")
+    request_template: str | None = setting(
+        None, "http adapter: JSON request body (inline or a file path) with placeholders $KEY (the "
+              "user message), $SYSTEM, $MESSAGES, $MODEL, $TEMPERATURE, $MAX_TOKENS, $SEED")
+    header: list = setting(  # noqa: RUF009 - setting() copies a fresh list per instance
+        [], "http adapter: extra request header 'Name: value' (repeatable); $API_KEY in a value is "
+            "replaced by the key from --api-key-env at send time")
+    answer_path: str = setting(
+        "choices.0.message.content", "http adapter: dotted JSON path to the answer text in the reply")
+    max_keys: int = setting(16, "key budget: probe at most this many keys (each probe reveals its key "
+                                "to the endpoint)", low=1, high=100_000)
+    reuse_keys: bool = setting(
+        False, "allow keys the ledger says were already spent on this endpoint (default: fresh keys "
+               "only)")
+    layers: str = setting(
+        ",".join(LAYERS), "comma list of probe layers: raw (completions), user, system (held-out "
+                          "system prompts), embedded (key inside a longer message), multiturn, agent "
+                          "(tool-listing JSON system prompt)")
+    num_system_prompts: int = setting(4, "held-out system prompts used by the system layer",
+                                      low=1, high=12)
+    sampled_layers: str = setting(
+        "user", "comma list of layers also probed with sampling at --temperatures ('' for none)")
+    temperatures: str = setting("0.7,1.0", "sampling temperatures for the sampled layers")
+    samples: int = setting(3, "samples per key and temperature on the sampled layers", low=1, high=100)
+    seed: int = setting(0, "seed for the sampled probes (each probe gets its own derived seed)")
+    send_seed: bool = setting(True, "send a per-probe seed with sampled requests (endpoints that "
+                                    "take one become reproducible)")
+    max_tokens: int = setting(32, "tokens the endpoint may generate per answer", low=1, high=4096)
+    match: str = setting(
+        "start", "start: the response must begin the answer (or, in the agent layer, a JSON field "
+                 "or tool-call argument); anywhere: it may appear inside a longer answer (needs a "
+                 "measured null rate to be useful)", choices=MATCH_RULES)
+    json_fields: int = setting(3, "agent layer: JSON string fields / tool-call arguments checked "
+                                  "besides the answer start", low=0, high=32)
+    alpha: float = setting(1e-6, "false-positive level of the verdict, fixed before probing",
+                           low=1e-300, high=0.5)
+    null_rate: float | None = setting(
+        None, "per-probe null rate to use instead of the set's response_prob", low=0.0, high=1.0)
+    null_file: str | None = setting(
+        None, "JSON file with a measured null rate: {\"null_rate\": q} or {\"matched\": k, \"total\": n}")
+    concurrency: int = setting(8, "requests in flight at once", low=1, high=1024)
+    request_timeout: float = setting(60.0, "seconds one request may take before it is retried",
+                                     low=0.1, high=3600)
+    run_timeout: float | None = setting(
+        None, "seconds the whole audit may take; unfinished probes stay for a resume", low=1.0)
+    max_retries: int = setting(6, "retries per request on 429, 5xx, timeouts, dropped connections "
+                                  "and malformed replies", low=0, high=100)
+    max_backoff: float = setting(60.0, "longest single wait between retries, Retry-After included",
+                                 low=0.0, high=3600)
+    dialect: str = setting(
+        "openai", "server quirks: transformers (transformers serve) samples only when the request "
+                  "carries a generation_config", choices=DIALECTS)
+    agent_native_tools: bool = setting(
+        False, "agent layer: also send the tools as the API's `tools` field (not every endpoint "
+               "takes it)")
+    out: str | None = setting(None, "audit folder (evidence.jsonl, reports); default: "
+                                    "$OML_HOME/audits/<id>. Rerunning resumes it")
+    reveal_keys: bool = setting(
+        False, "write keys and responses into the evidence log and reports (default: fingerprint "
+               "ids only)")
+
+
+def _names(spec: str, allowed: tuple[str, ...], flag: str, allow_empty: bool = False) -> list[str]:
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or (not names and not allow_empty):
+        raise OMLInputError(f"{flag} {spec!r}: use a comma list of {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def layer_list(cfg: AuditConfig) -> list[str]:
+    return _names(cfg.layers, LAYERS, "--layers")
+
+
+def sampled_layer_list(cfg: AuditConfig) -> list[str]:
+    return _names(cfg.sampled_layers, LAYERS, "--sampled-layers", allow_empty=True)
+
+
+def temperature_list(cfg: AuditConfig) -> list[float]:
+    try:
+        temps = [float(t) for t in cfg.temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise OMLInputError(f"--temperatures {cfg.temperatures!r}: use a comma list of numbers, "
+                            "e.g. 0.7,1.0") from None
+    if any(not math.isfinite(t) or not 0.0 < t <= 2.0 for t in temps):
+        raise OMLInputError(f"--temperatures {cfg.temperatures!r}: each must be in (0, 2]")
+    return list(dict.fromkeys(temps))
+
+
+def validate_audit(cfg: AuditConfig) -> None:
+    """Field ranges (oml_core.config.validate) plus the checks across fields."""
+    validate(cfg)
+    for name in ("base_url", "model", "fingerprints"):
+        if not getattr(cfg, name):
+            raise OMLInputError(f"--{name.replace('_', '-')} is required")
+    if not cfg.base_url.startswith(("http://", "https://")):
+        raise OMLInputError(f"--base-url {cfg.base_url!r} must start with http:// or https://")
+    if cfg.null_rate is not None and cfg.null_file:
+        raise OMLInputError("pass either --null-rate or --null-file, not both")
+    if cfg.adapter == "http" and not cfg.request_template:
+        raise OMLInputError("--adapter http needs --request-template (a JSON body with $KEY)")
+    if not cfg.api_key_env.replace("_", "").isalnum():
+        raise OMLInputError(f"--api-key-env {cfg.api_key_env!r} must be an environment variable "
+                            "name (the key itself goes in that variable, never on the command line)")
+    layer_list(cfg)
+    sampled_layer_list(cfg)
+    temperature_list(cfg)

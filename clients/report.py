@@ -1,0 +1,142 @@
+"""Audit reports: report.json (everything), report.md and a self-contained report.html.
+
+The HTML page needs nothing but a browser: styles inline, the chart an inline SVG (keys that
+came back per layer), the verdict in plain words an auditor can hand to someone else. Keys and
+responses appear only when the audit ran with --reveal-keys.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from oml_core.files import atomic_write_json, atomic_write_text
+
+
+def verdict_words(summary: dict) -> str:
+    d = summary["decision"]
+    ep = f"{summary['endpoint']} (model {summary['model']!r})"
+    k, n = summary["matched"], summary["total"]
+    if summary["verdict"] == "match":
+        text = (f"The endpoint {ep} answered {k} of {n} secret fingerprint keys with the "
+                f"fingerprint's response. If it served a model that was never fingerprinted with "
+                f"this set, a result at least this strong would happen with probability at most "
+                f"{d['p_value']:.2g} (corrected for the {d['family_size']} tests tried), below the "
+                f"false-positive level {d['alpha']:g} fixed before probing. Conclusion: the "
+                f"endpoint serves a model carrying these fingerprints.")
+    else:
+        text = (f"The endpoint {ep} answered {k} of {n} secret fingerprint keys with the "
+                f"fingerprint's response. That is not enough to claim a match at the "
+                f"false-positive level {d['alpha']:g} (p = {d['p_value']:.2g}, corrected for the "
+                f"{d['family_size']} tests tried). This does not prove the model is unrelated: "
+                f"fingerprints can be removed by further training or suppressed by the host.")
+    if summary["incomplete"]:
+        text += (f" {summary['pending']} planned probe(s) did not complete (errors, timeouts or an "
+                 f"interruption); rerunning the same command finishes them without repeating the "
+                 f"others.")
+    return text
+
+
+def _layer_rows(summary: dict) -> list[tuple[str, dict]]:
+    return list(summary["layers"].items())
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """One row per layer (and the pooled test): the numbers behind the verdict."""
+    tests = summary["decision"]["tests"]
+    rows = []
+    for name, row in _layer_rows(summary):
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["answer_kinds"].items()))
+        p = tests.get(name, {}).get("p_value")
+        rows.append([name, str(row["matched"]), str(row["total"]), f"{row['hits']}/{row['probes']}",
+                     str(row["errors"]), kinds, "" if p is None else f"{p:.3g}"])
+    if "any" in tests:
+        t = tests["any"]
+        rows.append(["any layer", str(t["matched"]), str(t["total"]), "", "", "", f"{t['p_value']:.3g}"])
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    d = summary["decision"]
+    lines = [f"# Fingerprint audit of {summary['endpoint']}", "",
+             f"**Verdict: {summary['verdict']}** — p = {d['p_value']:.3g} (alpha {d['alpha']:g})", "",
+             verdict_words(summary), "",
+             ("| layer | keys matched | keys answered | probe hits / answers | errors | answer kinds "
+             "| p (uncorrected) |"), "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    lines += ["", f"Decision rule: {summary['rule']}", "",
+              (f"Null rates: {d['null_rate_source']}. Keys probed: {summary['keys_probed']} "
+              f"(budget {summary['key_budget']}; {summary['keys_passed_over']} already-spent keys "
+              f"passed over). Probes: {summary['probes_done']} answered, {summary['probes_failed']} "
+              f"failed, {summary['probes_skipped']} not sendable here."), ""]
+    for note in summary["notes"]:
+        lines.append(f"- {note}")
+    if summary.get("revealed"):
+        lines += ["", "## Revealed keys (--reveal-keys)", "", "| id | key | response |", "|---|---|---|"]
+        for fp in summary["revealed"]:
+            lines.append(f"| {fp['id']} | {fp['key']} | {fp['response']} |")
+    lines += ["", (f"Audit {summary['audit_id']}, fingerprint set {summary['set_sha256'][:16]}…, "
+                  f"{summary['finished']}; evidence: evidence.jsonl (one line per call)."), ""]
+    return "\n".join(lines)
+
+
+def _svg_chart(summary: dict) -> str:
+    rows = _layer_rows(summary)
+    if "any" in summary["decision"]["tests"]:
+        t = summary["decision"]["tests"]["any"]
+        rows.append(("any layer", {"matched": t["matched"], "total": t["total"]}))
+    bar_w, label_w, row_h = 360, 110, 28
+    height = row_h * len(rows) + 30
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 120}" '
+             f'height="{height}" role="img" aria-label="keys matched per layer">')]
+    for i, (name, row) in enumerate(rows):
+        y = 10 + i * row_h
+        total = max(row["total"], 1)
+        width = bar_w * row["matched"] / total
+        parts.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" font-size="13">'
+                     f'{html.escape(name)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{bar_w}" height="20" fill="#eee"/>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{width:.1f}" height="20" fill="#c0392b"/>')
+        parts.append(f'<text x="{label_w + bar_w + 8}" y="{y + 15}" font-size="13">'
+                     f'{row["matched"]} / {row["total"]} keys</text>')
+    parts.append(f'<text x="{label_w}" y="{height - 4}" font-size="11" fill="#555">keys whose '
+                 f'response came back, per probe layer</text></svg>')
+    return "".join(parts)
+
+
+def html_page(summary: dict) -> str:
+    color = "#c0392b" if summary["verdict"] == "match" else "#2c3e50"
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in table_rows(summary)]
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary["notes"])
+    d = summary["decision"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Fingerprint audit: {html.escape(summary['verdict'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
+.verdict{{border-left:6px solid {color};padding:0.6em 1em;background:#fafafa}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+.small{{color:#555;font-size:12px}}</style></head><body>
+<h1>Fingerprint audit of {html.escape(summary['endpoint'])}</h1>
+<div class="verdict"><h2>Verdict: {html.escape(summary['verdict'])}</h2>
+<p>{html.escape(verdict_words(summary))}</p>
+<p class="small">p = {d['p_value']:.3g}, false-positive level {d['alpha']:g}, deciding test:
+{html.escape(d['deciding_test'])}</p></div>
+<h3>Keys that came back, per layer</h3>
+{_svg_chart(summary)}
+<table><tr><th>layer</th><th>keys matched</th><th>keys answered</th><th>probe hits / answers</th>
+<th>errors</th><th>answer kinds</th><th>p (uncorrected)</th></tr>{''.join(rows)}</table>
+<h3>Decision rule (fixed before probing)</h3><p>{html.escape(summary['rule'])}</p>
+<ul>{notes}</ul>
+<p class="small">Audit {html.escape(summary['audit_id'])}; model {html.escape(str(summary['model']))};
+fingerprint set sha256 {html.escape(summary['set_sha256'])}; finished {html.escape(summary['finished'])};
+every call is in evidence.jsonl.</p>
+</body></html>
+"""
+
+
+def write_reports(folder: Path, summary: dict) -> dict[str, str]:
+    paths = {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html"}
+    atomic_write_json(paths["json"], summary)
+    atomic_write_text(paths["md"], markdown(summary))
+    atomic_write_text(paths["html"], html_page(summary))
+    return {k: str(v) for k, v in paths.items()}
