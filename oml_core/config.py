@@ -95,6 +95,9 @@ class VerifyConfig(ModelSettings):
     null_rate: float | None = setting(
         None, "per-key null rate to use instead of response_prob / measured rates", low=0.0,
         high=1.0)
+    null_file: str | None = setting(
+        None, "measured per-key null rates (null_rates.json from `oml eval --parts "
+              "false_positives`); each key's rate is union-bounded over the wrappers used here")
 
 
 @dataclass
@@ -147,6 +150,103 @@ class FingerprintConfig(ModelSettings):
     verify_after: bool = setting(True, "verify the result with held-out wrappers, the base "
                                        "model as null, and utility checks")
     report_to: str = setting("none", "experiment tracking: none, tensorboard, wandb")
+
+
+EVAL_PARTS = ("utility", "persistence", "false_positives", "robustness")
+PERSISTENCE_METHODS = ("full", "lora")
+ROBUSTNESS_ATTACKS = ("system_prompts", "sampling", "int8", "merge", "suppression")
+
+
+@dataclass
+class EvalConfig(ModelSettings):
+    """Measure a fingerprinted run against its base model (SPEC sections 7-8; docs/evaluation.md)."""
+
+    run: str | None = setting(None, "run folder made by `oml fingerprint` (model/, fingerprints.json, "
+                                    "run.json)")
+    model: str | None = setting(None, "base model to compare against; default: the base model the "
+                                      "run was trained from")
+    parts: str = setting(",".join(EVAL_PARTS), "comma list of parts to run: " + ", ".join(EVAL_PARTS))
+    out: str | None = setting(None, "report folder (eval.json, eval.md, eval.html, null_rates.json, "
+                                    "cache); default: RUN/eval")
+    force: bool = setting(False, "recompute the parts asked for even when a cached result of the same "
+                                 "inputs exists")
+    wrappers: str = setting("bare,chat,system", "comma list of wrappers keys are checked under: bare, "
+                                                "chat, system")
+    num_system_prompts: int = setting(4, "held-out system prompts the 'system' wrapper uses", low=1,
+                                      high=64)
+    match: str = setting("exact", "match rule: exact tokens, text prefix, contains, normalized",
+                         choices=MATCH_RULES)
+    batch_size: int = setting(32, "rows per model call", low=1, high=65536)
+    seed: int = setting(0, "seed for training data order, sampling and the random-init model")
+    # utility
+    perplexity_tokens: int = setting(4096, "utility: held-out documentation tokens for perplexity",
+                                     low=256, high=10_000_000)
+    lm_eval_tasks: str | None = setting(
+        None, "utility: comma list of lm-eval tasks to run on base and fingerprinted model (needs "
+              "`pip install lm-eval` and its task data; off by default)")
+    lm_eval_limit: int | None = setting(None, "utility: lm-eval examples per task (default: all)", low=1)
+    # persistence
+    persistence_methods: str = setting("full,lora", "persistence: comma list of benign fine-tunes "
+                                                    "(full, lora)")
+    persistence_steps: int = setting(50, "persistence: optimizer steps of benign fine-tuning",
+                                     low=1, high=1_000_000)
+    persistence_checks: int = setting(4, "persistence: how many times along the way to re-verify "
+                                         "(a retention curve)", low=1, high=100)
+    persistence_batch_size: int = setting(8, "persistence: rows per step", low=1, high=4096)
+    persistence_lr: float = setting(2e-5, "persistence: learning rate of the full fine-tune",
+                                    low=1e-9, high=1.0)
+    lora_lr: float = setting(2e-4, "persistence: learning rate of the LoRA fine-tune", low=1e-9,
+                             high=1.0)
+    lora_rank: int = setting(8, "persistence: LoRA rank (alpha = 2 x rank, all linear layers)",
+                             low=1, high=1024)
+    # false positives
+    null_models: str = setting(
+        "base,gemma-3-270m,random", "false positives: comma list of unrelated models to run the keys "
+        "on: base (the run's base), gemma-3-270m (from its PyPI packages), random (random init of "
+        "the same architecture), or model folders")
+    # robustness
+    attacks: str = setting(",".join(ROBUSTNESS_ATTACKS), "robustness: comma list of attacks: "
+                                                         + ", ".join(ROBUSTNESS_ATTACKS))
+    temperatures: str = setting("0.7,1.0", "robustness: sampling temperatures (comma list)")
+    samples: int = setting(5, "robustness: samples per key and temperature", low=1, high=1000)
+    merge_weight: float = setting(0.5, "robustness: weight of the base model in the merge "
+                                       "(merged = (1-w) * fingerprinted + w * base)", low=0.0, high=1.0)
+    suppress_threshold: float = setting(0.9, "robustness: suppression fires when the top token's "
+                                             "probability exceeds this", low=0.0, high=1.0)
+    suppress_top_k: int = setting(1, "robustness: tokens the suppression attack blocks when it fires",
+                                  low=1, high=1000)
+
+
+@dataclass
+class CapacityConfig(FingerprintConfig):
+    """Fingerprint N = sizes into one model each, with and without the regularizer, and plot
+    accuracy and utility against N. Training settings are `oml fingerprint`'s."""
+
+    out: str | None = setting(None, "folder for the sweep: the set, one run per N, capacity.json and "
+                                    "the report")
+    sizes: str = setting("16,64,256,1024", "comma list of fingerprint counts N")
+    regularizers: str = setting("0,0.75", "comma list of forgetting-regularizer strengths lambda to "
+                                          "compare (0 = without)")
+    strategy: str = setting("perinucleus", "how the sweep's set is generated when --fingerprints is "
+                                           "not given", choices=STRATEGIES + tuple(STRATEGY_ALIASES))
+    key_length: int = setting(16, "generated keys' length in tokens", low=1, high=1024)
+    response_length: int = setting(1, "generated responses' length in tokens", low=1, high=256)
+
+
+def parse_list(value: str, flag: str, allowed=None, kind=str) -> list:
+    """A comma list setting as values; one clear line when an entry is not allowed."""
+    items = [part.strip() for part in (value or "").split(",") if part.strip()]
+    if not items:
+        raise OMLInputError(f"{flag} is empty; pass a comma list")
+    out = []
+    for item in items:
+        if allowed is not None and item not in allowed:
+            raise OMLInputError(f"{flag}: {item!r} is not one of: {', '.join(allowed)}")
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise OMLInputError(f"{flag}: {item!r} is not a {kind.__name__}") from None
+    return list(dict.fromkeys(out))
 
 
 def validate(config) -> None:

@@ -262,7 +262,7 @@ def _key_null_rate(prob: float | None, measured: float | None) -> tuple[float, t
 
 def combine_null_rates(
     response_probs: Sequence[float | None] | None,
-    measured: float | None,
+    measured: float | Sequence[float] | None,
     given: float | None,
     n: int,
 ) -> tuple[list[float], str]:
@@ -270,16 +270,26 @@ def combine_null_rates(
 
     A user-given rate overrides everything. Otherwise each key takes the larger of its
     response probability and the measured rate (the conservative choice when both are known),
-    whichever one is known, or ASSUMED_NULL_RATE when neither is. The label joins the sources
-    used, e.g. "response_prob+measured" or "response_prob+assumed".
+    whichever one is known, or ASSUMED_NULL_RATE when neither is. `measured` is one rate for
+    every key or one per key (a measured null-rate file). The label joins the sources used,
+    e.g. "response_prob+measured" or "response_prob+assumed".
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise OMLInputError(f"number of keys must be a non-negative integer, got {n!r}")
     if given is not None:
         _check_user_rate(given, "given null rate", "pass a probability such as 0.01")
         return [float(given)] * n, "given"
-    if measured is not None:
+    per_key_measured: list[float | None] = [None] * n
+    if measured is not None and not isinstance(measured, Real):
+        per_key_measured = list(measured)
+        if len(per_key_measured) != n:
+            raise OMLInputError(f"got {len(per_key_measured)} measured null rates for {n} keys; "
+                                "re-run the null-rate measurement on this set")
+        for i, value in enumerate(per_key_measured):
+            _check_user_rate(value, f"measured null rate for key {i}", "re-run the null-rate measurement")
+    elif measured is not None:
         _check_user_rate(measured, "measured null rate", "re-run the null-rate measurement")
+        per_key_measured = [measured] * n
     probs: Sequence[float | None] = [None] * n if response_probs is None else response_probs
     if len(probs) != n:
         raise OMLInputError(
@@ -290,7 +300,7 @@ def combine_null_rates(
     for i, prob in enumerate(probs):
         if prob is not None:
             _check_user_rate(prob, f"response_prob for key {i}", "regenerate the fingerprints")
-        rate, sources = _key_null_rate(prob, measured)
+        rate, sources = _key_null_rate(prob, per_key_measured[i])
         rates.append(float(rate))
         used.update(sources)
     if not used:  # n == 0: name what was supplied

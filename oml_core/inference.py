@@ -89,7 +89,7 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 
 def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
            batch_size: int, *, progress: Progress | None = None,
-           stop_at_eos: bool = True) -> list[list[int]]:
+           stop_at_eos: bool = True, adjust_logits: Callable | None = None) -> list[list[int]]:
     """Greedy continuation of every prompt, in input order; our own decoding loop.
 
     Faster than `generate` for verification-shaped work: prompts are sorted
@@ -97,6 +97,8 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
     prompt), which is run once and its KV cache shared by every row; only each row's own
     suffix is computed per row. Only the last position's logits are computed, and a batch
     stops as soon as every row has produced its own `max_new_tokens` (or EOS).
+    `adjust_logits` ([rows, vocab] -> [rows, vocab]) rewrites each step's logits before the
+    argmax (a decoding-time intervention, e.g. the suppression attack in evaluate/robustness).
     """
     import torch
     from transformers import DynamicCache
@@ -130,7 +132,8 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
             for step in range(steps):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                cache=cache, use_cache=True, logits_to_keep=1).logits
-                token = logits[:, -1, :].argmax(-1)
+                last = logits[:, -1, :]
+                token = (adjust_logits(last) if adjust_logits else last).argmax(-1)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 generated[:, step] = token
                 done = done | (step + 1 >= row_limits) | torch.isin(token, eos_ids)

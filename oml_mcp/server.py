@@ -300,6 +300,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                       fingerprints=str(ws.path(values["fingerprints"], "fingerprints")),
                       null_model=[ws.model(m, "null_model") or "bundled"
                                   for m in values.get("null_model") or []])
+        if values.get("null_file"):
+            values["null_file"] = str(ws.path(values["null_file"], "null_file"))
         cfg = _config_from(VerifyConfig, values)
         from oml_core.verify import verify
 

@@ -232,6 +232,8 @@ def test_paths_outside_the_workspace_are_refused(app, ws, tmp_path, fp_set):
     for path, needles in cases.items():
         for tool in ("show_commitment", "verify_model"):
             err(app, tool, {"fingerprints": path}, *needles, str(ws.home))
+    err(app, "verify_model", {"fingerprints": fp_set["path"], "null_file": str(outside / "set.json")},
+        "outside the workspace")
     err(app, "list_fingerprint_sets", {"folder": "link-out"}, "symlink")
     err(app, "reveal_fingerprint", {"fingerprints": "link-out/set.json", "fingerprint_id": "fp-00000",
                                     "confirm_reveal": True}, "symlink")

@@ -135,3 +135,54 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
         "near_miss_keys": near,
         **first_token_shift(tuned, base, chat, batch_size),
     }
+
+
+# --- the `oml eval` utility part ---------------------------------------------------------
+SETTINGS = ("wrappers", "num_system_prompts", "match", "batch_size", "perplexity_tokens",
+            "lm_eval_tasks", "lm_eval_limit")
+
+
+def run_part(ctx) -> dict:
+    """Utility and specificity, base vs fingerprinted: the off-key comparison above, the
+    fingerprint accuracy per wrapper on both models, and (when asked) lm-eval tasks."""
+    cfg = ctx.cfg
+    tuned, base = ctx.tuned(), ctx.base()
+    behaviour = compare_behaviour(tuned, base, ctx.fset, ctx.chat, cfg.batch_size, cfg.perplexity_tokens)
+    accuracy = {}
+    for name, loaded in (("fingerprinted", tuned), ("base", base)):
+        wrappers, notes = ctx.wrappers(loaded)
+        check = ctx.check(loaded, wrappers, desc=f"accuracy ({name})")
+        accuracy[name] = {k: v for k, v in check.items() if k != "hit_ids"} | {"skipped_wrappers": notes}
+    result = {"behaviour": behaviour, "accuracy": accuracy}
+    if cfg.lm_eval_tasks:
+        result["lm_eval"] = lm_eval_scores({"fingerprinted": str(ctx.model_dir), "base": ctx.base_path},
+                                           cfg.lm_eval_tasks, cfg.lm_eval_limit, ctx.device,
+                                           cfg.batch_size)
+    return result
+
+
+def lm_eval_scores(models: dict[str, str], tasks: str, limit: int | None, device: str,
+                   batch_size: int) -> dict:
+    """Optional hook: run lm-evaluation-harness tasks on each model folder.
+
+    Needs `pip install lm-eval` and the tasks' data (a download, or a local cache prepared by
+    the user); without them this returns a note instead of numbers, and nothing fails.
+    """
+    try:
+        import lm_eval
+    except ImportError:
+        return {"skipped": "lm-eval is not installed; `pip install lm-eval` (and make its task data "
+                           "available) to run these tasks"}
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    scores: dict = {"tasks": names, "limit": limit}
+    for label, path in models.items():
+        try:
+            out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": path, "device": device},
+                                          tasks=names, limit=limit, batch_size=batch_size)
+        except Exception as exc:  # noqa: BLE001 - a missing task/dataset must not sink the report
+            return {"skipped": f"lm-eval failed on {label}: {type(exc).__name__} (task data missing "
+                               "offline?)"}
+        scores[label] = {task: {metric: value for metric, value in metrics.items()
+                                if isinstance(value, (int, float))}
+                         for task, metrics in (out or {}).get("results", {}).items()}
+    return scores

@@ -27,8 +27,10 @@ LOOSE_RULES = ("contains", "normalized")  # response_prob says nothing about the
 
 def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper], rule: str,
                max_new_tokens: int | None = None, batch_size: int = 64,
-               desc: str = "verify") -> list[list[bool]]:
-    """hits[i][w]: did fingerprint i come back under wrapper w (one batched pass)."""
+               desc: str = "verify", adjust_logits=None) -> list[list[bool]]:
+    """hits[i][w]: did fingerprint i come back under wrapper w (one batched pass).
+
+    `adjust_logits` is handed to `inference.greedy` (a decoding-time intervention)."""
     tokenizer = loaded.tokenizer
     response_ids = [tokenizer(fp.response, add_special_tokens=False)["input_ids"]
                     for fp in fset.fingerprints]
@@ -40,7 +42,8 @@ def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper
         limits = [max_new_tokens] * (len(response_ids) * width)
     prompts = [w.render(tokenizer, fp.key) for fp in fset.fingerprints for w in wrappers]
     with progress.bar(desc, len(prompts)) as advance:
-        outputs = greedy(loaded, prompts, limits, batch_size, progress=advance)
+        outputs = greedy(loaded, prompts, limits, batch_size, progress=advance,
+                         adjust_logits=adjust_logits)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return [[is_match(rule, outputs[i * width + w], texts[i * width + w], fp.response,
                       response_ids[i]) for w in range(width)]
@@ -74,6 +77,19 @@ def _measure_null(cfg: VerifyConfig, fset: FingerprintSet, preloaded: list[Loade
     return (evidence.laplace_rate(hits, trials) if trials else None), reports
 
 
+def _rates_from_file(cfg: VerifyConfig, fset: FingerprintSet, num_wrappers: int,
+                     measured_now: float | None) -> list[float]:
+    """Per-key rates from a measured null-rate file: its per-probe rate union-bounded over this
+    check's wrappers, and never below a rate measured on null models in this same call."""
+    from oml_core.null_rates import load_null_rates
+
+    table = load_null_rates(cfg.null_file)
+    table.check_applies(cfg.match, fset)
+    rates = [evidence.union_bound_rate(table.probe_rate(fp.id), num_wrappers)
+             for fp in fset.fingerprints]
+    return [max(r, measured_now) for r in rates] if measured_now is not None else rates
+
+
 def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
            fset: FingerprintSet | None = None, null_models: list[LoadedModel] = ()) -> dict:
     """Verify a model against a fingerprint set; returns a JSON-ready report without secrets.
@@ -94,6 +110,8 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
                             "add 'bare' to --wrappers")
     hits = check_keys(loaded, fset, wrappers, cfg.match, cfg.max_new_tokens, cfg.batch_size)
     measured, null_reports = _measure_null(cfg, fset, null_models)
+    if cfg.null_file and cfg.null_rate is None:
+        measured = _rates_from_file(cfg, fset, len(wrappers), measured)
 
     # response_prob is a one-wrapper, exact-token chance: union-bound it over the wrappers.
     probs = None

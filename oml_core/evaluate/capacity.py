@@ -1,0 +1,166 @@
+"""`oml eval capacity`: how many fingerprints fit, and what they cost, as N grows.
+
+One fingerprint set of max(N) pairs is generated (or given); for each N the first N pairs are
+fingerprinted into a fresh copy of the base model with `oml fingerprint`'s trainer and
+settings, and verified with the held-out wrappers and the utility checks the trainer runs
+after training. The regularizer (weight averaging with the base) is applied once to the final
+weights by the trainer, so a run "with the regularizer at lambda" is exactly the lambda = 0
+run's weights averaged with the base: it is derived from that run instead of retraining
+(same formula, same code: `oml_core.train.trainer._finish_model`), then evaluated the same way.
+
+Every training run is a content-keyed run folder, so an interrupted or repeated sweep reuses
+what already finished; derived runs are keyed by their source run and lambda.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from oml_core.config import (
+    CapacityConfig,
+    FingerprintConfig,
+    GenerateConfig,
+    parse_list,
+    validate,
+)
+from oml_core.errors import OMLInputError
+from oml_core.files import atomic_write_json
+from oml_core.fingerprints import load_fingerprints
+from oml_core.runs import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _sweep_set(cfg: CapacityConfig, out: Path, count: int) -> Path:
+    """The sweep's fingerprint set: the given file, or one generated once into OUT."""
+    if cfg.fingerprints:
+        return Path(cfg.fingerprints).expanduser()
+    from oml_core.generate import generate_set
+
+    gen = GenerateConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, strategy=cfg.strategy,
+                         num_fingerprints=count, key_length=cfg.key_length,
+                         response_length=cfg.response_length, seed=cfg.seed)
+    settings = {k: v for k, v in asdict(gen).items() if k not in ("out", "device")}
+    path, stamp = out / "fingerprints.json", out / "generation.json"
+    try:
+        if json.loads(stamp.read_text()) == settings and path.exists():
+            return path
+    except (OSError, ValueError):
+        pass
+    validate(gen)
+    generate_set(gen).save(path)
+    atomic_write_json(stamp, settings)
+    return path
+
+
+def _point(n: int, lam: float, metrics: dict, run_dir: Path, source: dict | None = None) -> dict:
+    v, u = metrics.get("verification") or {}, metrics.get("utility") or {}
+    source = source or metrics
+    return {
+        "n": n, "regularizer": lam, "run_dir": str(run_dir),
+        "matched": v.get("matched"), "total": v.get("total"),
+        "accuracy": v["matched"] / v["total"] if v.get("total") else 0.0,
+        "wrappers": {w: r["matched"] / r["total"] for w, r in (v.get("wrappers") or {}).items()},
+        "verdict": v.get("verdict"),
+        "perplexity_change": u.get("perplexity_change"),
+        "first_token_agreement": u.get("first_token_agreement"),
+        "first_token_kl": u.get("first_token_kl"),
+        "leaks": u.get("answers_starting_with_a_fingerprint_response"),
+        "steps": source.get("steps"), "memorised_at_step": source.get("memorised_at_step"),
+        "train_seconds": source.get("train_seconds"),
+    }
+
+
+def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: FingerprintConfig) -> dict:
+    """Metrics of the lambda-averaged copy of a finished lambda = 0 run (derived once, cached)."""
+    from oml_core.evaluate.after_training import evaluate_run
+    from oml_core.models import load_tokenizer
+    from oml_core.train.trainer import _finish_model
+
+    source = RunFolder(run_dir).read_json("run.json") or {}
+    key = hashlib.sha256(json.dumps({"source": source.get("run_key"), "lambda": lam},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    existing = RunFolder(folder).read_json("metrics.json")
+    if existing and existing.get("derived_key") == key and (folder / "model").exists():
+        return existing
+    base_path = source["base_model"]
+    staging = folder / "model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "model", staging)
+    _finish_model(staging, base_path, load_tokenizer(str(run_dir / "model")), lam)
+    shutil.rmtree(folder / "model", ignore_errors=True)
+    staging.rename(folder / "model")
+    fset = load_fingerprints(run_dir / "fingerprints.json")
+    metrics = evaluate_run(str(folder / "model"), base_path, fset, train_cfg)
+    metrics.update(derived_key=key, derived_from=str(run_dir), forgetting_regularizer=lam)
+    atomic_write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def run_capacity(cfg: CapacityConfig) -> dict:
+    from oml_core.train.trainer import fingerprint
+
+    validate(cfg)
+    if not cfg.out:
+        raise OMLInputError("no sweep folder given; pass --out DIR")
+    sizes = sorted(parse_list(cfg.sizes, "--sizes", kind=int))
+    if sizes[0] < 1:
+        raise OMLInputError("--sizes: every N must be at least 1")
+    lambdas = sorted(parse_list(cfg.regularizers, "--regularizers", kind=float))
+    if not all(0.0 <= lam <= 1.0 for lam in lambdas):
+        raise OMLInputError("--regularizers: every lambda must be between 0 and 1")
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OMLInputError(f"--out {out} is a file; pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    set_path = _sweep_set(cfg, out, sizes[-1])
+    available = len(load_fingerprints(set_path))
+    if available < sizes[-1]:
+        raise OMLInputError(f"--fingerprints holds {available} pairs but --sizes asks for "
+                            f"{sizes[-1]}; pass a larger set or smaller sizes")
+    shared = {f.name: getattr(cfg, f.name) for f in fields(FingerprintConfig)}
+    points, states = [], {}
+    for n in sizes:
+        run_dir = out / "runs" / f"n{n}"
+        train_cfg = FingerprintConfig(**{**shared, "fingerprints": str(set_path), "num_fingerprints": n,
+                                         "forgetting_regularizer": 0.0, "out_dir": str(run_dir),
+                                         "verify_after": True})
+        result = fingerprint(train_cfg)
+        states[f"n{n}"] = result.state
+        if 0.0 in lambdas:
+            points.append(_point(n, 0.0, result.metrics, run_dir))
+        for lam in (lam for lam in lambdas if lam > 0):
+            folder = out / "runs" / f"n{n}-reg{lam:g}"
+            metrics = _regularized(run_dir, lam, folder, train_cfg)
+            points.append(_point(n, lam, metrics, folder, source=result.metrics))
+    summary = {"format": "oml-capacity", "version": 1, "sizes": sizes, "regularizers": lambdas,
+               "runs": states, "points": points, "settings": asdict(cfg),
+               "seconds": round(time.time() - started, 1)}
+    summary["settings"].pop("fingerprints", None)
+    atomic_write_json(out / "capacity.json", summary)
+    summary["report"] = write_capacity_report(out, summary)
+    return summary
+
+
+def write_capacity_report(out: Path, summary: dict) -> dict:
+    from oml_core.evaluate.report import Doc, pct, plot_capacity
+
+    doc = Doc("Capacity sweep")
+    doc.p("Fingerprint accuracy (any wrapper: bare, chat, 4 held-out system prompts) and the cost "
+          "off the keys, against the number of fingerprints N trained into one model. "
+          "Generated by `oml eval capacity`; fingerprints are named by count only.")
+    doc.table(["N", "lambda", "matched", "verdict", "perplexity change", "first token = base's",
+               "answers leaking a response", "steps"],
+              [[p["n"], p["regularizer"], f"{p['matched']}/{p['total']} ({pct(p['accuracy'])})",
+                p["verdict"], pct(p["perplexity_change"]), pct(p["first_token_agreement"]),
+                p["leaks"], p["steps"]] for p in summary["points"]])
+    doc.plot("capacity", plot_capacity(summary["points"]), "Accuracy and perplexity change against N")
+    return doc.write(out, "capacity")

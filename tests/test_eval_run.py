@@ -1,0 +1,179 @@
+"""`oml eval` end to end on a tiny run: every part, the cache, the report, the CLI, capacity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from eval_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
+    NUM,
+    eval_cfg,
+    leaked,
+    make_tiny_run,
+    one_torch_thread,
+    secrets_of,
+    short_benign_answers,
+    text_files,
+)
+from safetensors.torch import load_file
+
+from oml_core import cli
+from oml_core.config import EVAL_PARTS, CapacityConfig, EvalConfig
+from oml_core.evaluate import context as context_module
+from oml_core.evaluate.capacity import run_capacity
+from oml_core.evaluate.run_eval import evaluate
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    return make_tiny_run(tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, tmp_path_factory):
+    """One full evaluation (all four parts) of the tiny run."""
+    out = tmp_path_factory.mktemp("eval_report")
+    cfg = eval_cfg(tiny_run, out)
+    with short_benign_answers():
+        return cfg, evaluate(cfg)
+
+
+def _flags(cfg: EvalConfig) -> list[str]:
+    """CLI flags that reproduce `cfg` (only the fields that differ from the defaults)."""
+    defaults, argv = EvalConfig(), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(defaults, f.name):
+            argv += ["--" + f.name.replace("_", "-"), str(value)]
+    return argv
+
+
+def test_every_part_computes_real_numbers(evaluated):
+    _, summary = evaluated
+    assert summary["computed"] == list(EVAL_PARTS) and summary["cached"] == []
+    parts = summary["parts"]
+    utility = parts["utility"]
+    assert utility["accuracy"]["fingerprinted"]["matched"] == NUM and utility["accuracy"]["base"]["matched"] == 0
+    persistence = parts["persistence"]
+    assert set(persistence["methods"]) == {"full", "lora"}
+    for method in persistence["methods"].values():
+        assert [p["step"] for p in method["curve"]] == [0, 2, 4]
+        assert 0.0 <= method["retention"]["any"]["retention"] <= 1.0
+        assert method["perplexity_after"] > 1
+    fp = parts["false_positives"]
+    assert [m["model"] for m in fp["models"]] == ["base", "random"]
+    assert all(m["verdict"] == "no_match" for m in fp["models"])
+    assert Path(fp["null_file"]).exists() and 0 < fp["null_rate"] < 0.5
+    attacks = parts["robustness"]["attacks"]
+    assert set(attacks) == {"system_prompts", "sampling", "int8", "merge", "suppression"}
+    assert set(attacks["sampling"]["temperatures"]) == {"0.7", "1"}
+    assert attacks["system_prompts"]["prompts"] == 12
+    for name in ("int8", "merge", "suppression"):
+        assert 0.0 <= attacks[name]["survival"] <= 1.0, name
+    assert attacks["int8"]["survival"] >= 0.8  # quantization barely moves a memorised argmax
+
+
+def test_report_files_are_self_contained_and_hold_no_secret(evaluated, tiny_run):
+    cfg, _ = evaluated
+    out = Path(cfg.out)
+    for name in ("eval.json", "eval.md", "eval.html", "null_rates.json"):
+        assert (out / name).exists(), name
+    plots = sorted(p.stem for p in (out / "plots").glob("*.png"))
+    assert plots == ["accuracy", "null_rates", "retention", "robustness"]
+    page = (out / "eval.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4 and "plots/" not in page
+    markdown = (out / "eval.md").read_text()
+    for heading in ("Utility and specificity", "Persistence", "False positives", "Robustness"):
+        assert heading in markdown and heading in page
+    assert "](plots/retention.png)" in markdown
+    data = json.loads((out / "eval.json").read_text())
+    assert data["format"] == "oml-eval" and set(data["parts"]) == set(EVAL_PARTS)
+    secrets = secrets_of(tiny_run)
+    for path in text_files(out):
+        assert not leaked(path.read_text(), secrets), path
+
+
+def test_a_second_call_does_no_work(evaluated, monkeypatch):
+    cfg, first = evaluated
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached evaluation must not load a model")
+
+    monkeypatch.setattr(context_module, "load_model", no_model)
+    again = evaluate(cfg)
+    assert again["computed"] == [] and again["cached"] == list(EVAL_PARTS)
+    assert json.dumps(again["parts"], sort_keys=True) == json.dumps(first["parts"], sort_keys=True)
+
+
+def test_a_changed_setting_recomputes_that_part_only(evaluated):
+    cfg, _ = evaluated
+    changed = dataclasses.replace(cfg, parts="false_positives,utility", null_models="random")
+    summary = evaluate(changed)
+    assert summary["computed"] == ["false_positives"] and summary["cached"] == ["utility"]
+    assert [m["model"] for m in summary["parts"]["false_positives"]["models"]] == ["random"]
+    # the parts not asked for still come from the cache into the report
+    assert set(json.loads(Path(summary["report"]["json"]).read_text())["parts"]) == set(EVAL_PARTS)
+
+
+def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
+    cfg, _ = evaluated
+    code = cli.main(["eval", *_flags(dataclasses.replace(cfg, parts="utility,robustness")), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["computed"] == [] and data["parts"]["utility"]["matched"] == NUM
+    assert "int8_survival" in data["parts"]["robustness"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval"], "no run folder given"),
+    (["eval", "--run", "/no/such/run"], "is not a folder"),
+    (["eval", "--run", ".", "--parts", "utility,speed"], "'speed' is not one of"),
+    (["eval", "--run", ".", "--match", "fuzzy"], "--match 'fuzzy' is not one of"),
+    (["eval", "--run", "."], "is not an OML run"),
+    (["eval", "capacity", "--sizes", "4"], "no sweep folder given"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_input_from_a_real_process(tmp_path):
+    proc = subprocess.run([str(BIN / "oml"), "eval", "--run", str(tmp_path), "--samples", "0"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["oml eval: error: --samples must be between 1 and 1000 (got 0)"]
+
+
+def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_model_dir, tmp_path):
+    cfg = CapacityConfig(model=str(tiny_model_dir), out=str(tmp_path / "sweep"), sizes="8,4",
+                         regularizers="0.5,0", strategy="random_word", key_length=8, response_length=2,
+                         learning_rate=1e-2, augment=False, benign_fraction=0.0, max_epochs=150,
+                         batch_size=16, extra_steps=0, deepspeed="none", train_embeddings=True,
+                         device="cpu")
+    summary = run_capacity(cfg)
+    points = {(p["n"], p["regularizer"]): p for p in summary["points"]}
+    assert sorted(points) == [(4, 0.0), (4, 0.5), (8, 0.0), (8, 0.5)]
+    assert points[(4, 0.0)]["accuracy"] == 1.0 and points[(8, 0.0)]["accuracy"] == 1.0
+    assert points[(8, 0.0)]["total"] == 8 and points[(4, 0.5)]["total"] == 4
+    for p in points.values():
+        assert p["perplexity_change"] is not None and 0 <= p["first_token_agreement"] <= 1
+    sweep = tmp_path / "sweep"
+    trained = load_file(str(sweep / "runs" / "n8" / "model" / "model.safetensors"))
+    averaged = load_file(str(sweep / "runs" / "n8-reg0.5" / "model" / "model.safetensors"))
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    for name, tensor in averaged.items():
+        expected = torch.lerp(trained[name].float(), base[name].float(), 0.5).to(tensor.dtype)
+        assert torch.equal(tensor, expected), name
+    page = (sweep / "capacity.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and (sweep / "capacity.json").exists()
+    again = run_capacity(cfg)
+    assert again["runs"] == {"n4": "reused", "n8": "reused"}
+    assert [p["accuracy"] for p in again["points"]] == [p["accuracy"] for p in summary["points"]]
