@@ -25,6 +25,7 @@ from pathlib import Path
 
 from clients import decision
 from clients.adapters import FatalEndpointError, RunDeadline, make_adapter
+from clients.adapters.base import CANCEL_GRACE_S
 from clients.answers import Redactor, kind_of, match
 from clients.config import AuditConfig, layer_list, validate_audit
 from clients.evidence_log import EvidenceLog
@@ -302,7 +303,10 @@ class _Audit:
                 self.notes.append(f"stopped at the run timeout ({cfg.run_timeout:g} s); rerun to "
                                   "finish the remaining probes")
             finally:
-                await self.adapter.aclose()
+                try:  # bounded for the same reason as the workers' cancellation
+                    await asyncio.wait_for(self.adapter.aclose(), CANCEL_GRACE_S)
+                except TimeoutError:
+                    log.warning("the HTTP client did not close within %g s; leaving it", CANCEL_GRACE_S)
         return state
 
     # --- verdict ----------------------------------------------------------------------------

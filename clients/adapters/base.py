@@ -40,6 +40,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
 log = logging.getLogger(__name__)
+CANCEL_GRACE_S = 5.0  # how long cancelled calls get to finish before they are abandoned
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 
@@ -330,4 +331,6 @@ class Adapter(ABC):
         finally:
             for task in workers:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            # bounded: a client library that defers cancellation while a response is held
+            # open must not keep Ctrl-C from ending the run
+            await asyncio.wait(workers, timeout=CANCEL_GRACE_S)
