@@ -259,8 +259,16 @@ def test_ctrl_c_and_the_run_timeout_leave_a_resumable_folder(server, tiny_fp, tm
             "--concurrency", "1", "--json"]
     with Proxy(server.base_url.removesuffix("/v1"), hold_after=5) as proxy:
         args[1] = proxy.base_url
-        proc = subprocess.Popen(audit_command(*args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # a shell running the suite in the background (`make test &`, CI runners) starts it
+        # with SIGINT ignored, which children inherit; Ctrl-C comes from a terminal with the
+        # default disposition, so give the audit that (a Python-level handler here becomes
+        # the default in the exec'd child; an ignored signal would stay ignored)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(audit_command(*args), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             deadline = time.monotonic() + 120
             while len(proxy.seen) < 6:
