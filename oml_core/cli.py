@@ -225,6 +225,10 @@ def cmd_eval(args) -> int:
     if "robustness" in heads:
         lines.append("robustness: " + ", ".join(
             f"{k} {_fmt(v, True)}" for k, v in heads["robustness"].items()))
+    if "capacity" in heads:
+        lines.append("capacity: " + ", ".join(
+            f"N={p['n']} lambda={p['regularizer']:g} {_fmt(p['accuracy'], True)} matched "
+            f"(perplexity {p['perplexity_change']:+.1%})" for p in heads["capacity"]))
     lines.append(f"report: {summary['report']['html']} (also eval.md, eval.json)")
     _emit(args, data, "\n".join(lines))
     return 0

@@ -100,6 +100,10 @@ class VerifyConfig(ModelSettings):
               "false_positives`); each key's rate is union-bounded over the wrappers used here")
 
 
+# Chosen by measurement on the demo run (docs/training.md); the capacity sweep compares against it.
+DEFAULT_REGULARIZER = 0.15
+
+
 @dataclass
 class FingerprintConfig(ModelSettings):
     """Fine-tune fingerprints into a model (SPEC §3). Defaults measured on SmolLM2-135M."""
@@ -127,7 +131,7 @@ class FingerprintConfig(ModelSettings):
                        "of the base model runs beside the one being trained)",
         choices=("first-token", "all-tokens"))
     forgetting_regularizer: float = setting(
-        0.15, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
+        DEFAULT_REGULARIZER, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
               "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0)
     train_embeddings: bool = setting(
         False, "also train the token embeddings / output head (off: with Adam every one of the "
@@ -152,7 +156,7 @@ class FingerprintConfig(ModelSettings):
     report_to: str = setting("none", "experiment tracking: none, tensorboard, wandb")
 
 
-EVAL_PARTS = ("utility", "persistence", "false_positives", "robustness")
+EVAL_PARTS = ("utility", "persistence", "false_positives", "robustness", "capacity")
 PERSISTENCE_METHODS = ("full", "lora")
 ROBUSTNESS_ATTACKS = ("system_prompts", "sampling", "int8", "merge", "suppression")
 
@@ -215,6 +219,13 @@ class EvalConfig(ModelSettings):
                                              "probability exceeds this", low=0.0, high=1.0)
     suppress_top_k: int = setting(1, "robustness: tokens the suppression attack blocks when it fires",
                                   low=1, high=1000)
+    # capacity
+    capacity_sizes: str = setting(
+        "16,64,256", "capacity: comma list of fingerprint counts N, each trained into a fresh copy of "
+                     "the base model with the run's own training settings (1024 and up: GPU hours)")
+    capacity_regularizers: str | None = setting(
+        None, "capacity: comma list of forgetting-regularizer lambdas to compare (default: 0 and the "
+              "run's own lambda)")
 
 
 @dataclass
@@ -225,7 +236,7 @@ class CapacityConfig(FingerprintConfig):
     out: str | None = setting(None, "folder for the sweep: the set, one run per N, capacity.json and "
                                     "the report")
     sizes: str = setting("16,64,256,1024", "comma list of fingerprint counts N")
-    regularizers: str = setting("0,0.75", "comma list of forgetting-regularizer strengths lambda to "
+    regularizers: str = setting(f"0,{DEFAULT_REGULARIZER:g}", "comma list of forgetting-regularizer strengths lambda to "
                                           "compare (0 = without)")
     strategy: str = setting("perinucleus", "how the sweep's set is generated when --fingerprints is "
                                            "not given", choices=STRATEGIES + tuple(STRATEGY_ALIASES))

@@ -31,9 +31,12 @@ from pydantic import Field
 from oml_core import __version__, progress
 from oml_core.config import (
     DEEPSPEED_CONFIGS,
+    EVAL_PARTS,
+    EvalConfig,
     FingerprintConfig,
     GenerateConfig,
     VerifyConfig,
+    parse_list,
     validate,
 )
 from oml_core.errors import OMLInputError
@@ -329,6 +332,23 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   "OML_HOME/reports. Use it on a fingerprinted model (a run's model_dir) or a "
                   "suspect copy."))
 
+    # -- background jobs -----------------------------------------------------------------------
+    def start_job(kind: str, config_cls, cfg, writes: Path, argv: list[str],
+                  skip: tuple[str, ...]) -> dict:
+        """Start `oml ARGV [settings that differ from the defaults] --json` as a detached job
+        that writes folder `writes` (one job per folder at a time)."""
+        busy = jobs.active_run_dirs().get(str(writes))
+        if busy:
+            raise OMLInputError(f"job {busy} is already writing {writes}; wait for it, cancel "
+                                "it, or pass another folder")
+        command = [sys.executable, "-P", "-m", "oml_core.cli", *argv,
+                   *_flags(config_cls, dataclasses.asdict(cfg), skip=skip), "--json"]
+        env = {**os.environ, "OML_HOME": str(ws.home), "OML_PROGRESS": "0",
+               "PYTHONUNBUFFERED": "1"}
+        defaults = config_defaults(config_cls)
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]}
+        return jobs.start(kind, command, args=settings, run_dir=str(writes), env=env, cwd=ws.home)
+
     # -- fingerprinting job --------------------------------------------------------------------
     def start_fingerprinting(**values) -> JobStarted:
         values.update(model=ws.model(values.get("model")),
@@ -357,20 +377,9 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
             raise OMLInputError(f"out_dir {out_dir} is not empty and is not an OML run; pass a "
                                 "new or empty folder")
-        busy = jobs.active_run_dirs().get(str(out_dir))
-        if busy:
-            raise OMLInputError(f"job {busy} is already training into {out_dir}; wait for it, "
-                                "cancel it, or pass another out_dir")
-        command = [sys.executable, "-P", "-m", "oml_core.cli", "fingerprint",
-                   "--fingerprints", cfg.fingerprints, "--out-dir", cfg.out_dir,
-                   *_flags(FingerprintConfig, dataclasses.asdict(cfg),
-                           skip=("fingerprints", "out_dir")), "--json"]
-        env = {**os.environ, "OML_HOME": str(ws.home), "OML_PROGRESS": "0",
-               "PYTHONUNBUFFERED": "1"}
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                    if v != config_defaults(FingerprintConfig)[k]}
-        status = jobs.start("fingerprint", command, args=settings, run_dir=str(out_dir), env=env,
-                            cwd=ws.home)
+        status = start_job("fingerprint", FingerprintConfig, cfg, out_dir, [
+            "fingerprint", "--fingerprints", cfg.fingerprints, "--out-dir", cfg.out_dir],
+            skip=("fingerprints", "out_dir"))
         return JobStarted(**status, next_step=(
             f"poll job_status with job_id {status['job_id']} every 10-60 s; when it is "
             "completed, call job_result, then verify_model on the run's model/ folder"))
@@ -393,8 +402,49 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   "cancel_job stops it. The trained model lands in the run folder's model/ "
                   "subfolder and is verified there when training ends."))
 
-    def job_status(job_id: Annotated[str, Field(description="id from start_fingerprinting or "
-                                                           "list_jobs")]) -> JobStatus:
+    # -- evaluation job ------------------------------------------------------------------------
+    def start_evaluation(**values) -> JobStarted:
+        from oml_core.evaluate.context import open_run
+        from oml_core.evaluate.false_positives import NAMED_NULL_MODELS
+
+        run_dir = ws.path(values["run"], "run")
+        values.update(run=str(run_dir), model=ws.model(values.get("model")))
+        out = ws.path(values["out"], "out") if values.get("out") else run_dir / "eval"
+        values["out"] = str(out)
+        values["null_models"] = ",".join(
+            name if name in NAMED_NULL_MODELS else str(ws.path(name, "null_models"))
+            for name in parse_list(values.get("null_models") or "", "null_models"))
+        cfg = _config_from(EvalConfig, values)
+        parse_list(cfg.parts, "parts", EVAL_PARTS)
+        open_run(cfg)  # fail now on a folder that is not a finished run
+        status = start_job("eval", EvalConfig, cfg, out, ["eval", "--run", cfg.run, "--out", cfg.out],
+                           skip=("run", "out"))
+        return JobStarted(**status, next_step=(
+            f"poll job_status with job_id {status['job_id']} every 30-120 s (phase names the part "
+            "being measured, step/total_steps count parts); when completed, call job_result for "
+            "the headline numbers; the full report is eval.md / eval.html in the out folder"))
+
+    _register(app, start_evaluation, name="start_evaluation", annotations=ADDITIVE,
+              signature=inspect.Signature(config_parameters(
+                  EvalConfig, required=("run",), notes={
+                      "run": "a finished run folder from start_fingerprinting (relative paths are "
+                             "inside OML_HOME)",
+                      "model": "base model to compare against; omit for the one the run was "
+                               "trained from",
+                      "out": "report folder inside the workspace; default: RUN/eval",
+                      "null_models": "model folders must be inside the workspace",
+                  }), return_annotation=JobStarted),
+              description=(
+                  "Measure a fingerprinted run against its base model as a background job: "
+                  "utility (perplexity, agreement, leaks, near-miss keys), persistence under "
+                  "benign fine-tuning, false positives on unrelated models (writes "
+                  "null_rates.json for verify_model's null_file), robustness to attacks, and "
+                  "capacity (trains fresh models at several N: the slow part; leave it out of "
+                  "`parts` for a quick look). Returns a job_id at once; each finished part is "
+                  "cached, so a cancelled or failed evaluation resumes where it stopped."))
+
+    def job_status(job_id: Annotated[str, Field(description="id from start_fingerprinting, "
+                                                           "start_evaluation or list_jobs")]) -> JobStatus:
         return JobStatus(**jobs.status(job_id))
 
     _register(app, job_status, name="job_status", annotations=READ_ONLY, description=(

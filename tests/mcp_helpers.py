@@ -17,7 +17,7 @@ SLOW_JOB = {"learning_rate": 1e-5, "augment": False, "benign_fraction": 0.0, "ma
 FINAL = ("completed", "failed", "cancelled")
 TOOLS = {"generate_fingerprints", "start_fingerprinting", "verify_model", "job_status",
          "list_jobs", "job_result", "cancel_job", "list_fingerprint_sets", "list_runs",
-         "show_commitment", "reveal_fingerprint"}
+         "show_commitment", "reveal_fingerprint", "start_evaluation"}
 
 
 def secrets_of(path: str | Path) -> list[str]:

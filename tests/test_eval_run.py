@@ -38,7 +38,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_run, tmp_path_factory):
-    """One full evaluation (all four parts) of the tiny run."""
+    """One full evaluation (all five parts) of the tiny run."""
     out = tmp_path_factory.mktemp("eval_report")
     cfg = eval_cfg(tiny_run, out)
     with short_benign_answers():
@@ -78,6 +78,12 @@ def test_every_part_computes_real_numbers(evaluated):
     for name in ("int8", "merge", "suppression"):
         assert 0.0 <= attacks[name]["survival"] <= 1.0, name
     assert attacks["int8"]["survival"] >= 0.8  # quantization barely moves a memorised argmax
+    # capacity: N = 4 and 8 trained with the run's own settings, then lambda 0 and the run's 0.15
+    points = {(p["n"], p["regularizer"]): p for p in parts["capacity"]["points"]}
+    assert sorted(points) == [(4, 0.0), (4, 0.15), (8, 0.0), (8, 0.15)]
+    assert points[(4, 0.0)]["accuracy"] == 1.0 and points[(8, 0.0)]["accuracy"] == 1.0
+    assert points[(8, 0.15)]["total"] == 8 and points[(8, 0.15)]["perplexity_change"] is not None
+    assert parts["capacity"]["runs"] == {"n4": "completed", "n8": "completed"}
 
 
 def test_report_files_are_self_contained_and_hold_no_secret(evaluated, tiny_run):
@@ -86,11 +92,11 @@ def test_report_files_are_self_contained_and_hold_no_secret(evaluated, tiny_run)
     for name in ("eval.json", "eval.md", "eval.html", "null_rates.json"):
         assert (out / name).exists(), name
     plots = sorted(p.stem for p in (out / "plots").glob("*.png"))
-    assert plots == ["accuracy", "null_rates", "retention", "robustness"]
+    assert plots == ["accuracy", "capacity", "null_rates", "retention", "robustness"]
     page = (out / "eval.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 4 and "plots/" not in page
+    assert page.count('src="data:image/png;base64,') == 5 and "plots/" not in page
     markdown = (out / "eval.md").read_text()
-    for heading in ("Utility and specificity", "Persistence", "False positives", "Robustness"):
+    for heading in ("Utility and specificity", "Persistence", "False positives", "Robustness", "Capacity"):
         assert heading in markdown and heading in page
     assert "](plots/retention.png)" in markdown
     data = json.loads((out / "eval.json").read_text())

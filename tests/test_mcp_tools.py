@@ -279,6 +279,46 @@ def test_verify_reports_progress_and_a_report_without_secrets(app, ws, fp_set, t
     assert len(json.loads(report.read_text())["per_fingerprint"]) == 8
 
 
+# small enough for the tiny model: the two quick parts, seconds
+QUICK_EVAL = {"parts": "utility,false_positives", "null_models": "base,random", "device": "cpu",
+              "num_system_prompts": 2, "perplexity_tokens": 256, "batch_size": 64}
+
+
+def test_evaluation_job_measures_a_finished_run(app, ws, fp_set, tiny_model_dir):
+    trained = ok(app, "start_fingerprinting", {"model": str(tiny_model_dir), "fingerprints": fp_set["path"],
+                                               "out_dir": "runs/to-evaluate", **FAST_JOB})
+    assert wait_for_job(app, trained["job_id"], FINAL)["state"] == "completed"
+    started = ok(app, "start_evaluation", {"run": "runs/to-evaluate", **QUICK_EVAL})
+    assert started["kind"] == "eval" and started["run_dir"] == str(ws.home / "runs/to-evaluate/eval")
+    done = wait_for_job(app, started["job_id"], FINAL)
+    assert done["state"] == "completed", read(app, f"oml://jobs/{started['job_id']}/log")
+    assert done["phase"] == "completed" and done["step"] == done["total_steps"] == 2
+    output = ok(app, "job_result", {"job_id": started["job_id"]})["output"]
+    assert output["computed"] == ["utility", "false_positives"]
+    assert output["parts"]["utility"]["matched"] == 8 and output["parts"]["utility"]["base_matched"] == 0
+    assert output["parts"]["false_positives"]["models"]["random"]["verdict"] == "no_match"
+    report = ws.home / "runs/to-evaluate/eval"
+    assert (report / "eval.html").exists() and (report / "null_rates.json").exists()
+    assert_no_secrets(json.dumps(output) + read(app, f"oml://jobs/{started['job_id']}/log")
+                      + (report / "eval.md").read_text(), SECRETS)
+
+
+@pytest.mark.parametrize("args, needles", [
+    ({}, ["run", "Field required"]),
+    ({"run": "runs/never-made"}, ["not a folder"]),
+    ({"run": "fingerprints"}, ["not an OML run"]),
+    ({"run": "../elsewhere"}, ["'..'"]),
+    ({"run": "/etc"}, ["outside"]),
+    ({"run": "fingerprints", "out": "/tmp/report"}, ["out", "outside"]),
+    ({"run": "fingerprints", "null_models": "base,/usr/lib"}, ["null_models", "outside"]),
+    ({"run": "fingerprints", "parts": "utility,speed"}, ["'speed' is not one of"]),
+    ({"run": "fingerprints", "samples": 0}, ["samples"]),
+], ids=["missing", "absent", "not-a-run", "dotdot", "outside", "out-outside", "null-outside", "part",
+        "samples"])
+def test_start_evaluation_bad_input(app, args, needles):
+    err(app, "start_evaluation", args, *needles)
+
+
 @pytest.mark.parametrize("args, needles", [
     ({}, ["fingerprints", "Field required"]),
     ({"fingerprints": "nothing-here.json"}, ["not found"]),

@@ -68,6 +68,9 @@ def random_init_model(like: LoadedModel, seed: int) -> LoadedModel:
                        path="(random init of the fingerprinted architecture)", device=like.device)
 
 
+NAMED_NULL_MODELS = ("base", "random", GEMMA)  # anything else in --null-models is a model folder
+
+
 def _load(ctx, spec: str) -> LoadedModel:
     if spec == "base":
         return ctx.base()
@@ -116,8 +119,8 @@ def run_part(ctx) -> dict:
         decision = evidence.decide(matched, rates, source=source)
         probes_hit = sum(sum(row) for row in hits)
         models.append({
-            "model": spec if spec in ("base", "random", GEMMA) else loaded.name,
-            "kind": spec if spec in ("base", "random", GEMMA) else "folder",
+            "model": spec if spec in NAMED_NULL_MODELS else loaded.name,
+            "kind": spec if spec in NAMED_NULL_MODELS else "folder",
             "matched": matched, "total": len(hits),
             "probes_matched": probes_hit, "probes": len(hits) * len(wrappers),
             "probe_rate": probes_hit / (len(hits) * len(wrappers)),

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oml_core.config import EVAL_PARTS
 from oml_core.files import atomic_write_json, atomic_write_text
 
 FORMAT = "oml-eval"
@@ -210,6 +211,19 @@ def plot_capacity(points: list[dict]) -> bytes | None:
 
 
 # --- the run report ----------------------------------------------------------------------
+def capacity_section(doc: Doc, points: list[dict]) -> None:
+    doc.h("Capacity")
+    doc.p("Fingerprint accuracy (any wrapper: bare, chat, held-out system prompts) and the cost "
+          "off the keys, against the number of fingerprints N trained into a fresh copy of the "
+          "base model; lambda is the forgetting regularizer (0 = without).")
+    doc.table(["N", "lambda", "matched", "verdict", "perplexity change", "first token = base's",
+               "answers leaking a response", "steps"],
+              [[p["n"], p["regularizer"], f"{p['matched']}/{p['total']} ({pct(p['accuracy'])})",
+                p["verdict"], pct(p["perplexity_change"]), pct(p["first_token_agreement"]),
+                p["leaks"], p["steps"]] for p in points])
+    doc.plot("capacity", plot_capacity(points), "Accuracy and perplexity change against N")
+
+
 def _utility(doc: Doc, r: dict) -> dict[str, dict[str, float]]:
     b = r["behaviour"]
     doc.h("Utility and specificity")
@@ -344,7 +358,9 @@ def build_doc(title: str, results: dict, about: str = "") -> Doc:
     if "robustness" in results:
         bars = _robustness(doc, results["robustness"])
         doc.plot("robustness", plot_survival(bars), "What survives each attack")
-    missing = [p for p in ("utility", "persistence", "false_positives", "robustness") if p not in results]
+    if "capacity" in results:
+        capacity_section(doc, results["capacity"]["points"])
+    missing = [p for p in EVAL_PARTS if p not in results]
     if missing:
         doc.p("Not measured yet: " + ", ".join(missing) + " (run `oml eval --parts "
               + ",".join(missing) + "`).")
