@@ -226,6 +226,10 @@ class EvalConfig(ModelSettings):
     capacity_regularizers: str | None = setting(
         None, "capacity: comma list of forgetting-regularizer lambdas to compare (default: 0 and the "
               "run's own lambda)")
+    capacity_deepspeed: str | None = setting(
+        None, "capacity: DeepSpeed config the sweep trains with (default: the run's own; none: a "
+              "plain Trainer, the same AdamW math without DeepSpeed's overhead on one CPU process)",
+        choices=DEEPSPEED_CONFIGS)
 
 
 @dataclass

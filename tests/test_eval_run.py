@@ -12,6 +12,7 @@ import pytest
 import torch
 from eval_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     NUM,
+    context,
     eval_cfg,
     leaked,
     make_tiny_run,
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 from oml_core import cli
 from oml_core.config import EVAL_PARTS, CapacityConfig, EvalConfig
+from oml_core.evaluate import capacity as capacity_module
 from oml_core.evaluate import context as context_module
 from oml_core.evaluate.capacity import run_capacity
 from oml_core.evaluate.run_eval import evaluate
@@ -183,3 +185,17 @@ def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_mo
     again = run_capacity(cfg)
     assert again["runs"] == {"n4": "reused", "n8": "reused"}
     assert [p["accuracy"] for p in again["points"]] == [p["accuracy"] for p in summary["points"]]
+
+
+def test_capacity_part_trains_with_the_runs_own_settings(tiny_run, tmp_path, monkeypatch):
+    given = []
+    monkeypatch.setattr(capacity_module, "run_capacity", lambda cfg: given.append(cfg) or {
+        "sizes": [4], "regularizers": [0.0], "runs": {}, "points": []})
+    ctx = context(tiny_run, tmp_path, capacity_sizes="4", capacity_deepspeed="zero2")
+    capacity_module.run_part(ctx)
+    (cfg,) = given
+    # the tiny run's training settings, its set's kind, the run's lambda next to 0
+    assert (cfg.learning_rate, cfg.max_epochs, cfg.train_embeddings) == (1e-2, 150, True)
+    assert (cfg.strategy, cfg.key_length, cfg.response_length) == ("random_word", 8, 2)
+    assert cfg.regularizers == "0,0.15" and cfg.sizes == "4" and cfg.model == ctx.base_path
+    assert cfg.out == str(tmp_path / "capacity") and cfg.deepspeed == "zero2"  # the override

@@ -160,16 +160,19 @@ def write_capacity_report(out: Path, summary: dict) -> dict:
 
 
 # --- as a part of `oml eval --run DIR` ------------------------------------------------------
-SETTINGS = ("capacity_sizes", "capacity_regularizers")
+SETTINGS = ("capacity_sizes", "capacity_regularizers", "capacity_deepspeed")
 
 
 def run_part(ctx) -> dict:
-    """The sweep for a run: its base model, its training settings and its kind of fingerprint
-    set (strategy, key and response length), at `--capacity-sizes`; sweep folder OUT/capacity."""
+    """The sweep for a run: its base model, its training settings (DeepSpeed config aside, if
+    `--capacity-deepspeed` is given) and its kind of fingerprint set (strategy, key and response
+    length), at `--capacity-sizes`; sweep folder OUT/capacity."""
     run_config = (RunFolder(ctx.run_dir).read_json("run.json") or {}).get("config") or {}
     training = {f.name: run_config[f.name] for f in fields(FingerprintConfig) if f.name in run_config}
     generation = ctx.fset.generation or {}
     lambdas = ctx.cfg.capacity_regularizers or f"0,{training.get('forgetting_regularizer', 0.0):g}"
+    if ctx.cfg.capacity_deepspeed:
+        training["deepspeed"] = ctx.cfg.capacity_deepspeed
     cfg = CapacityConfig(**{
         **training, "model": ctx.base_path, "device": ctx.cfg.device, "dtype": ctx.cfg.dtype,
         "fingerprints": None, "num_fingerprints": None, "out_dir": None, "verify_after": True,
