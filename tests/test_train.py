@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from oml_core.config import FingerprintConfig, GenerateConfig
 from oml_core.errors import OMLInputError
+from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import IGNORE, FingerprintRows, Row, collate, training_augmentation
@@ -147,6 +148,44 @@ def test_training_and_heldout_sets_are_disjoint():
     assert not {normalise(p) for p in heldout_system_prompts()} & {normalise(p) for p in systems}
     assert not {normalise(p) for p in benign_prompts("train")} & {normalise(p) for p in benign_prompts("heldout")}
     assert len(benign_prompts("heldout")) >= 100
+
+
+# --- the memorisation check ----------------------------------------------------------------
+def test_memorisation_check_equals_argmax_over_full_logits(tiny_model, fp_file):
+    """The check runs the output head only at answer positions; it must decide exactly as the
+    argmax of the model's full logits does (here on an untrained model: a mix of yes and no,
+    with the target token replaced by the argmax for half the rows so some rows pass)."""
+    from oml_core.train.trainer import memorised
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    fset = load_fingerprints(fp_file)
+    rows = FingerprintRows(tok, [(fp.key, fp.response) for fp in fset.fingerprints], [], chat=True,
+                           eos=False, augment=False, benign_per_epoch=0, epochs=1, seed=0)
+    checks = [rows.fingerprint_row(i, None).encode() for i in range(len(fset))]
+    for n, row in enumerate(checks[::2]):  # make every other row's targets the model's own argmax
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        for t, label in enumerate(row["labels"]):
+            if label != IGNORE:
+                row["labels"][t] = row["input_ids"][t] = int(logits[t - 1].argmax())
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    expected = []
+    for row in checks:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        expected.append(all(int(logits[t - 1].argmax()) == label
+                            for t, label in enumerate(row["labels"]) if label != IGNORE))
+    got = memorised(model, checks, tok.pad_token_id or 0, batch_size=5)
+    assert got == expected and any(got) and not all(got)
+
+
+def test_checks_grow_further_apart_with_many_fingerprints():
+    from oml_core.train.trainer import check_gap
+
+    assert check_gap(2, check_rows=32, rows_per_step=16) == 2      # the demo: 16 keys x 2
+    assert check_gap(2, check_rows=512, rows_per_step=16) == 31    # 256 keys: about once an epoch
+    assert check_gap(50, check_rows=32, rows_per_step=16) == 50    # never closer than asked
 
 
 # --- training -----------------------------------------------------------------------------
