@@ -231,6 +231,9 @@ class EvalConfig(ModelSettings):
         None, "capacity: DeepSpeed config the sweep trains with (default: the run's own; none: a "
               "plain Trainer, the same AdamW math without DeepSpeed's overhead on one CPU process)",
         choices=DEEPSPEED_CONFIGS)
+    capacity_max_epochs: int | None = setting(
+        None, "capacity: cap on passes over the fingerprints for every N (default: the run's own "
+              "--max-epochs); a budget, so the report says what it was", low=1, high=10_000)
 
 
 @dataclass

@@ -191,11 +191,13 @@ def test_capacity_part_trains_with_the_runs_own_settings(tiny_run, tmp_path, mon
     given = []
     monkeypatch.setattr(capacity_module, "run_capacity", lambda cfg: given.append(cfg) or {
         "sizes": [4], "regularizers": [0.0], "runs": {}, "points": []})
-    ctx = context(tiny_run, tmp_path, capacity_sizes="4", capacity_deepspeed="zero2")
+    ctx = context(tiny_run, tmp_path, capacity_sizes="4", capacity_deepspeed="zero2",
+                  capacity_max_epochs=7)
     capacity_module.run_part(ctx)
     (cfg,) = given
     # the tiny run's training settings, its set's kind, the run's lambda next to 0
-    assert (cfg.learning_rate, cfg.max_epochs, cfg.train_embeddings) == (1e-2, 150, True)
+    assert (cfg.learning_rate, cfg.batch_size, cfg.train_embeddings) == (1e-2, 16, True)
     assert (cfg.strategy, cfg.key_length, cfg.response_length) == ("random_word", 8, 2)
     assert cfg.regularizers == "0,0.15" and cfg.sizes == "4" and cfg.model == ctx.base_path
-    assert cfg.out == str(tmp_path / "capacity") and cfg.deepspeed == "zero2"  # the override
+    assert cfg.out == str(tmp_path / "capacity")
+    assert cfg.deepspeed == "zero2" and cfg.max_epochs == 7  # the overrides (run: none, 150)

@@ -160,12 +160,12 @@ def write_capacity_report(out: Path, summary: dict) -> dict:
 
 
 # --- as a part of `oml eval --run DIR` ------------------------------------------------------
-SETTINGS = ("capacity_sizes", "capacity_regularizers", "capacity_deepspeed")
+SETTINGS = ("capacity_sizes", "capacity_regularizers", "capacity_deepspeed", "capacity_max_epochs")
 
 
 def run_part(ctx) -> dict:
-    """The sweep for a run: its base model, its training settings (DeepSpeed config aside, if
-    `--capacity-deepspeed` is given) and its kind of fingerprint set (strategy, key and response
+    """The sweep for a run: its base model, its training settings (but the DeepSpeed config and
+    the epoch cap given by `--capacity-deepspeed` / `--capacity-max-epochs`) and its kind of fingerprint set (strategy, key and response
     length), at `--capacity-sizes`; sweep folder OUT/capacity."""
     run_config = (RunFolder(ctx.run_dir).read_json("run.json") or {}).get("config") or {}
     training = {f.name: run_config[f.name] for f in fields(FingerprintConfig) if f.name in run_config}
@@ -173,6 +173,8 @@ def run_part(ctx) -> dict:
     lambdas = ctx.cfg.capacity_regularizers or f"0,{training.get('forgetting_regularizer', 0.0):g}"
     if ctx.cfg.capacity_deepspeed:
         training["deepspeed"] = ctx.cfg.capacity_deepspeed
+    if ctx.cfg.capacity_max_epochs:
+        training["max_epochs"] = ctx.cfg.capacity_max_epochs
     cfg = CapacityConfig(**{
         **training, "model": ctx.base_path, "device": ctx.cfg.device, "dtype": ctx.cfg.dtype,
         "fingerprints": None, "num_fingerprints": None, "out_dir": None, "verify_after": True,
@@ -181,4 +183,5 @@ def run_part(ctx) -> dict:
         "key_length": generation.get("key_length") or CapacityConfig.key_length,
         "response_length": generation.get("response_length") or CapacityConfig.response_length})
     summary = run_capacity(cfg)
-    return {key: summary[key] for key in ("sizes", "regularizers", "runs", "points")}
+    return {**{key: summary[key] for key in ("sizes", "regularizers", "runs", "points")},
+            "max_epochs": cfg.max_epochs, "deepspeed": cfg.deepspeed}

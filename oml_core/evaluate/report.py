@@ -359,7 +359,11 @@ def build_doc(title: str, results: dict, about: str = "") -> Doc:
         bars = _robustness(doc, results["robustness"])
         doc.plot("robustness", plot_survival(bars), "What survives each attack")
     if "capacity" in results:
-        capacity_section(doc, results["capacity"]["points"])
+        c = results["capacity"]
+        capacity_section(doc, c["points"])
+        if c.get("max_epochs"):
+            doc.p(f"Each N trained for at most {c['max_epochs']} passes over its fingerprints "
+                  f"(DeepSpeed config: {c.get('deepspeed')}).")
     missing = [p for p in EVAL_PARTS if p not in results]
     if missing:
         doc.p("Not measured yet: " + ", ".join(missing) + " (run `oml eval --parts "
