@@ -184,6 +184,8 @@ def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_mo
     assert page.count("data:image/png;base64,") == 1 and (sweep / "capacity.json").exists()
     again = run_capacity(cfg)
     assert again["runs"] == {"n4": "reused", "n8": "reused"}
+    # a later sweep over fewer sizes keeps the larger set, so its runs are reused too
+    assert run_capacity(dataclasses.replace(cfg, sizes="4"))["runs"] == {"n4": "reused"}
     assert [p["accuracy"] for p in again["points"]] == [p["accuracy"] for p in summary["points"]]
 
 

@@ -48,10 +48,12 @@ def _sweep_set(cfg: CapacityConfig, out: Path, count: int) -> Path:
                          response_length=cfg.response_length, seed=cfg.seed)
     settings = {k: v for k, v in asdict(gen).items() if k not in ("out", "device")}
     path, stamp = out / "fingerprints.json", out / "generation.json"
-    try:
-        if json.loads(stamp.read_text()) == settings and path.exists():
+    try:  # a set made earlier for at least this many pairs serves: each N takes its first N
+        made = json.loads(stamp.read_text())
+        if (path.exists() and made.pop("num_fingerprints", 0) >= count
+                and made == {k: v for k, v in settings.items() if k != "num_fingerprints"}):
             return path
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
     validate(gen)
     generate_set(gen).save(path)
