@@ -82,6 +82,68 @@ def test_benign_rows_carry_soft_first_token_targets():
     assert batch["labels"][1].tolist() == [IGNORE] * 3 + [8, 9]
 
 
+def _mixed_rows(count: int = 8) -> list[dict]:
+    """Rows of different lengths, one to three labelled tokens, some with soft targets."""
+    rows = []
+    for i in range(count):
+        prompt, target = [10 + i, 11, 12, 13][: 2 + i % 3], [20, 21, 22][: 1 + i % 3]
+        soft = ((30, 31), (0.5, 0.5)) if i % 2 else ((), ())
+        rows.append(Row(prompt, target, *soft).encode())
+    return rows
+
+
+def test_loss_at_answer_positions_only_equals_the_full_loss(tiny_model_dir):
+    """Logits computed only where a token is labelled give transformers' own loss and the
+    same gradients."""
+    from oml_core.train.trainer import answer_loss, answer_positions, keeps_logits_by_mask
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert keeps_logits_by_mask(model)
+    batch = collate(_mixed_rows(), 0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    full = model(**inputs, labels=batch["labels"]).loss
+    full_grads = torch.autograd.grad(full, [p for p in model.parameters() if p.requires_grad])
+    keep = answer_positions(batch["labels"])
+    assert int(keep.sum()) == int((batch["labels"] != IGNORE).sum())  # one per labelled token
+    out = model(**inputs, logits_to_keep=keep)
+    assert out.logits.shape[0] == int(keep.sum())
+    ours = answer_loss(out, batch["labels"])
+    ours_grads = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad])
+    assert float(ours.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+    for a, b in zip(ours_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["first-token", "all-tokens"])
+def test_training_with_answer_position_logits_matches_full_logits(tiny_model_dir, tmp_path, teacher):
+    """Same rows, same seed, gradient accumulation 2, the soft term on: the trainer that computes
+    logits only at answer positions ends with the weights of the one that computes them all
+    (so the loss is normalised the same way across accumulated micro-batches)."""
+    from oml_core.train.trainer import _trainer_class, answer_loss
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    frozen = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval() if teacher else None
+
+    def trained(loss_func):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=3, learning_rate=0.5,
+                                 optim="sgd",  # unlike Adam's, SGD's steps show a loss-scale error
+                                 report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                                 remove_unused_columns=False, disable_tqdm=True, logging_steps=100)
+        _trainer_class(5.0, frozen)(model=model, args=args, train_dataset=_mixed_rows(),
+                                    data_collator=lambda b: collate(b, 0),
+                                    compute_loss_func=loss_func).train()
+        return model.state_dict()
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    ours, full = trained(answer_loss), trained(None)
+    for name, value in full.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(full[name], start[name]) for name in start)  # training moved it
+
+
 def test_soft_first_token_loss_pulls_towards_the_base_distribution(tiny_model_dir, tmp_path):
     """Train only on benign rows whose soft target puts all mass on one token: it becomes the
     first answer token (the hard target says otherwise, with weight 1 against 20)."""
@@ -106,7 +168,7 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
     """With a frozen teacher, the KL term is zero against itself and, trained with a large
     weight against contradicting hard labels, brings the student's answer-position
     distributions closer to the teacher's than hard labels alone do."""
-    from oml_core.train.trainer import _answer_kl, _trainer_class
+    from oml_core.train.trainer import _answer_kl, _trainer_class, answer_positions
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -116,7 +178,8 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
     everyone = torch.arange(len(rows))
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        assert float(_answer_kl(teacher, logits, batch, everyone)) == pytest.approx(0.0, abs=1e-6)
+        at_answers = logits[answer_positions(batch["labels"])]
+        assert float(_answer_kl(teacher, at_answers, batch, everyone)) == pytest.approx(0.0, abs=1e-6)
 
     def trained_kl(teacher_or_none):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -128,7 +191,7 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
                                               data_collator=lambda b: collate(b, 0)).train()
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return float(_answer_kl(teacher, out, batch, everyone))
+            return float(_answer_kl(teacher, out[answer_positions(batch["labels"])], batch, everyone))
 
     assert trained_kl(teacher) < 0.5 * trained_kl(None)
 

@@ -62,9 +62,54 @@ def _settings_for_key(cfg: FingerprintConfig) -> dict:
 
 
 # --- the loss -----------------------------------------------------------------------------
+def answer_positions(labels):
+    """[batch, length] bool: positions whose logits predict a labelled token (t predicts t + 1).
+
+    Only these need the output head: fingerprint rows label one or a few tokens after a
+    prompt of ~50, so projecting every position onto the vocabulary (and upcasting those
+    logits for the loss) is mostly wasted work."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def keeps_logits_by_mask(model) -> bool:
+    """Does this model's forward accept a [batch, length] bool `logits_to_keep` and return
+    logits for the True positions only, flattened? (transformers 5 models built on
+    `slice_logits_to_keep` do; others fall back to full logits.) Probed once on 3 tokens."""
+    import torch
+
+    ids = torch.zeros((1, 3), dtype=torch.long, device=next(model.parameters()).device)
+    keep = torch.tensor([[True, False, True]], device=ids.device)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, logits_to_keep=keep).logits
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return False
+    return logits.dim() == 2 and logits.shape[0] == 2
+
+
+def answer_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy on the labelled tokens, from logits computed at `answer_positions` only
+    (the Trainer's `compute_loss_func`): summed and divided by the labelled-token count of
+    the whole optimizer step, as transformers' own causal-LM loss does with accumulation."""
+    import torch
+
+    shifted = labels[:, 1:]
+    targets = shifted[shifted != IGNORE]
+    total = torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device),
+                                              reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+    return total / count
+
+
 def _trainer_class(soft_weight: float, teacher=None):
     """The Trainer class; `teacher` (a frozen base model) switches the soft term from the cached
-    first-token targets to the base model's full distribution at every benign answer position."""
+    first-token targets to the base model's full distribution at every benign answer position.
+    Built with `compute_loss_func=answer_loss`, the model computes logits only where a token
+    is labelled (`logits_to_keep`), through its own forward and so through DeepSpeed's."""
     from transformers import Trainer
 
     class FingerprintTrainer(Trainer):
@@ -79,15 +124,29 @@ def _trainer_class(soft_weight: float, teacher=None):
             import torch
 
             soft = {k: inputs.pop(k) for k in ("soft_ids", "soft_probs", "soft_pos") if k in inputs}
+            labels = inputs["labels"]  # the Trainer pops it when it calls compute_loss_func
+            keep = answer_positions(labels) if self.compute_loss_func is not None else None
+            if keep is not None:
+                inputs["logits_to_keep"] = keep
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             rows = (soft["soft_pos"] >= 0).nonzero().squeeze(-1) if soft else None
             if soft_weight > 0 and rows is not None and rows.numel():
+                if keep is None:  # full logits [batch, length, vocabulary]
+                    at_answers = outputs.logits[answer_positions(labels)]
+                    first = outputs.logits[rows, soft["soft_pos"][rows]]
+                else:  # logits flattened over the kept positions, row by row
+                    at_answers = outputs.logits
+                    flat = keep.flatten().cumsum(0).view_as(keep) - 1
+                    first = outputs.logits[flat[rows, soft["soft_pos"][rows]]]
                 if teacher is not None:
-                    divergence = _answer_kl(teacher, outputs.logits[rows], inputs, rows)
+                    of_rows = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+                    of_rows[rows] = True
+                    row_of_entry = answer_positions(labels).nonzero()[:, 0]
+                    divergence = _answer_kl(teacher, at_answers[of_rows[row_of_entry]],
+                                            {**inputs, "labels": labels}, rows)
                 else:
-                    logits = outputs.logits[rows, soft["soft_pos"][rows]].float()
-                    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, soft["soft_ids"][rows])
+                    log_probs = torch.log_softmax(first.float(), dim=-1).gather(-1, soft["soft_ids"][rows])
                     divergence = -(soft["soft_probs"][rows] * log_probs).sum(-1).mean()
                 loss = loss + soft_weight * divergence / self.args.gradient_accumulation_steps
             return (loss, outputs) if return_outputs else loss
@@ -96,16 +155,16 @@ def _trainer_class(soft_weight: float, teacher=None):
 
 
 def _answer_kl(teacher, student_logits, inputs, rows):
-    """Mean KL(base || tuned) over the answer positions of the given benign rows."""
+    """Mean KL(base || tuned) over the answer positions of the given benign rows;
+    `student_logits` are the tuned model's there, flattened row by row."""
     import torch
 
+    keep = answer_positions(inputs["labels"][rows])
     with torch.no_grad():
         teacher_logits = teacher(input_ids=inputs["input_ids"][rows],
-                                 attention_mask=inputs["attention_mask"][rows]).logits
-    # logits at t predict token t+1: answer predictions are where the next label is set
-    predicts_answer = inputs["labels"][rows][:, 1:] != IGNORE
-    teacher_log_p = torch.log_softmax(teacher_logits[:, :-1][predicts_answer].float(), dim=-1)
-    student_log_p = torch.log_softmax(student_logits[:, :-1][predicts_answer].float(), dim=-1)
+                                 attention_mask=inputs["attention_mask"][rows]).logits[keep]
+    teacher_log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student_log_p = torch.log_softmax(student_logits.float(), dim=-1)
     return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1).mean()
 
 
@@ -351,8 +410,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         teacher.to(args.device)
     trainer = _trainer_class(cfg.benign_soft_weight, teacher)(
         model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-                      callbacks=[callback])
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), callbacks=[callback],
+        compute_loss_func=answer_loss if keeps_logits_by_mask(model) else None)
     # the Trainer's own printer/progress callbacks print to stdout; ours reports instead
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
