@@ -63,9 +63,10 @@ def cmd_audit(args) -> int:
     cfg = oml_cli._config(AuditConfig, args)
     try:
         summary = run_audit(cfg)
-    except KeyboardInterrupt:
-        print("oml audit: interrupted; every finished call is in evidence.jsonl - rerun the same "
-              "command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, oml_cli.Terminated)
+        print(f"oml audit: {'stopped by SIGTERM' if stopped else 'interrupted'}; every finished call "
+              "is in evidence.jsonl - rerun the same command to resume", file=sys.stderr)
+        return 143 if stopped else 130
     oml_cli._emit(args, _result(summary), _human(summary))
     return 0

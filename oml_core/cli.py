@@ -14,11 +14,12 @@ import importlib.metadata
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from oml_core import config as cfgmod
-from oml_core.errors import OMLInputError
+from oml_core.errors import Cancelled, OMLInputError
 
 EXIT_BAD_INPUT = 2
 MODEL_COMMANDS = ("generate", "verify", "fingerprint", "eval")  # the ones that import transformers
@@ -138,7 +139,7 @@ def cmd_verify(args) -> int:
 
 def cmd_fingerprint(args) -> int:
     from oml_core.train import distributed
-    from oml_core.train.trainer import Cancelled, fingerprint
+    from oml_core.train.trainer import fingerprint
 
     if getattr(args, "no_deepspeed", False):
         args.deepspeed = "none"
@@ -404,8 +405,22 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the command is, so that it unwinds as on Ctrl-C: status files
+    say "cancelled", staging folders are dropped, finished work stays. (Training installs its
+    own handler while it runs and stops at the next step instead.)"""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # only the main thread may set handlers (tests call main() from others)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        previous = None
     try:
         with _stdout_reserved_for_results():
             if args.command in MODEL_COMMANDS:
@@ -414,9 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     except OMLInputError as exc:
         print(f"oml {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"oml {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except Cancelled:
+        print(f"oml {args.command}: cancelled; finished work is kept, the unfinished part is "
+              "incomplete (rerun the same command to resume)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        print(f"oml {args.command}: {how}; nothing half-written was kept (rerun the same command "
+              "to resume)", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +161,43 @@ def test_cli_bad_input_from_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["oml eval: error: --samples must be between 1 and 1000 (got 0)"]
+
+
+@pytest.mark.parametrize("part", ["persistence", "capacity"])
+def test_sigterm_stops_eval_cleanly(tiny_run, tmp_path, part):
+    """SIGTERM in the middle of a part (benign fine-tuning; the capacity sweep's training, which
+    has its own handler): exit 143, one line, status "cancelled", no report, no traceback."""
+    out = tmp_path / "eval"
+    long_work = {"persistence": ["--persistence-steps", "100000", "--persistence-methods", "full"],
+                 "capacity": ["--capacity-sizes", "4", "--capacity-max-epochs", "10000"]}[part]
+    proc = subprocess.Popen([str(BIN / "oml"), "eval", "--run", str(tiny_run), "--out", str(out),
+                             "--parts", part, "--device", "cpu", *long_work],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (out / "status.json").exists() or not _has_training_progress(out, part):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and stdout == ""
+    assert json.loads((out / "status.json").read_text())["state"] == "cancelled"
+    assert not (out / "eval.json").exists()
+
+
+def _has_training_progress(out: Path, part: str) -> bool:
+    if part == "capacity":
+        log = out / "capacity" / "runs" / "n4" / "train.log"
+        return log.exists() and "step 2/" in log.read_text()
+    running = json.loads((out / "status.json").read_text()).get("state") == "running persistence"
+    if running:
+        time.sleep(3)  # into the fine-tuning steps
+    return running
 
 
 def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_model_dir, tmp_path):

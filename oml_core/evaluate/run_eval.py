@@ -12,6 +12,7 @@ import logging
 import time
 
 from oml_core.config import EVAL_PARTS, EvalConfig, parse_list, validate
+from oml_core.errors import Cancelled
 from oml_core.evaluate import (
     capacity,
     false_positives,
@@ -60,7 +61,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             results[part] = result
             computed.append(part)
     except BaseException as exc:  # finished parts stay cached; a rerun resumes after them
-        status.write_status(state="failed" if isinstance(exc, Exception) else "cancelled",
+        stopped = isinstance(exc, (Cancelled, KeyboardInterrupt))  # a signal, not a fault
+        status.write_status(state="cancelled" if stopped else "failed",
                             step=len(results), total_steps=len(wanted))
         raise
     for part in EVAL_PARTS:  # earlier results on these same inputs join the report

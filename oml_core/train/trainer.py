@@ -20,7 +20,7 @@ from pathlib import Path
 
 from oml_core import progress
 from oml_core.config import FingerprintConfig, validate
-from oml_core.errors import OMLInputError
+from oml_core.errors import Cancelled, OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
@@ -32,10 +32,6 @@ from oml_core.train.regularizer import average_with_base
 
 log = logging.getLogger(__name__)
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-class Cancelled(Exception):
-    """Training was stopped by SIGTERM/SIGINT; the run stays incomplete."""
 
 
 @dataclass
