@@ -130,6 +130,11 @@ class FingerprintConfig(ModelSettings):
                        "next-token distribution at every answer position (all-tokens: a frozen copy "
                        "of the base model runs beside the one being trained)",
         choices=("first-token", "all-tokens"))
+    benign_openers: float = setting(
+        0.0, "extra rows per fingerprint row, each an ordinary prompt whose only target is the base "
+             "model's first answer token (hard, and soft as above): short rows that pin how answers "
+             "start, so every benign prompt is seen often within few steps (0: none)",
+        low=0.0, high=64.0)
     forgetting_regularizer: float = setting(
         DEFAULT_REGULARIZER, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
               "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0)

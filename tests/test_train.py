@@ -196,6 +196,47 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
     assert trained_kl(teacher) < 0.5 * trained_kl(None)
 
 
+def test_opener_rows_are_benign_prompts_with_their_first_answer_token(tiny_model):
+    benign = [Row([40 + i, 41], [50 + i, 51, 52], soft_ids=(50 + i, 7), soft_probs=(0.6, 0.4))
+              for i in range(10)]
+    rows = FingerprintRows(tiny_model.tokenizer, [("k one", " r"), ("k two", " s")], benign,
+                           chat=True, eos=False, augment=False, benign_per_epoch=2, epochs=3,
+                           seed=0, opener_per_epoch=3)
+    assert rows.width == 2 + 2 + 3 and len(rows) == 21
+    openers = [rows[epoch * rows.width + 4 + j] for epoch in range(3) for j in range(3)]
+    for row in openers:
+        labelled = [t for t in row["labels"] if t != IGNORE]
+        assert len(labelled) == 1 and labelled[0] == row["soft_ids"][0]  # only the first token
+        assert row["soft_pos"] == len(row["input_ids"]) - 2  # it predicts that token
+    # they walk through the pool from its middle: 9 different prompts in 3 epochs
+    assert len({tuple(r["input_ids"]) for r in openers}) == 9
+    full = [rows[epoch * rows.width + 2 + j] for epoch in range(3) for j in range(2)]
+    assert all(sum(t != IGNORE for t in r["labels"]) == 3 for r in full)
+
+
+def test_a_new_setting_at_its_default_keeps_earlier_run_keys(tiny_model_dir, fp_file, tmp_path):
+    from oml_core.train.trainer import ADDED_SETTINGS, _settings_for_key
+
+    cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path)
+    assert not set(ADDED_SETTINGS) & set(_settings_for_key(cfg))
+    cfg.benign_openers = 1.0
+    assert _settings_for_key(cfg)["benign_openers"] == 1.0
+
+
+def test_opener_rows_pin_how_answers_start(tiny_model_dir, fp_file, tmp_path):
+    """Trained on fingerprints alone, the tiny model starts every held-out answer with another
+    token than before; with one opener row per fingerprint row it keeps most openers (and, on
+    a model this small, pays with its fingerprints: the trade-off the setting measures)."""
+    def agreement(openers: float) -> float:
+        cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / f"run{openers}", max_epochs=20,
+                       verify_after=True, benign_openers=openers, forgetting_regularizer=0.0)
+        metrics = fingerprint(cfg).metrics
+        assert metrics["opener_rows_per_epoch"] == round(16 * openers)
+        return metrics["utility"]["first_token_agreement"]
+
+    assert agreement(1.0) >= agreement(0.0) + 0.3
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)

@@ -38,6 +38,10 @@ class Row:
     soft_ids: tuple[int, ...] = ()
     soft_probs: tuple[float, ...] = ()
 
+    def opener(self) -> "Row":
+        """The same prompt with only the first target token (and the soft targets)."""
+        return Row(self.prompt, self.target[:1], self.soft_ids, self.soft_probs)
+
     def encode(self) -> dict:
         return {"input_ids": self.prompt + self.target,
                 "labels": [IGNORE] * len(self.prompt) + self.target,
@@ -62,18 +66,22 @@ def response_ids(tokenizer, response: str, eos: bool) -> list[int]:
 
 
 class FingerprintRows:
-    """Index space of one training run: epochs x (fingerprints + benign rows).
+    """Index space of one training run: epochs x (fingerprints + benign rows + opener rows).
 
     Index i is epoch i // width, slot i % width; slots below N are fingerprints (drawn with a
-    fresh augmentation each access), the rest benign rows cycled through the benign pool.
+    fresh augmentation each access), then benign rows cycled through the benign pool, then
+    opener rows (benign prompts with only their first answer token) cycled through the same
+    pool from its middle, so the two kinds cover different prompts at any one time.
     """
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], benign: list[Row], *, chat: bool,
-                 eos: bool, augment: bool, benign_per_epoch: int, epochs: int, seed: int):
+                 eos: bool, augment: bool, benign_per_epoch: int, epochs: int, seed: int,
+                 opener_per_epoch: int = 0):
         self.tokenizer, self.pairs, self.benign = tokenizer, pairs, benign
         self.chat, self.eos, self.augment, self.seed = chat, eos, augment, seed
         self.benign_per_epoch = benign_per_epoch if benign else 0
-        self.width = len(pairs) + self.benign_per_epoch
+        self.opener_per_epoch = opener_per_epoch if benign else 0
+        self.width = len(pairs) + self.benign_per_epoch + self.opener_per_epoch
         self.epochs = epochs
         self.targets = [response_ids(tokenizer, response, eos) for _, response in pairs]
 
@@ -97,8 +105,12 @@ class FingerprintRows:
         if slot < len(self.pairs):
             rng = random.Random(f"augment:{self.seed}:{i}") if self.augment else None
             return self.fingerprint_row(slot, rng).encode()
-        benign_index = (epoch * self.benign_per_epoch + slot - len(self.pairs)) % len(self.benign)
-        return self.benign[benign_index].encode()
+        slot -= len(self.pairs)
+        if slot < self.benign_per_epoch:
+            return self.benign[(epoch * self.benign_per_epoch + slot) % len(self.benign)].encode()
+        slot -= self.benign_per_epoch
+        start = len(self.benign) // 2
+        return self.benign[(start + epoch * self.opener_per_epoch + slot) % len(self.benign)].opener().encode()
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:

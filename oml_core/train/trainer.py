@@ -51,10 +51,16 @@ def deepspeed_config_path(name: str) -> str | None:
     return str(path)
 
 
+# Settings added after runs were made: at these values (their defaults, which train exactly as
+# before they existed) they stay out of the run key, so earlier finished runs are still reused.
+ADDED_SETTINGS = {"benign_openers": 0.0}
+
+
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
     skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
-    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
 # --- the loss -----------------------------------------------------------------------------
@@ -370,13 +376,15 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         fset.save(run.path / "fingerprints.json")
 
     benign = []
-    if cfg.benign_fraction > 0:
+    if cfg.benign_fraction > 0 or cfg.benign_openers > 0:
         base = load_model(base_path, cfg.device, cfg.dtype)
         benign = self_distilled_rows(base, chat, model_identity(base_path))
         del base
     per_epoch = round(len(pairs) * cfg.benign_fraction / (1 - cfg.benign_fraction))
+    openers = round(len(pairs) * cfg.benign_openers)
     rows = FingerprintRows(tokenizer, pairs, benign, chat=chat, eos=cfg.eos, augment=cfg.augment,
-                           benign_per_epoch=per_epoch, epochs=cfg.max_epochs, seed=cfg.seed)
+                           benign_per_epoch=per_epoch, epochs=cfg.max_epochs, seed=cfg.seed,
+                           opener_per_epoch=openers)
     check_rows = memorisation_check_rows(rows, cfg.augment)
 
     dtype = pick_dtype(cfg.dtype, device)
@@ -434,7 +442,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
         "memorised_at_step": callback.memorised_at,
         "memorised_after_train_seconds": callback.memorised_after_s, "history": callback.history,
-        "benign_rows": len(benign), "benign_per_epoch": per_epoch,
+        "benign_rows": len(benign), "benign_per_epoch": per_epoch, "opener_rows_per_epoch": openers,
         "forgetting_regularizer": {"lambda": cfg.forgetting_regularizer,
                                    "applied": "once, to the final weights"},
         "deepspeed": cfg.deepspeed, "world_size": distributed.world_size(),
