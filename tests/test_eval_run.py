@@ -169,7 +169,8 @@ def test_sigterm_stops_eval_cleanly(tiny_run, tmp_path, part):
     has its own handler): exit 143, one line, status "cancelled", no report, no traceback."""
     out = tmp_path / "eval"
     long_work = {"persistence": ["--persistence-steps", "100000", "--persistence-methods", "full"],
-                 "capacity": ["--capacity-sizes", "4", "--capacity-max-epochs", "10000"]}[part]
+                 # 64 keys: hundreds of tiny steps, so the signal lands while the sweep trains
+                 "capacity": ["--capacity-sizes", "64", "--capacity-max-epochs", "10000"]}[part]
     proc = subprocess.Popen([str(BIN / "oml"), "eval", "--run", str(tiny_run), "--out", str(out),
                              "--parts", part, "--device", "cpu", *long_work],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -192,7 +193,7 @@ def test_sigterm_stops_eval_cleanly(tiny_run, tmp_path, part):
 
 def _has_training_progress(out: Path, part: str) -> bool:
     if part == "capacity":
-        log = out / "capacity" / "runs" / "n4" / "train.log"
+        log = out / "capacity" / "runs" / "n64" / "train.log"
         return log.exists() and "step 2/" in log.read_text()
     running = json.loads((out / "status.json").read_text()).get("state") == "running persistence"
     if running:

@@ -340,9 +340,16 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
             "base_identity": model_identity(base_path),
             "fingerprints_sha256": sha256_file(cfg.fingerprints), **provenance()})
 
-    stop_flag = {"stop": False}
-    previous_handlers = {sig: signal.signal(sig, lambda *_: stop_flag.update(stop=True))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_flag = {"stop": False, "training": False}
+
+    def on_signal(*_):
+        # in the training loop: stop at the next step, where every rank agrees; before or after
+        # it (loading, saving, verifying: minutes on a large model): stop now
+        stop_flag["stop"] = True
+        if not stop_flag["training"]:
+            raise Cancelled()
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         metrics = _train(cfg, fset, base_path, device, ds_config, run, stop_flag)
     except Cancelled:
@@ -420,7 +427,11 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     started = time.time()
-    trainer.train()
+    stop_flag["training"] = True
+    try:
+        trainer.train()
+    finally:
+        stop_flag["training"] = False
     train_seconds = time.time() - started
     if stop_flag["stop"]:
         raise Cancelled()
