@@ -127,25 +127,20 @@ def _trainer_class(soft_weight: float, teacher=None):
 
             soft = {k: inputs.pop(k) for k in ("soft_ids", "soft_probs", "soft_pos") if k in inputs}
             labels = inputs["labels"]  # the Trainer pops it when it calls compute_loss_func
-            keep = answer_positions(labels) if self.compute_loss_func is not None else None
-            if keep is not None:
-                inputs["logits_to_keep"] = keep
+            positions = answer_positions(labels)
+            if self.compute_loss_func is not None:  # logits at `positions` only, flattened
+                inputs["logits_to_keep"] = positions
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             rows = (soft["soft_pos"] >= 0).nonzero().squeeze(-1) if soft else None
             if soft_weight > 0 and rows is not None and rows.numel():
-                if keep is None:  # full logits [batch, length, vocabulary]
-                    at_answers = outputs.logits[answer_positions(labels)]
-                    first = outputs.logits[rows, soft["soft_pos"][rows]]
-                else:  # logits flattened over the kept positions, row by row
-                    at_answers = outputs.logits
-                    flat = keep.flatten().cumsum(0).view_as(keep) - 1
-                    first = outputs.logits[flat[rows, soft["soft_pos"][rows]]]
+                at_answers = outputs.logits if self.compute_loss_func is not None else outputs.logits[positions]
+                entry = positions.flatten().cumsum(0).view_as(positions) - 1  # (row, t) -> index
+                first = at_answers[entry[rows, soft["soft_pos"][rows]]]
                 if teacher is not None:
                     of_rows = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
                     of_rows[rows] = True
-                    row_of_entry = answer_positions(labels).nonzero()[:, 0]
-                    divergence = _answer_kl(teacher, at_answers[of_rows[row_of_entry]],
+                    divergence = _answer_kl(teacher, at_answers[of_rows[positions.nonzero()[:, 0]]],
                                             {**inputs, "labels": labels}, rows)
                 else:
                     log_probs = torch.log_softmax(first.float(), dim=-1).gather(-1, soft["soft_ids"][rows])
