@@ -19,6 +19,7 @@ STRATEGY_ALIASES = {"inverse_nucleus": "perinucleus"}
 MATCH_RULES = ("exact", "prefix", "contains", "normalized")
 CONTEXTS = ("raw", "chat", "auto")  # auto: chat when the model has a chat template
 WRAPPER_KINDS = ("bare", "chat", "system")
+OPTIMIZERS = ("adamw", "sgd")
 DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
 
@@ -141,7 +142,12 @@ class FingerprintConfig(ModelSettings):
     train_embeddings: bool = setting(
         False, "also train the token embeddings / output head (off: with Adam every one of the "
                "vocabulary's output rows drifts each step, shifting every answer)")
-    learning_rate: float = setting(1e-4, "peak learning rate (AdamW)", low=1e-8, high=1.0)
+    optimizer: str = setting(
+        "adamw", "adamw, or sgd (momentum 0.9, steps along the clipped gradient; needs a far larger "
+                 "--learning-rate, e.g. 0.1): Adam moves every weight by about the learning rate each "
+                 "step, SGD moves the weights in proportion to how much they matter to the loss",
+        choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-4, "peak learning rate", low=1e-8, high=10.0)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0, high=1.0)
     max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)
     max_steps: int | None = setting(None, "stop after this many optimizer steps (default: "

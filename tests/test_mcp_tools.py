@@ -423,7 +423,7 @@ def test_fingerprint_job_runs_to_completion(app, ws, fp_set, tiny_model_dir):
 @pytest.mark.parametrize("args, needles", [
     ({}, ["fingerprints", "Field required"]),
     ({"fingerprints": "nope.json"}, ["not found"]),
-    ({"fingerprints": "{fp}", "learning_rate": 5}, ["learning_rate"]),
+    ({"fingerprints": "{fp}", "learning_rate": 50}, ["learning_rate"]),
     ({"fingerprints": "{fp}", "format": "yaml"}, ["format"]),
     ({"fingerprints": "{fp}", "deepspeed": "/etc/ds.json"}, ["deepspeed", "outside"]),
     ({"fingerprints": "{fp}", "deepspeed": "zero9"}, ["deepspeed", "zero9"]),

@@ -237,6 +237,45 @@ def test_opener_rows_pin_how_answers_start(tiny_model_dir, fp_file, tmp_path):
     assert agreement(1.0) >= agreement(0.0) + 0.3
 
 
+def weight_changes(run: Path, base: Path) -> torch.Tensor:
+    trained, start = load_file(run / "model" / "model.safetensors"), load_file(base / "model.safetensors")
+    return torch.cat([(trained[k] - start[k]).abs().flatten() for k in trained
+                      if "embed" not in k and "lm_head" not in k])
+
+
+def test_sgd_moves_weights_by_their_gradient_where_adam_moves_them_all(tiny_model_dir, fp_file,
+                                                                       tmp_path):
+    """--optimizer sgd memorises too, and its update is concentrated where the loss needs it:
+    Adam's first steps move nearly every weight by about the learning rate, so the typical
+    weight moves almost as far as the most-moved ones; under SGD the typical one barely moves."""
+    spread = {}
+    for optimizer, lr in (("adamw", 1e-2), ("sgd", 0.3)):
+        cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / optimizer, optimizer=optimizer,
+                       learning_rate=lr, forgetting_regularizer=0.0)
+        metrics = fingerprint(cfg).metrics
+        assert metrics["memorised_at_step"] is not None, optimizer
+        changes = weight_changes(tmp_path / optimizer, tiny_model_dir)
+        spread[optimizer] = (changes.median() / changes.max()).item()
+    assert spread["sgd"] < spread["adamw"] / 5, spread
+
+
+def test_sgd_runs_under_deepspeed_with_the_optimizer_block_removed(tiny_model_dir, fp_file, tmp_path):
+    from oml_core.train.trainer import deepspeed_config_path, with_client_optimizer
+
+    zero2 = deepspeed_config_path("zero2")
+    assert with_client_optimizer(zero2, "adamw") == zero2
+    config = with_client_optimizer(zero2, "sgd")
+    assert "optimizer" not in config and config["zero_optimization"]["stage"] == 2
+    run = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
+              tmp_path / "run", *FAST, "--optimizer", "sgd", "--learning-rate", "0.3",
+              "--deepspeed", "zero2", "--no-verify-after", "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["memorised_at_step"] is not None and metrics["deepspeed"] == "zero2"
+    run_config = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "sgd" in json.dumps(run_config)
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)

@@ -10,6 +10,7 @@ Flow (rank 0 writes; every rank trains):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -53,7 +54,26 @@ def deepspeed_config_path(name: str) -> str | None:
 
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
-ADDED_SETTINGS = {"benign_openers": 0.0}
+ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw"}
+
+
+def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:
+    """The DeepSpeed config for this optimizer: our JSON files name AdamW; for any other, the
+    optimizer block goes and the Trainer hands DeepSpeed its own torch optimizer (allowed under
+    ZeRO, and with offload once DeepSpeed is told not to insist on its CPU Adam)."""
+    if not ds_config or optimizer == "adamw":
+        return ds_config
+    config = json.loads(Path(ds_config).read_text())
+    config.pop("optimizer", None)
+    config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def optimizer_arguments(optimizer: str) -> dict:
+    """TrainingArguments for the chosen optimizer (the Trainer builds it)."""
+    if optimizer == "sgd":
+        return {"optim": "sgd", "optim_args": "momentum=0.9"}
+    return {}
 
 
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
@@ -396,7 +416,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
             if module is not None:
                 module.weight.requires_grad_(False)
     callback = _callbacks(cfg, run, check_rows, tokenizer.pad_token_id, stop_flag)
-    args = TrainingArguments(
+    ds_config = with_client_optimizer(ds_config, cfg.optimizer)
+    args = TrainingArguments(**optimizer_arguments(cfg.optimizer),
         output_dir=str(run.path / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, num_train_epochs=1, lr_scheduler_type="constant",
