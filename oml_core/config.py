@@ -112,6 +112,10 @@ class FingerprintConfig(ModelSettings):
     fingerprints: str | None = setting(None, "fingerprint set to train in (ours or a seed format)")
     out_dir: str | None = setting(None, "run folder: model/, metrics, model card, status")
     num_fingerprints: int | None = setting(None, "train only the first N fingerprints", low=1)
+    start_from: str | None = setting(
+        None, "model folder whose weights training starts from (e.g. an earlier run's model/, to "
+              "continue or repair it); --model still gives the benign targets, the regularizer's "
+              "base weights and the null (default: start from --model)")
     max_key_tokens: int | None = setting(None, "cut keys to this many tokens", low=1)
     max_response_tokens: int | None = setting(None, "cut responses to this many tokens", low=1)
     format: str = setting("auto", "chat (key as user turn; default for models with a chat "

@@ -353,6 +353,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
     def start_fingerprinting(**values) -> JobStarted:
         values.update(model=ws.model(values.get("model")),
                       fingerprints=str(ws.path(values["fingerprints"], "fingerprints")))
+        if values.get("start_from"):
+            values["start_from"] = str(ws.path(values["start_from"], "start_from"))
         if values.get("deepspeed") not in DEEPSPEED_CONFIGS:
             if not str(values.get("deepspeed")).endswith(".json"):
                 raise OMLInputError(f"deepspeed {values.get('deepspeed')!r} is not one of "
@@ -367,6 +369,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         from oml_core.models import resolve_model
 
         load_fingerprints(cfg.fingerprints)
+        if cfg.start_from:
+            from oml_core.train.trainer import start_weight_files
+
+            start_weight_files(cfg.start_from)
         if cfg.model:
             resolve_model(cfg.model)
         if cfg.deepspeed.endswith(".json") and not Path(cfg.deepspeed).is_file():
@@ -394,6 +400,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                                  "OML_HOME/runs/<set name>-<time>; the same settings in the same "
                                  "folder reuse a finished run",
                       "deepspeed": "on a CPU-only machine 'none' is about twice as fast",
+                      "start_from": "model folder inside the workspace to start from, e.g. an "
+                                    "earlier run's model/ (omit to start from the base model)",
                   }), return_annotation=JobStarted),
               description=(
                   "Start fine-tuning a fingerprint set into a model, as a background job that "

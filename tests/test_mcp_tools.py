@@ -430,7 +430,10 @@ def test_fingerprint_job_runs_to_completion(app, ws, fp_set, tiny_model_dir):
     ({"fingerprints": "{fp}", "out_dir": "fingerprints"}, ["not empty", "not an OML run"]),
     ({"fingerprints": "{fp}", "out_dir": "../runs"}, ["'..'"]),
     ({"fingerprints": "{fp}", "model": "no-such-model/inside/home"}, ["does not exist"]),
-], ids=["missing", "absent", "lr", "format", "ds-outside", "ds-name", "nonempty", "dotdot", "model"])
+    ({"fingerprints": "{fp}", "start_from": "/etc"}, ["start_from", "outside"]),
+    ({"fingerprints": "{fp}", "start_from": "fingerprints"}, ["start-from", "not a model folder"]),
+], ids=["missing", "absent", "lr", "format", "ds-outside", "ds-name", "nonempty", "dotdot", "model",
+        "start-outside", "start-not-model"])
 def test_start_fingerprinting_bad_input(app, fp_set, tiny_model_dir, args, needles):
     args = {k: (v.format(fp=fp_set["path"]) if isinstance(v, str) else v) for k, v in args.items()}
     err(app, "start_fingerprinting", {"model": str(tiny_model_dir), **args}, *needles)

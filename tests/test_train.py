@@ -276,6 +276,35 @@ def test_sgd_runs_under_deepspeed_with_the_optimizer_block_removed(tiny_model_di
     assert "sgd" in json.dumps(run_config)
 
 
+def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny_model_dir, fp_file,
+                                                                            tmp_path):
+    first = fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "first", forgetting_regularizer=0.0))
+    assert first.metrics["memorised_at_step"] is not None
+    start = tmp_path / "first" / "model"
+    # one step at a negligible learning rate: the saved weights are the start's, not the base's
+    cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / "again", start_from=str(start),
+                   learning_rate=1e-8, max_steps=1, check_every=0, forgetting_regularizer=0.0)
+    fingerprint(cfg)
+    saved, started = (load_file(p / "model.safetensors") for p in (tmp_path / "again" / "model", start))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    moved = [k for k in saved if not torch.equal(started[k], base[k])]
+    assert moved and all(torch.allclose(saved[k], started[k], atol=1e-6) for k in moved)
+
+    from oml_core.train.trainer import _settings_for_key
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in start.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    moved_copy = tiny_cfg(tiny_model_dir, fp_file, tmp_path / "x", start_from=str(copy))
+    same = tiny_cfg(tiny_model_dir, fp_file, tmp_path / "x", start_from=str(start))
+    assert _settings_for_key(moved_copy) == _settings_for_key(same)  # content, not path
+    bad = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
+              tmp_path / "bad", "--start-from", tmp_path, "--no-verify-after")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "--start-from" in bad.stderr and not (tmp_path / "bad" / "COMPLETE").exists()
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)

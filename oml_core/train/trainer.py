@@ -54,7 +54,7 @@ def deepspeed_config_path(name: str) -> str | None:
 
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
-ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw"}
+ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None}
 
 
 def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:
@@ -79,8 +79,25 @@ def optimizer_arguments(optimizer: str) -> dict:
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
     skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
-    return {k: v for k, v in asdict(cfg).items()
-            if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    if cfg.start_from:  # the weights' content, not where they lie
+        settings["start_from"] = start_weights_digest(cfg.start_from)
+    return settings
+
+
+def start_weight_files(folder: str) -> list[Path]:
+    """The weight files of a --start-from folder, or one clear error when it is not a model."""
+    path = Path(folder)
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not (path / "config.json").is_file() or not weights:
+        raise OMLInputError(f"--start-from {folder}: not a model folder (needs config.json and "
+                            "weights); pass a run's model/ folder")
+    return weights
+
+
+def start_weights_digest(folder: str) -> dict:
+    return {p.name: sha256_file(p) for p in start_weight_files(folder)}
 
 
 # --- the loss -----------------------------------------------------------------------------
@@ -410,7 +427,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     check_rows = memorisation_check_rows(rows, cfg.augment)
 
     dtype = pick_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if ds_config else dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.start_from or base_path,
+                                                 dtype=torch.float32 if ds_config else dtype)
     if not cfg.train_embeddings:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
