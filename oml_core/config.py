@@ -152,7 +152,7 @@ class FingerprintConfig(ModelSettings):
                  "step, SGD moves the weights in proportion to how much they matter to the loss",
         choices=OPTIMIZERS)
     learning_rate: float = setting(1e-4, "peak learning rate", low=1e-8, high=10.0)
-    weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0, high=1.0)
+    weight_decay: float = setting(0.0, "weight decay", low=0.0, high=1.0)
     max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)
     max_steps: int | None = setting(None, "stop after this many optimizer steps (default: "
                                           "--max-epochs decides)", low=1)

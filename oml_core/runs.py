@@ -124,3 +124,25 @@ class RunFolder:
 
     def mark_complete(self) -> None:
         atomic_write_text(self.path / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+
+
+def weights_digest(folder: Path, memo_file: Path | None = None) -> str:
+    """SHA-256 over a model folder's config and weight files' content (memoised by size+mtime)."""
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    memo: dict = {}
+    if memo_file is not None:
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    digest, changed = hashlib.sha256(), False
+    for path in files:
+        stat = path.stat()
+        tag = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if tag not in memo:
+            memo[tag], changed = sha256_file(path), True
+        digest.update(f"{path.name}:{memo[tag]}\n".encode())
+    if memo_file is not None and changed:
+        atomic_write_json(memo_file, memo)
+    return digest.hexdigest()

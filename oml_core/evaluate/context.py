@@ -20,33 +20,11 @@ from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.models import LoadedModel, load_model, pick_device, resolve_model
-from oml_core.runs import COMPLETE, RunFolder, model_identity, sha256_file
+from oml_core.runs import COMPLETE, RunFolder, model_identity, sha256_file, weights_digest
 from oml_core.verify.verifier import check_keys
 from oml_core.verify.wrappers import Wrapper, build_wrappers
 
 CACHE_VERSION = 1  # bump when a part's method changes, so old cached numbers are not reused
-
-
-def weights_digest(folder: Path, memo_file: Path | None = None) -> str:
-    """SHA-256 over a model folder's config and weight files' content (memoised by size+mtime)."""
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    memo: dict = {}
-    if memo_file is not None:
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    digest, changed = hashlib.sha256(), False
-    for path in files:
-        stat = path.stat()
-        tag = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if tag not in memo:
-            memo[tag], changed = sha256_file(path), True
-        digest.update(f"{path.name}:{memo[tag]}\n".encode())
-    if memo_file is not None and changed:
-        atomic_write_json(memo_file, memo)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from oml_core.errors import Cancelled, OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
-from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file
+from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file, weights_digest
 from oml_core.train import distributed
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import IGNORE, FingerprintRows, collate
@@ -96,8 +96,9 @@ def start_weight_files(folder: str) -> list[Path]:
     return weights
 
 
-def start_weights_digest(folder: str) -> dict:
-    return {p.name: sha256_file(p) for p in start_weight_files(folder)}
+def start_weights_digest(folder: str) -> str:
+    start_weight_files(folder)
+    return weights_digest(Path(folder))
 
 
 # --- the loss -----------------------------------------------------------------------------
