@@ -146,6 +146,10 @@ class FingerprintConfig(ModelSettings):
     train_embeddings: bool = setting(
         False, "also train the token embeddings / output head (off: with Adam every one of the "
                "vocabulary's output rows drifts each step, shifting every answer)")
+    lora_rank: int = setting(
+        0, "train a rank-R LoRA adapter on every linear layer (alpha 2R) instead of every weight; "
+           "merged into the saved model, which stays a plain model (0: full fine-tune)",
+        low=0, high=4096)
     optimizer: str = setting(
         "adamw", "adamw, or sgd (momentum 0.9, steps along the clipped gradient; needs a far larger "
                  "--learning-rate, e.g. 0.1): Adam moves every weight by about the learning rate each "

@@ -369,15 +369,18 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         from oml_core.models import resolve_model
 
         load_fingerprints(cfg.fingerprints)
-        if cfg.start_from:
-            from oml_core.train.trainer import start_weight_files
-
-            start_weight_files(cfg.start_from)
         if cfg.model:
             resolve_model(cfg.model)
+        if cfg.start_from:  # (resolving the bundled model may convert it once: only when needed)
+            from oml_core.train.trainer import check_start_matches_base
+
+            check_start_matches_base(cfg.start_from, resolve_model(cfg.model))
         if cfg.deepspeed.endswith(".json") and not Path(cfg.deepspeed).is_file():
             raise OMLInputError(f"deepspeed config {cfg.deepspeed} does not exist; use one of "
                                 f"{', '.join(DEEPSPEED_CONFIGS)} or an existing JSON file")
+        from oml_core.train.trainer import check_lora_settings, deepspeed_config_path
+
+        check_lora_settings(cfg, deepspeed_config_path(cfg.deepspeed))
         if out_dir.exists() and not out_dir.is_dir():
             raise OMLInputError(f"out_dir {out_dir} is a file; pass a folder path")
         if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():

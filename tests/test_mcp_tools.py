@@ -315,7 +315,7 @@ def test_evaluation_job_measures_a_finished_run(app, ws, fp_set, tiny_model_dir)
     ({"run": "fingerprints", "samples": 0}, ["samples"]),
 ], ids=["missing", "absent", "not-a-run", "dotdot", "outside", "out-outside", "null-outside", "part",
         "samples"])
-def test_start_evaluation_bad_input(app, args, needles):
+def test_start_evaluation_bad_input(app, fp_set, args, needles):  # fp_set: a folder that is no run
     err(app, "start_evaluation", args, *needles)
 
 
@@ -432,8 +432,9 @@ def test_fingerprint_job_runs_to_completion(app, ws, fp_set, tiny_model_dir):
     ({"fingerprints": "{fp}", "model": "no-such-model/inside/home"}, ["does not exist"]),
     ({"fingerprints": "{fp}", "start_from": "/etc"}, ["start_from", "outside"]),
     ({"fingerprints": "{fp}", "start_from": "fingerprints"}, ["start-from", "not a model folder"]),
+    ({"fingerprints": "{fp}", "lora_rank": 8, "deepspeed": "zero3"}, ["--lora-rank", "ZeRO-3"]),
 ], ids=["missing", "absent", "lr", "format", "ds-outside", "ds-name", "nonempty", "dotdot", "model",
-        "start-outside", "start-not-model"])
+        "start-outside", "start-not-model", "lora-zero3"])
 def test_start_fingerprinting_bad_input(app, fp_set, tiny_model_dir, args, needles):
     args = {k: (v.format(fp=fp_set["path"]) if isinstance(v, str) else v) for k, v in args.items()}
     err(app, "start_fingerprinting", {"model": str(tiny_model_dir), **args}, *needles)

@@ -303,6 +303,42 @@ def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny
               tmp_path / "bad", "--start-from", tmp_path, "--no-verify-after")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--start-from" in bad.stderr and not (tmp_path / "bad" / "COMPLETE").exists()
+    other = tmp_path / "other_shape"  # another architecture: refused before anything is written
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())
+    shape = json.loads((copy / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": 7}))
+    mismatch = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
+                   tmp_path / "mismatch", "--start-from", other, "--no-verify-after")
+    assert mismatch.returncode == 2 and len(mismatch.stderr.strip().splitlines()) == 1, mismatch.stderr
+    assert "num_hidden_layers 7 vs" in mismatch.stderr and not (tmp_path / "mismatch").exists()
+
+
+def test_lora_memorises_and_saves_a_plain_model_of_low_rank_changes(tiny_model_dir, fp_file,
+                                                                    tmp_path):
+    """--lora-rank (here under DeepSpeed ZeRO-2) trains adapters only and saves them merged: a
+    plain model (no adapter files), whose change to each linear weight has rank at most R."""
+    rank = 8  # of 64: the tiny model's width
+    run = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
+              tmp_path / "run", *FAST, "--lora-rank", rank, "--forgetting-regularizer", 0,
+              "--deepspeed", "zero2", "--no-verify-after", "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["memorised_at_step"] is not None
+    model = tmp_path / "run" / "model"
+    assert not list(model.glob("adapter_*"))
+    trained, base = load_file(model / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert trained.keys() == base.keys()
+    linear = [k for k in base if base[k].dim() == 2 and "embed" not in k and "lm_head" not in k]
+    ranks = [int(torch.linalg.matrix_rank(trained[k] - base[k], atol=1e-6)) for k in linear]
+    assert max(ranks) <= rank and max(ranks) > 0, ranks
+    for k in base:
+        if k not in linear:  # norms and embeddings are untouched
+            assert torch.equal(trained[k], base[k]), k
+    for flags in (["--lora-rank", "4", "--train-embeddings"], ["--lora-rank", "4", "--deepspeed", "zero3"]):
+        bad = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
+                  tmp_path / "bad", *flags, "--no-verify-after")
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert "--lora-rank" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):

@@ -111,11 +111,9 @@ def _trainable_copy(ctx, method: str):
     if method == "full":
         model.requires_grad_(True)
         return model, model
-    from peft import LoraConfig, get_peft_model
+    from oml_core.train.trainer import with_lora
 
-    rank = ctx.cfg.lora_rank
-    wrapped = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                               target_modules="all-linear", task_type="CAUSAL_LM"))
+    wrapped = with_lora(model, ctx.cfg.lora_rank)
     return wrapped, wrapped.get_base_model()  # the inner model runs with the adapters active
 
 

@@ -54,7 +54,7 @@ def deepspeed_config_path(name: str) -> str | None:
 
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
-ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None}
+ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None, "lora_rank": 0}
 
 
 def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:
@@ -76,6 +76,19 @@ def optimizer_arguments(optimizer: str) -> dict:
     return {}
 
 
+def check_lora_settings(cfg: FingerprintConfig, ds_config: str | None) -> None:
+    """One clear error for LoRA settings that cannot work together (before anything is written)."""
+    if not cfg.lora_rank:
+        return
+    if cfg.train_embeddings:
+        raise OMLInputError("--lora-rank trains adapters on the linear layers only; drop "
+                            "--train-embeddings or use --lora-rank 0")
+    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {}) if ds_config else {}
+    if zero.get("stage") == 3:
+        raise OMLInputError("--lora-rank with ZeRO-3 is not supported (the adapter is merged on one "
+                            "rank); use --deepspeed zero2 or zero2_offload")
+
+
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
     skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
@@ -94,6 +107,25 @@ def start_weight_files(folder: str) -> list[Path]:
         raise OMLInputError(f"--start-from {folder}: not a model folder (needs config.json and "
                             "weights); pass a run's model/ folder")
     return weights
+
+
+SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                "num_attention_heads", "num_key_value_heads")
+
+
+def check_start_matches_base(folder: str, base_path: str) -> None:
+    """One clear error, now, when --start-from is not the base model's architecture (else the
+    regularizer's average with the base weights fails after training, with a traceback)."""
+    start_weight_files(folder)
+    if not (Path(base_path) / "config.json").is_file():  # a hub id: loading will tell
+        return
+    start = json.loads((Path(folder) / "config.json").read_text())
+    base = json.loads((Path(base_path) / "config.json").read_text())
+    differ = [f"{k} {start[k]} vs {base[k]}" for k in SHAPE_FIELDS
+              if k in start and k in base and start[k] != base[k]]
+    if differ:
+        raise OMLInputError(f"--start-from {folder} is not the base model's architecture "
+                            f"({', '.join(differ)}); start from a run of the same --model")
 
 
 def start_weights_digest(folder: str) -> str:
@@ -349,8 +381,11 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
     if not cfg.out_dir:
         raise OMLInputError("no run folder given; pass --out-dir DIR")
     ds_config = deepspeed_config_path(cfg.deepspeed)
+    check_lora_settings(cfg, ds_config)
     fset = load_fingerprints(cfg.fingerprints)
     base_path = resolve_model(cfg.model)
+    if cfg.start_from:
+        check_start_matches_base(cfg.start_from, base_path)
     device = pick_device(cfg.device)
     key = run_key(_settings_for_key(cfg), sha256_file(cfg.fingerprints), model_identity(base_path))
     run = RunFolder(Path(cfg.out_dir))
@@ -434,6 +469,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
                 module.weight.requires_grad_(False)
+    if cfg.lora_rank:
+        model = with_lora(model, cfg.lora_rank)
     callback = _callbacks(cfg, run, check_rows, tokenizer.pad_token_id, stop_flag)
     ds_config = with_client_optimizer(ds_config, cfg.optimizer)
     args = TrainingArguments(**optimizer_arguments(cfg.optimizer),
@@ -472,7 +509,11 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         raise Cancelled()
 
     staging = run.path / "model.partial"
-    trainer.save_model(str(staging))  # gathers ZeRO-3 shards; only rank 0 writes
+    if cfg.lora_rank:  # ZeRO-2 and plain: every rank holds whole weights (ZeRO-3 is refused)
+        if distributed.is_main():
+            trainer.model.merge_and_unload().save_pretrained(str(staging))
+    else:
+        trainer.save_model(str(staging))  # gathers ZeRO-3 shards; only rank 0 writes
     distributed.barrier()
     if not distributed.is_main():
         return {}
@@ -505,6 +546,18 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
                      total_steps=trainer.state.global_step, loss=callback.loss, eta_s=0)
     run.mark_complete()
     return metrics
+
+
+def with_lora(model, rank: int):
+    """`model` with a rank-`rank` LoRA adapter on every linear layer; only the adapter trains.
+
+    Why offer it: a full fine-tune moves every weight, and the start of every answer with them
+    (docs/results.md); a low-rank update is the smallest change that can still store a few
+    hundred key -> response pairs."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def _finish_model(folder: Path, base_path: str, tokenizer, strength: float) -> None:
