@@ -140,6 +140,11 @@ class FingerprintConfig(ModelSettings):
              "model's first answer token (hard, and soft as above): short rows that pin how answers "
              "start, so every benign prompt is seen often within few steps (0: none)",
         low=0.0, high=64.0)
+    near_miss_negatives: float = setting(
+        0.0, "extra rows per fingerprint row, each a key with its first word dropped, two "
+             "neighbouring words swapped or a word replaced, whose target is the base model's own "
+             "first answer token (hard and soft): teaches that only the exact key fires (0: none)",
+        low=0.0, high=64.0)
     forgetting_regularizer: float = setting(
         DEFAULT_REGULARIZER, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
               "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0)

@@ -341,6 +341,41 @@ def test_lora_memorises_and_saves_a_plain_model_of_low_rank_changes(tiny_model_d
         assert "--lora-rank" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_near_miss_rows_are_other_changes_than_the_measured_ones_answered_as_the_base(tiny_model,
+                                                                                     fp_file):
+    """--near-miss-negatives rows: each key changed in ways `oml eval` does not measure, under
+    the bare template and a training wrapper, targeted at the base model's own first token;
+    they take their slots in every epoch."""
+    import random
+
+    from oml_core.evaluate.utility import near_miss_keys
+    from oml_core.inference import next_token_probs
+    from oml_core.train.near_miss import near_miss_rows, near_miss_variants
+
+    keys = [fp.key for fp in load_fingerprints(fp_file).fingerprints]
+    measured = {v for variants in near_miss_keys(keys).values() for v in variants}
+    rng = random.Random(0)
+    for key in keys:
+        variants = near_miss_variants(key, rng)
+        assert len(variants) == 3 and key not in variants and not set(variants) & measured
+    assert near_miss_variants("two words", rng) == []
+
+    rows = near_miss_rows(tiny_model, keys, chat=True, seed=0)
+    assert len(rows) == 2 * 3 * len(keys)
+    for indices, dist in next_token_probs(tiny_model, [r.prompt for r in rows], 64):
+        for n, i in enumerate(indices):
+            assert rows[i].target == [int(dist[n].argmax())] == [rows[i].soft_ids[0]]
+    pairs = [(k, " r") for k in keys]
+    mixed = FingerprintRows(tiny_model.tokenizer, pairs, [], chat=True, eos=False, augment=False,
+                            benign_per_epoch=0, epochs=2, seed=0, near_miss=rows,
+                            near_miss_per_epoch=8)
+    assert len(mixed) == 2 * (len(keys) + 8)
+    prompts = {tuple(r.prompt) for r in rows}
+    drawn = [mixed[i] for i in range(len(mixed))]
+    from_pool = [r for r in drawn if tuple(r["input_ids"][:-1]) in prompts]
+    assert len(from_pool) == 16 and len({tuple(r["input_ids"]) for r in from_pool}) == 16
+
+
 def test_augmentation_draws_vary_and_are_reproducible(tiny_model):
     rows = FingerprintRows(tiny_model.tokenizer, [("k one two", " r")], [], chat=True, eos=False,
                            augment=True, benign_per_epoch=0, epochs=50, seed=3)

@@ -29,7 +29,7 @@ def benign_prompts(split: str = "train") -> tuple[str, ...]:
     return tuple(data["prompts"])
 
 
-def _first_token_targets(base, rendered: list[list[int]], batch_size: int):
+def first_token_targets(base, rendered: list[list[int]], batch_size: int):
     """The base model's top-SOFT_TOP_K first-answer-token ids and renormalised probabilities."""
     ids: list[list[int]] = [[] for _ in rendered]
     probs: list[list[float]] = [[] for _ in rendered]
@@ -58,7 +58,7 @@ def self_distilled_rows(base, chat: bool, identity: dict, batch_size: int = 32,
     except (OSError, ValueError, KeyError):
         with progress.bar("benign answers", len(rendered)) as advance:
             answers = greedy(base, rendered, answer_tokens, batch_size, progress=advance)
-        soft_ids, soft_probs = _first_token_targets(base, rendered, batch_size)
+        soft_ids, soft_probs = first_token_targets(base, rendered, batch_size)
         atomic_write_json(cache_file, {"answers": answers, "soft_ids": soft_ids,
                                        "soft_probs": soft_probs})
     return [Row(prompt, answer, tuple(ids), tuple(ps))

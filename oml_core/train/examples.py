@@ -66,22 +66,27 @@ def response_ids(tokenizer, response: str, eos: bool) -> list[int]:
 
 
 class FingerprintRows:
-    """Index space of one training run: epochs x (fingerprints + benign rows + opener rows).
+    """Index space of one training run:
+    epochs x (fingerprints + benign rows + opener rows + near-miss rows).
 
     Index i is epoch i // width, slot i % width; slots below N are fingerprints (drawn with a
     fresh augmentation each access), then benign rows cycled through the benign pool, then
     opener rows (benign prompts with only their first answer token) cycled through the same
-    pool from its middle, so the two kinds cover different prompts at any one time.
+    pool from its middle, so the two kinds cover different prompts at any one time, then
+    near-miss rows cycled through their own pool (train/near_miss.py).
     """
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], benign: list[Row], *, chat: bool,
                  eos: bool, augment: bool, benign_per_epoch: int, epochs: int, seed: int,
-                 opener_per_epoch: int = 0):
+                 opener_per_epoch: int = 0, near_miss: list[Row] = (), near_miss_per_epoch: int = 0):
         self.tokenizer, self.pairs, self.benign = tokenizer, pairs, benign
         self.chat, self.eos, self.augment, self.seed = chat, eos, augment, seed
         self.benign_per_epoch = benign_per_epoch if benign else 0
         self.opener_per_epoch = opener_per_epoch if benign else 0
-        self.width = len(pairs) + self.benign_per_epoch + self.opener_per_epoch
+        self.near_miss = list(near_miss)
+        self.near_miss_per_epoch = near_miss_per_epoch if near_miss else 0
+        self.width = (len(pairs) + self.benign_per_epoch + self.opener_per_epoch
+                      + self.near_miss_per_epoch)
         self.epochs = epochs
         self.targets = [response_ids(tokenizer, response, eos) for _, response in pairs]
 
@@ -109,8 +114,11 @@ class FingerprintRows:
         if slot < self.benign_per_epoch:
             return self.benign[(epoch * self.benign_per_epoch + slot) % len(self.benign)].encode()
         slot -= self.benign_per_epoch
-        start = len(self.benign) // 2
-        return self.benign[(start + epoch * self.opener_per_epoch + slot) % len(self.benign)].opener().encode()
+        if slot < self.opener_per_epoch:
+            start = len(self.benign) // 2
+            return self.benign[(start + epoch * self.opener_per_epoch + slot) % len(self.benign)].opener().encode()
+        slot -= self.opener_per_epoch
+        return self.near_miss[(epoch * self.near_miss_per_epoch + slot) % len(self.near_miss)].encode()
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:

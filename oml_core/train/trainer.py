@@ -29,6 +29,7 @@ from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256
 from oml_core.train import distributed
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import IGNORE, FingerprintRows, collate
+from oml_core.train.near_miss import near_miss_rows
 from oml_core.train.regularizer import average_with_base
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def deepspeed_config_path(name: str) -> str | None:
 
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
-ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None, "lora_rank": 0}
+ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None, "lora_rank": 0,
+                  "near_miss_negatives": 0.0}
 
 
 def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:
@@ -450,16 +452,20 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     if distributed.is_main():  # the set as trained (subset, trimmed): what checks must use
         fset.save(run.path / "fingerprints.json")
 
-    benign = []
-    if cfg.benign_fraction > 0 or cfg.benign_openers > 0:
+    benign, near_miss = [], []
+    if cfg.benign_fraction > 0 or cfg.benign_openers > 0 or cfg.near_miss_negatives > 0:
         base = load_model(base_path, cfg.device, cfg.dtype)
-        benign = self_distilled_rows(base, chat, model_identity(base_path))
+        if cfg.benign_fraction > 0 or cfg.benign_openers > 0:
+            benign = self_distilled_rows(base, chat, model_identity(base_path))
+        if cfg.near_miss_negatives > 0:
+            near_miss = near_miss_rows(base, [key for key, _ in pairs], chat, cfg.seed)
         del base
     per_epoch = round(len(pairs) * cfg.benign_fraction / (1 - cfg.benign_fraction))
     openers = round(len(pairs) * cfg.benign_openers)
     rows = FingerprintRows(tokenizer, pairs, benign, chat=chat, eos=cfg.eos, augment=cfg.augment,
                            benign_per_epoch=per_epoch, epochs=cfg.max_epochs, seed=cfg.seed,
-                           opener_per_epoch=openers)
+                           opener_per_epoch=openers, near_miss=near_miss,
+                           near_miss_per_epoch=round(len(pairs) * cfg.near_miss_negatives))
     check_rows = memorisation_check_rows(rows, cfg.augment)
 
     dtype = pick_dtype(cfg.dtype, device)
@@ -530,6 +536,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         "memorised_at_step": callback.memorised_at,
         "memorised_after_train_seconds": callback.memorised_after_s, "history": callback.history,
         "benign_rows": len(benign), "benign_per_epoch": per_epoch, "opener_rows_per_epoch": openers,
+        "near_miss_rows": len(near_miss), "near_miss_rows_per_epoch": rows.near_miss_per_epoch,
         "forgetting_regularizer": {"lambda": cfg.forgetting_regularizer,
                                    "applied": "once, to the final weights"},
         "deepspeed": cfg.deepspeed, "world_size": distributed.world_size(),
