@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -78,7 +79,7 @@ class FingerprintRows:
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], benign: list[Row], *, chat: bool,
                  eos: bool, augment: bool, benign_per_epoch: int, epochs: int, seed: int,
-                 opener_per_epoch: int = 0, near_miss: list[Row] = (), near_miss_per_epoch: int = 0):
+                 opener_per_epoch: int = 0, near_miss: Sequence[Row] = (), near_miss_per_epoch: int = 0):
         self.tokenizer, self.pairs, self.benign = tokenizer, pairs, benign
         self.chat, self.eos, self.augment, self.seed = chat, eos, augment, seed
         self.benign_per_epoch = benign_per_epoch if benign else 0

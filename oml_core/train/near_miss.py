@@ -19,11 +19,9 @@ from oml_core.generate.words import word_list
 from oml_core.train.benign import first_token_targets
 from oml_core.train.examples import Row, render_prompt, training_augmentation
 
-KINDS = ("first_word_dropped", "neighbours_swapped", "word_replaced")
-
-
 def near_miss_variants(key: str, rng: random.Random) -> list[str]:
-    """One variant of each kind in KINDS (fewer for keys of under three words)."""
+    """[first word dropped, two neighbouring words swapped, one word replaced]: none for keys of
+    under three words, and any that happens to equal the key left out."""
     words = key.split()
     if len(words) < 3:
         return []
