@@ -85,7 +85,11 @@ def check_lora_settings(cfg: FingerprintConfig, ds_config: str | None) -> None:
     if cfg.train_embeddings:
         raise OMLInputError("--lora-rank trains adapters on the linear layers only; drop "
                             "--train-embeddings or use --lora-rank 0")
-    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {}) if ds_config else {}
+    try:
+        zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {}) if ds_config else {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise OMLInputError(f"--deepspeed {ds_config}: not a readable JSON config ({type(exc).__name__}); "
+                            "fix the file or use zero2") from None
     if zero.get("stage") == 3:
         raise OMLInputError("--lora-rank with ZeRO-3 is not supported (the adapter is merged on one "
                             "rank); use --deepspeed zero2 or zero2_offload")
