@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -403,8 +404,12 @@ def test_memorisation_check_equals_argmax_over_full_logits(tiny_model, fp_file):
     model, tok = tiny_model.model, tiny_model.tokenizer
     fset = load_fingerprints(fp_file)
     rows = FingerprintRows(tok, [(fp.key, fp.response) for fp in fset.fingerprints], [], chat=True,
-                           eos=False, augment=False, benign_per_epoch=0, epochs=1, seed=0)
-    checks = [rows.fingerprint_row(i, None).encode() for i in range(len(fset))]
+                           eos=False, augment=True, benign_per_epoch=0, epochs=1, seed=0)
+    # bare and wrapped rows interleaved: lengths vary, so the check's batching by length
+    # reorders them and must put each answer back in its row's place
+    checks = [rows.fingerprint_row(i % len(fset), random.Random(i) if i % 3 else None).encode()
+              for i in range(2 * len(fset))]
+    assert len({len(row["input_ids"]) for row in checks}) > 3
     for n, row in enumerate(checks[::2]):  # make every other row's targets the model's own argmax
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]

@@ -257,10 +257,14 @@ def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[boo
     model.eval()
     device = next(model.parameters()).device
     decoder, head = _decoder_and_head(model)
-    result: list[bool] = []
+    # batches of similar length: augmented wrappers range from ~50 to ~270 tokens, and in
+    # the given order padding would make up over a third of the check's tokens
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    result = [False] * len(rows)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start:start + batch_size], pad_id)
+            chunk = order[start:start + batch_size]
+            batch = collate([rows[i] for i in chunk], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch["labels"][:, 1:]
             predicts = labels != IGNORE  # position t predicts token t + 1
@@ -273,7 +277,8 @@ def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[boo
                 logits = head(hidden[:, :-1][predicts])
             hit = torch.ones_like(labels, dtype=torch.bool)
             hit[predicts] = logits.argmax(-1) == labels[predicts]
-            result += hit.all(dim=1).tolist()
+            for i, row_hit in zip(chunk, hit.all(dim=1).tolist()):
+                result[i] = row_hit
     model.train(was_training)
     return result
 
