@@ -192,10 +192,12 @@ def target_deltas(model, rows, owner, targets, last: int, steps: int, lr: float,
                 current["key"] = owner[j]
                 logits = model(input_ids=torch.tensor([[row[-1]]]), past_key_values=caches[j],
                                use_cache=True, position_ids=torch.tensor([[lengths[j]]])).logits[0, -1]
-                caches[j].crop(-1)  # the answer position comes off the cache again
+                caches[j].crop(-1)  # the answer position comes off the cache again, and the
+                for layer in caches[j].layers:  # kept prefix must not stay tied to this graph
+                    layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
                 loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([targets[j]]))
                 (loss / len(rows)).backward()
-                total += float(loss)
+                total += float(loss.detach())
                 hits += int(logits.argmax() == targets[j])
             if (hits, -total) > (best[0], -best[1]):
                 best = (hits, total, delta.detach().clone())
