@@ -257,8 +257,8 @@ def memorised(model, rows: list[dict], pad_id: int, batch_size: int) -> list[boo
     model.eval()
     device = next(model.parameters()).device
     decoder, head = _decoder_and_head(model)
-    # batches of similar length: augmented wrappers range from ~50 to ~270 tokens, and in
-    # the given order padding would make up over a third of the check's tokens
+    # batches of similar length: augmented wrappers run from ~50 to ~270 tokens; for the 256
+    # check rows of 128 keys, the given order pads 18,325 tokens to 37,152, sorted to 22,432
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     result = [False] * len(rows)
     with torch.no_grad():
