@@ -74,34 +74,42 @@ def key_contexts(tokenizer, fset, per_key: int):
     return rows, owner, targets
 
 
-def answer_position_states(model, rows, layers, upto):
-    """Per row, at its last position: each edit layer's down-projection input, and the residual
-    stream after layer `upto` (the forward stops there)."""
+def _run_up_to(model, seqs, layers, upto, on_input, on_residual=None) -> None:
+    """Run each sequence through layer `upto` only, calling on_input(layer, x) with each edit
+    layer's down-projection input and on_residual(h) with the residual stream after `upto`."""
     blocks = model.model.layers
-    inputs = {layer: [] for layer in layers}
-    residual = []
 
-    def keep_input(layer):
-        def hook(module, args):
-            inputs[layer].append(args[0][0, -1].clone())
+    def see_input(layer):
+        def hook(module, args):  # returns None: a pre-hook's return value replaces the input
+            on_input(layer, args[0][0])
         return hook
 
-    def keep_and_stop(module, args, out):
-        residual.append((out[0] if isinstance(out, tuple) else out)[0, -1].clone())
+    def stop(module, args, out):
+        if on_residual is not None:
+            on_residual((out[0] if isinstance(out, tuple) else out)[0])
         raise _Stop
 
-    hooks = [blocks[layer].mlp.down_proj.register_forward_pre_hook(keep_input(layer)) for layer in layers]
-    hooks.append(blocks[upto].register_forward_hook(keep_and_stop))
+    hooks = [blocks[layer].mlp.down_proj.register_forward_pre_hook(see_input(layer)) for layer in layers]
+    hooks.append(blocks[upto].register_forward_hook(stop))
     try:
         with torch.no_grad():
-            for row in rows:
+            for seq in seqs:
                 try:
-                    model(input_ids=torch.tensor([row]))
+                    model(input_ids=torch.tensor([seq]))
                 except _Stop:
                     pass
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def answer_position_states(model, rows, layers, upto):
+    """Per row, at its last position: each edit layer's down-projection input, and the residual
+    stream after layer `upto`."""
+    inputs = {layer: [] for layer in layers}
+    residual = []
+    _run_up_to(model, rows, layers, upto, lambda layer, x: inputs[layer].append(x[-1].clone()),
+               lambda h: residual.append(h[-1].clone()))
     return {layer: torch.stack(v) for layer, v in inputs.items()}, torch.stack(residual)
 
 
@@ -128,31 +136,14 @@ def ordinary_sequences(loaded, base_path: str, max_tokens: int) -> list[list[int
 
 def second_moments(model, seqs, layers, upto) -> dict:
     """E[x x^T] of each edit layer's down-projection input over every position of `seqs`."""
-    blocks = model.model.layers
-    width = blocks[layers[0]].mlp.down_proj.in_features
+    width = model.model.layers[layers[0]].mlp.down_proj.in_features
     sums = {layer: torch.zeros(width, width, dtype=torch.float64) for layer in layers}
 
-    def accumulate(layer):
-        def hook(module, args):  # returns None: a pre-hook's return value replaces the input
-            x = args[0][0].double()
-            sums[layer].add_(x.T @ x)
-        return hook
+    def accumulate(layer, x):
+        x = x.double()
+        sums[layer].add_(x.T @ x)
 
-    def stop(module, args, out):
-        raise _Stop
-
-    hooks = [blocks[layer].mlp.down_proj.register_forward_pre_hook(accumulate(layer)) for layer in layers]
-    hooks.append(blocks[upto].register_forward_hook(stop))
-    try:
-        with torch.no_grad():
-            for seq in seqs:
-                try:
-                    model(input_ids=torch.tensor([seq]))
-                except _Stop:
-                    pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_up_to(model, seqs, layers, upto, accumulate)
     count = sum(len(seq) for seq in seqs)
     return {layer: (total / count).float() for layer, total in sums.items()}
 
