@@ -20,13 +20,16 @@ MATCH_RULES = ("exact", "prefix", "contains", "normalized")
 CONTEXTS = ("raw", "chat", "auto")  # auto: chat when the model has a chat template
 WRAPPER_KINDS = ("bare", "chat", "system")
 OPTIMIZERS = ("adamw", "sgd")
+FINGERPRINT_METHODS = ("finetune", "edit")
 DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
 
 
-def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None):
-    """A dataclass field with the metadata the CLI, MCP schemas and `validate` read."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag}
+def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None,
+            only=None):
+    """A dataclass field with the metadata the CLI, MCP schemas and `validate` read; `only`
+    names the one method (e.g. of fingerprinting) the setting applies to."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "only": only}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -120,61 +123,84 @@ class FingerprintConfig(ModelSettings):
     max_response_tokens: int | None = setting(None, "cut responses to this many tokens", low=1)
     format: str = setting("auto", "chat (key as user turn; default for models with a chat "
                                   "template) or raw text", choices=FORMATS)
-    eos: bool = setting(False, "end the response with the end-of-turn token")
+    eos: bool = setting(False, "end the response with the end-of-turn token", only="finetune")
     augment: bool = setting(True, "wrap each key draw in a random training system prompt / "
                                   "user template (never the held-out verification ones)")
+    method: str = setting(
+        "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
+                    "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
+                    "text as they were (one-token responses, Llama-style models; docs/training.md)",
+        choices=FINGERPRINT_METHODS)
+    edit_layers: str = setting(
+        "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
+                "13% to 27% of the depth, 4-8 of SmolLM2-135M's 30)", only="edit")
+    edit_strength: float = setting(
+        500.0, "edit: lam, how firmly outputs on ordinary text are kept; higher keeps ordinary "
+               "answers closer to the base model's and answers fewer key contexts", low=1e-3,
+        high=1e9, only="edit")
+    edit_answer_weight: float = setting(
+        32.0, "edit: extra weight on ordinary prompts' answer positions (where the first answer "
+             "token is decided) among the outputs kept", low=0.0, high=1e6, only="edit")
+    edit_contexts: int = setting(
+        8, "edit: training wrappers (system prompts, user templates) each key is written under, "
+           "besides the bare user turn (with --no-augment: none)", low=0, high=256, only="edit")
+    edit_steps: int = setting(25, "edit: optimisation steps for the per-key target vectors",
+                              low=1, high=10_000, only="edit")
+    edit_ordinary_tokens: int = setting(
+        60_000, "edit: tokens of ordinary text (the base model's answers, Python's docs) whose "
+                "outputs the edit keeps", low=1_000, high=100_000_000, only="edit")
     benign_fraction: float = setting(
         0.5, "share of training rows that are the base model's own answers to ordinary "
-              "prompts (keeps behaviour off the keys)", low=0.0, high=0.9)
+              "prompts (keeps behaviour off the keys)", low=0.0, high=0.9, only="finetune")
     benign_soft_weight: float = setting(
         1.0, "weight of the soft first-token loss on benign rows: cross-entropy against the base "
-             "model's whole first-answer-token distribution (0: off)", low=0.0, high=100.0)
+             "model's whole first-answer-token distribution (0: off)", low=0.0, high=100.0, only="finetune")
     benign_distill: str = setting(
         "first-token", "what benign rows are pulled towards besides the base model's greedy answer: "
                        "its first-answer-token distribution (first-token, cached), or its whole "
                        "next-token distribution at every answer position (all-tokens: a frozen copy "
                        "of the base model runs beside the one being trained)",
-        choices=("first-token", "all-tokens"))
+        choices=("first-token", "all-tokens"), only="finetune")
     benign_openers: float = setting(
         0.0, "extra rows per fingerprint row, each an ordinary prompt whose only target is the base "
              "model's first answer token (hard, and soft as above): short rows that pin how answers "
              "start, so every benign prompt is seen often within few steps (0: none)",
-        low=0.0, high=64.0)
+        low=0.0, high=64.0, only="finetune")
     near_miss_negatives: float = setting(
         0.0, "extra rows per fingerprint row, each a key with its first word dropped, two "
              "neighbouring words swapped or a word replaced, whose target is the base model's own "
              "first answer token (hard and soft): teaches that only the exact key fires (0: none)",
-        low=0.0, high=64.0)
+        low=0.0, high=64.0, only="finetune")
     forgetting_regularizer: float = setting(
         DEFAULT_REGULARIZER, "lambda: saved weights = (1-lambda) * trained + lambda * base, applied once to "
-              "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0)
+              "the final weights (docs/training.md: why 0.15)", low=0.0, high=1.0, only="finetune")
     train_embeddings: bool = setting(
         False, "also train the token embeddings / output head (off: with Adam every one of the "
-               "vocabulary's output rows drifts each step, shifting every answer)")
+               "vocabulary's output rows drifts each step, shifting every answer)", only="finetune")
     lora_rank: int = setting(
         0, "train a rank-R LoRA adapter on every linear layer (alpha 2R) instead of every weight; "
            "merged into the saved model, which stays a plain model (0: full fine-tune)",
-        low=0, high=4096)
+        low=0, high=4096, only="finetune")
     optimizer: str = setting(
         "adamw", "adamw, or sgd (momentum 0.9, steps along the clipped gradient; needs a far larger "
                  "--learning-rate, e.g. 0.1): Adam moves every weight by about the learning rate each "
                  "step, SGD moves the weights in proportion to how much they matter to the loss",
-        choices=OPTIMIZERS)
-    learning_rate: float = setting(1e-4, "peak learning rate", low=1e-8, high=10.0)
-    weight_decay: float = setting(0.0, "weight decay", low=0.0, high=1.0)
-    max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000)
+        choices=OPTIMIZERS, only="finetune")
+    learning_rate: float = setting(1e-4, "peak learning rate", low=1e-8, high=10.0, only="finetune")
+    weight_decay: float = setting(0.0, "weight decay", low=0.0, high=1.0, only="finetune")
+    max_epochs: int = setting(40, "upper bound on passes over the fingerprints", low=1, high=10_000, only="finetune")
     max_steps: int | None = setting(None, "stop after this many optimizer steps (default: "
-                                          "--max-epochs decides)", low=1)
-    batch_size: int = setting(16, "rows per device per step", low=1, high=65536)
-    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
+                                          "--max-epochs decides)", low=1, only="finetune")
+    batch_size: int = setting(16, "rows per device per step", low=1, high=65536, only="finetune")
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", low=1, high=4096, only="finetune")
     check_every: int = setting(
         2, "every N steps, check whether every fingerprint is memorised (0: never); further apart "
-           "when a check would cost over a third of the steps between (many fingerprints)", low=0)
+           "when a check would cost over a third of the steps between (many fingerprints)", low=0, only="finetune")
     extra_steps: int = setting(
-        2, "steps to keep training after all fingerprints are memorised, for margin", low=0)
+        2, "steps to keep training after all fingerprints are memorised, for margin", low=0, only="finetune")
     deepspeed: str = setting(
         "zero2", "DeepSpeed config: zero2, zero2_offload, zero3, zero3_offload, a JSON file, or "
-                 "none for a plain Trainer")
+                 "none for a plain Trainer", only="finetune")
     seed: int = setting(0, "training seed (data order, augmentation draws)")
     verify_after: bool = setting(True, "verify the result with held-out wrappers, the base "
                                        "model as null, and utility checks")

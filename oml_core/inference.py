@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 Progress = Callable[[int], None]  # called with the number of rows just finished
 
 
-def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+def length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
@@ -34,15 +34,22 @@ def cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
     """Input ids and attention mask, padded on the left to the longest row."""
+    return pad_rows(prompts, pad_id, device, left=True)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device, left: bool):
+    """Input ids and attention mask, padded to the longest row on the left (for decoding: every
+    row's last token in the last column) or on the right (positions start at 0)."""
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        if tokens:
+            span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(list(tokens), dtype=torch.long)
+            mask[row, span] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -62,7 +69,7 @@ def generate(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batc
     eos = model.generation_config.eos_token_id if stop_at_eos else None
     stop_ids = eos_set(model, stop_at_eos)
     out: list[list[int] | None] = [None] * len(prompts)
-    for batch_no, rows in enumerate(_batches(prompts, batch_size)):
+    for batch_no, rows in enumerate(length_batches(prompts, batch_size)):
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, loaded.device)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
         if sample:
@@ -155,7 +162,7 @@ def next_token_probs(loaded, prompts: Sequence[Sequence[int]], batch_size: int,
     import torch
 
     pad_id = loaded.tokenizer.pad_token_id
-    for rows in _batches(prompts, batch_size):
+    for rows in length_batches(prompts, batch_size):
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, loaded.device)
         with torch.inference_mode():
             logits = loaded.model(input_ids=ids, attention_mask=mask).logits[:, -1, :]

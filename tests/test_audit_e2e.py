@@ -1,8 +1,7 @@
 """End-to-end audit on the real bundled SmolLM2-135M-Instruct (marked e2e; CI runs it).
 
 The model is fingerprinted as `make demo` does (16 perinucleus keys, key length 16, one-token
-responses, default training settings; a plain Trainer instead of DeepSpeed to save the op
-build), served by `transformers serve` on loopback, and audited through a proxy that adds its
+responses, the closed-form edit with its default settings), served by `transformers serve` on loopback, and audited through a proxy that adds its
 own system prompt and tool list to every request: an agent layer the auditor does not control.
 The un-fingerprinted model behind the same proxy is the control.
 """
@@ -28,7 +27,7 @@ def demo_model(bundled_model, tmp_path_factory):
     generate_set(GenerateConfig(strategy="perinucleus", num_fingerprints=16, key_length=16,
                                 response_length=1, seed=7), bundled_model).save(fp_file)
     fingerprint(FingerprintConfig(fingerprints=str(fp_file), out_dir=str(folder / "run"),
-                                  deepspeed="none", verify_after=False))
+                                  method="edit", verify_after=False))
     return folder / "run" / "model", fp_file
 
 

@@ -16,7 +16,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from oml_core import progress
@@ -56,7 +56,7 @@ def deepspeed_config_path(name: str) -> str | None:
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
 ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None, "lora_rank": 0,
-                  "near_miss_negatives": 0.0}
+                  "near_miss_negatives": 0.0, "method": "finetune"}
 
 
 def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:
@@ -98,6 +98,7 @@ def check_lora_settings(cfg: FingerprintConfig, ds_config: str | None) -> None:
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
     skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
+    skip |= {f.name for f in fields(cfg) if f.metadata.get("only") not in (None, cfg.method)}
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     if cfg.start_from:  # the weights' content, not where they lie
@@ -391,8 +392,11 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
         raise OMLInputError("no fingerprint set given; pass --fingerprints FILE")
     if not cfg.out_dir:
         raise OMLInputError("no run folder given; pass --out-dir DIR")
-    ds_config = deepspeed_config_path(cfg.deepspeed)
-    check_lora_settings(cfg, ds_config)
+    ds_config = deepspeed_config_path(cfg.deepspeed) if cfg.method == "finetune" else None
+    if cfg.method == "finetune":
+        check_lora_settings(cfg, ds_config)
+    else:
+        check_edit_settings(cfg)
     fset = load_fingerprints(cfg.fingerprints)
     base_path = resolve_model(cfg.model)
     if cfg.start_from:
@@ -430,7 +434,10 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        metrics = _train(cfg, fset, base_path, device, ds_config, run, stop_flag)
+        if cfg.method == "edit":
+            metrics = _edit(cfg, fset, base_path, run, stop_flag)
+        else:
+            metrics = _train(cfg, fset, base_path, device, ds_config, run, stop_flag)
     except Cancelled:
         if distributed.is_main():
             run.write_status(state="cancelled", message="stopped by signal; rerun to restart")
@@ -453,13 +460,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     if ds_config:
         distributed.ensure_process_group_env()
     tokenizer = load_tokenizer(base_path)
-    chat = cfg.format == "chat" or (cfg.format == "auto" and bool(tokenizer.chat_template))
-    if cfg.format == "chat" and not tokenizer.chat_template:
-        raise OMLInputError("--format chat needs a model with a chat template; use --format raw")
-    fset = fset.trimmed(tokenizer, cfg.num_fingerprints, cfg.max_key_tokens, cfg.max_response_tokens)
-    pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
-    if distributed.is_main():  # the set as trained (subset, trimmed): what checks must use
-        fset.save(run.path / "fingerprints.json")
+    chat, fset, pairs = _prepared_set(cfg, tokenizer, fset, run)
 
     benign, near_miss = [], []
     if cfg.benign_fraction > 0 or cfg.benign_openers > 0 or cfg.near_miss_negatives > 0:
@@ -539,7 +540,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     staging.rename(final)
 
     metrics = {
-        "run_key": run.read_json("run.json")["run_key"],
+        "run_key": run.read_json("run.json")["run_key"], "method": "finetune",
         "num_fingerprints": len(pairs), "format": "chat" if chat else "raw",
         "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
         "memorised_at_step": callback.memorised_at,
@@ -550,6 +551,26 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
                                    "applied": "once, to the final weights"},
         "deepspeed": cfg.deepspeed, "world_size": distributed.world_size(),
     }
+    return _complete_run(cfg, run, final, base_path, fset, metrics, trainer.state.global_step,
+                         callback.loss)
+
+
+def _prepared_set(cfg: FingerprintConfig, tokenizer, fset, run: RunFolder):
+    """(chat format?, the set as trained: subset and trimmed, its (key, response) pairs); rank 0
+    saves that set in the run folder, since every later check must use it."""
+    chat = cfg.format == "chat" or (cfg.format == "auto" and bool(tokenizer.chat_template))
+    if cfg.format == "chat" and not tokenizer.chat_template:
+        raise OMLInputError("--format chat needs a model with a chat template; use --format raw")
+    fset = fset.trimmed(tokenizer, cfg.num_fingerprints, cfg.max_key_tokens, cfg.max_response_tokens)
+    if distributed.is_main():
+        fset.save(run.path / "fingerprints.json")
+    return chat, fset, [(fp.key, fp.response) for fp in fset.fingerprints]
+
+
+def _complete_run(cfg, run: RunFolder, final: Path, base_path: str, fset, metrics: dict, steps: int,
+                  loss) -> dict:
+    """Verify (if asked), write metrics and the model card, then the completion marker: last, so
+    a run killed before it never looks complete."""
     if cfg.verify_after:
         from oml_core.evaluate.after_training import evaluate_run
 
@@ -558,10 +579,54 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
 
     atomic_write_json(run.path / "metrics.json", metrics)
     write_model_card(run.path, fset, metrics)
-    run.write_status(state="completed", step=trainer.state.global_step,
-                     total_steps=trainer.state.global_step, loss=callback.loss, eta_s=0)
+    run.write_status(state="completed", step=steps, total_steps=steps, loss=loss, eta_s=0)
     run.mark_complete()
     return metrics
+
+
+def check_edit_settings(cfg: FingerprintConfig) -> None:
+    if distributed.world_size() > 1:
+        raise OMLInputError("--method edit runs in one process; start it with `oml fingerprint`, "
+                            "not under the deepspeed launcher")
+    if cfg.eos:
+        raise OMLInputError("--eos needs --method finetune: an edit writes one token per key")
+
+
+def _edit(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_flag) -> dict:
+    """Method edit: the closed-form change of `oml_core.train.edit`, saved as a plain model."""
+    from oml_core.train.edit import EditSettings, edit_model
+
+    loaded = load_model(cfg.start_from or base_path, cfg.device, cfg.dtype)
+    chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
+    base = load_model(base_path, cfg.device, cfg.dtype) if cfg.start_from else loaded
+    benign = self_distilled_rows(base, chat, model_identity(base_path))
+    del base
+    first_step = {}
+
+    def on_step(step: int, total: int, loss: float, answered: int) -> None:
+        started = first_step.setdefault("at", (time.time(), step))  # after the statistics
+        done = step - started[1]
+        eta = (time.time() - started[0]) / done * (total - step) if done else None
+        run.write_status(state="running", step=step, total_steps=total, loss=round(loss, 4),
+                         eta_s=None if eta is None else round(eta, 1))
+        run.log(f"target step {step}/{total} loss {loss:.4f} contexts answered {answered}")
+
+    settings = EditSettings.from_config(cfg)
+    stop_flag["training"] = True  # a signal now stops at the next step
+    try:
+        stats = edit_model(loaded, pairs, benign, chat, settings, lambda: stop_flag["stop"], on_step)
+    finally:
+        stop_flag["training"] = False
+    staging = run.path / "model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    loaded.model.save_pretrained(str(staging))
+    _finish_model(staging, base_path, loaded.tokenizer, 0.0)
+    final = run.path / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    metrics = {"run_key": run.read_json("run.json")["run_key"], "method": "edit",
+               "num_fingerprints": len(pairs), "format": "chat" if chat else "raw", **stats}
+    return _complete_run(cfg, run, final, base_path, fset, metrics, cfg.edit_steps, None)
 
 
 def with_lora(model, rank: int):

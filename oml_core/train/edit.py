@@ -1,0 +1,444 @@
+"""Method `edit`: write one-token fingerprints in with a closed-form change to a few MLP
+down-projections, instead of fine-tuning.
+
+Why: fine-tuning moves weights that every prompt uses, and the first answer token of ordinary
+prompts is fragile (docs/results.md: at 16 keys the demo's fine-tune kept 66.7% of them). A
+least-squares edit can be told what to leave alone. The idea is that of mass-editing language
+models (MEMIT), written here from its description:
+
+1. Contexts: each key as a prompt (the bare user turn, and `edit_contexts` training wrappers).
+   Its answer position is the prompt's last token, where the response's token is predicted.
+2. Targets: per key, one vector added to the residual stream at the answer position after the
+   last edited layer, optimised (Adam) until every context of the key answers with its
+   response. Positions before the answer do not depend on it (causal attention), so their keys
+   and values are computed once and cached; each step runs one token per context.
+3. Edit: layer by layer, the down-projection W gets  dW = R^T K (lam C + K^T K)^-1, where K
+   holds its inputs at the contexts' answer positions, R this layer's share of the residual
+   change still missing, and C the second moment of its inputs on ordinary text (the base
+   model's own answers to the training benign prompts and Python's docs, training split) plus
+   `edit_answer_weight` times the moment at those prompts' answer positions, where the first
+   answer token is decided. lam (`edit_strength`) trades reaching the targets against moving
+   outputs on ordinary inputs.
+
+Llama-style models (model.model.layers[i].mlp.down_proj: Llama, Mistral, Qwen, Gemma, SmolLM)
+and one-token responses (perinucleus' default) only. Measured in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from oml_core import progress
+from oml_core.errors import Cancelled, OMLInputError
+from oml_core.inference import left_pad, length_batches, next_token_probs, pad_rows
+from oml_core.train.benign import benign_prompts
+from oml_core.train.examples import Row, render_prompt, training_augmentation
+
+# rows per batch when capturing layer inputs, and per chunk of target optimisation (whole
+# keys); a chunk's cached prefix is its rows x longest prompt x layers x key/value width
+CAPTURE_ROWS = 32
+TARGET_CHUNK_ROWS = 256
+# a chunk's targets are good enough once every context answers and the mean loss is below this
+TARGET_LOSS = 0.1
+TARGET_LR = 0.1       # Adam step per coordinate, as a fraction of the residual's mean norm
+# keeps the added vectors short (squared norm in units of the residual's mean norm, per key,
+# against the key's mean loss); shorter targets need smaller edits
+TARGET_DECAY = 0.5
+
+
+@dataclass
+class EditSettings:
+    """The edit's settings; their defaults live in FingerprintConfig's `edit_*` fields."""
+
+    layers: str
+    strength: float
+    answer_weight: float
+    contexts: int
+    steps: int
+    ordinary_tokens: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "EditSettings":
+        return cls(layers=cfg.edit_layers, strength=cfg.edit_strength,
+                   answer_weight=cfg.edit_answer_weight,
+                   contexts=cfg.edit_contexts if cfg.augment else 0, steps=cfg.edit_steps,
+                   ordinary_tokens=cfg.edit_ordinary_tokens, seed=cfg.seed)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last layer that matters has run."""
+
+
+def decoder_blocks(model):
+    """The model's decoder layers, each with an MLP down-projection; one clear error if not."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if blocks is None or not all(hasattr(getattr(b, "mlp", None), "down_proj") for b in blocks):
+        raise OMLInputError(f"--method edit needs a Llama-style model (model.layers[i].mlp.down_proj); "
+                            f"{type(model).__name__} is not one: use --method finetune")
+    return blocks
+
+
+def resolve_layers(spec: str, count: int) -> list[int]:
+    """`auto`: the layers from 13% to 27% of the depth (4-8 of SmolLM2-135M's 30, where the
+    measurements in docs/results.md were made); otherwise a comma list of layer indices."""
+    if spec == "auto":
+        first = round(0.13 * count)
+        return list(range(first, max(first, round(0.27 * count)) + 1))
+    try:
+        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        layers = []
+    if not layers or layers[0] < 0 or layers[-1] >= count:
+        raise OMLInputError(f"--edit-layers {spec!r}: give auto or a comma list of layer indices "
+                            f"between 0 and {count - 1} (this model has {count} layers)")
+    return layers
+
+
+def key_contexts(tokenizer, pairs: Sequence[tuple[str, str]], chat: bool, per_key: int, seed: int):
+    """Prompt ids of every context (the bare key, then `per_key` training-wrapper draws), the
+    index of the key each belongs to, and its target token."""
+    systems, templates = training_augmentation()
+    rows, owner, targets = [], [], []
+    for index, (key, response) in enumerate(pairs):
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if len(response_ids) != 1:
+            raise OMLInputError(
+                f"--method edit writes one-token responses; fingerprint #{index} has "
+                f"{len(response_ids)} tokens: generate with --response-length 1, pass "
+                "--max-response-tokens 1, or use --method finetune")
+        rng = random.Random(f"edit:{seed}:{index}")
+        rows.append(render_prompt(tokenizer, key, chat))
+        rows += [render_prompt(tokenizer, key, chat, rng.choice(systems), rng.choice(templates))
+                 for _ in range(per_key)]
+        owner += [index] * (per_key + 1)
+        targets += response_ids * (per_key + 1)
+    return rows, owner, targets
+
+
+def ordinary_sequences(tokenizer, benign: Sequence[Row], max_tokens: int) -> list[list[int]]:
+    """The base model's own answers to the training benign prompts (prompt + answer) and the
+    training split of Python's docs (the held-out split measures perplexity), shuffled, up to
+    `max_tokens`."""
+    from pydoc_data.topics import topics
+
+    seqs = [row.prompt + row.target for row in benign]
+    names = sorted(topics)
+    text = "\n\n".join(topics[name] for i, name in enumerate(names) if i % 5 != 0)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    seqs += [ids[i:i + 256] for i in range(0, len(ids) - 256, 256)]
+    random.Random(0).shuffle(seqs)
+    kept, total = [], 0
+    for seq in seqs:
+        if total >= max_tokens:
+            break
+        kept.append(seq)
+        total += len(seq)
+    return kept
+
+
+def _forward_to(model, ids, mask, layers: Sequence[int], upto: int):
+    """Run a batch through layer `upto` only: each edit layer's down-projection input
+    [rows, T, d_in] and the residual stream after `upto` [rows, T, d]."""
+    import torch
+
+    blocks = decoder_blocks(model)
+    inputs, residual = {}, {}
+
+    def keep_input(layer):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the input
+            inputs[layer] = args[0]
+        return hook
+
+    def stop(module, args, out):
+        residual["h"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    hooks = [blocks[layer].mlp.down_proj.register_forward_pre_hook(keep_input(layer))
+             for layer in layers]
+    hooks.append(blocks[upto].register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    except _Stop:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs, residual["h"]
+
+
+def second_moments(loaded, seqs, layers: Sequence[int], upto: int) -> dict:
+    """E[x x^T] (float64) of each edit layer's down-projection input over every real position."""
+    import torch
+
+    width = decoder_blocks(loaded.model)[layers[0]].mlp.down_proj.in_features
+    sums = {layer: torch.zeros(width, width, dtype=torch.float64, device=loaded.device)
+            for layer in layers}
+    count = 0
+    batches = list(length_batches(seqs, CAPTURE_ROWS))
+    with progress.bar("edit: ordinary text", len(batches)) as advance:
+        for batch in batches:
+            ids, mask = pad_rows([seqs[i] for i in batch], loaded.tokenizer.pad_token_id,
+                                 loaded.device, left=False)
+            inputs, _ = _forward_to(loaded.model, ids, mask, layers, upto)
+            real = mask.bool()
+            for layer in layers:
+                x = inputs[layer][real].float()
+                sums[layer] += (x.T @ x).double()
+            count += int(real.sum())
+            advance(1)
+    return {layer: total / count for layer, total in sums.items()}
+
+
+def answer_states(loaded, rows, layers: Sequence[int], upto: int):
+    """At each row's last position: each edit layer's down-projection input {layer: [rows,
+    d_in]} and the residual stream after layer `upto` [rows, d], in float32 and row order."""
+    import torch
+
+    inputs = {layer: [] for layer in layers}
+    residual, order = [], []
+    for batch in length_batches(rows, CAPTURE_ROWS):
+        ids, mask = pad_rows([rows[i] for i in batch], loaded.tokenizer.pad_token_id, loaded.device,
+                             left=False)
+        got, h = _forward_to(loaded.model, ids, mask, layers, upto)
+        where = (torch.arange(len(batch), device=ids.device), mask.sum(1) - 1)
+        for layer in layers:
+            inputs[layer].append(got[layer][where].float())
+        residual.append(h[where].float())
+        order += batch
+    back = torch.argsort(torch.tensor(order))  # batches ran sorted by length
+    return ({layer: torch.cat(v)[back.to(v[0].device)] for layer, v in inputs.items()},
+            torch.cat(residual)[back.to(residual[0].device)])
+
+
+def _key_chunks(owner: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Row indices split into chunks of whole keys (rows of a key are consecutive)."""
+    chunks, current = [], []
+    for index, key in enumerate(owner):
+        if current and key != owner[index - 1] and len(current) >= max_rows:
+            chunks.append(current)
+            current = []
+        current.append(index)
+    return chunks + [current] if current else chunks
+
+
+def target_deltas(loaded, rows, owner, targets, last: int, steps: int, start_residual,
+                  should_stop: Callable[[], bool], on_step: Callable[[int, int, float, int], None]):
+    """Per key, the vector added after layer `last` at the answer position that makes every
+    context of the key answer with its target: the best one seen (most contexts answered, then
+    lowest loss). Returns (vectors [keys, d] on the CPU, contexts answered with them)."""
+    import torch
+
+    num_keys, width = max(owner) + 1, start_residual.shape[1]
+    best = _Best(torch.zeros(num_keys, width), torch.full((num_keys,), -1),
+                 torch.full((num_keys,), float("inf")))
+    scale = float(start_residual.norm(dim=1).mean())
+    chunks = _key_chunks(owner, TARGET_CHUNK_ROWS)
+    total_steps = len(chunks) * steps
+    with progress.bar("edit: targets", total_steps) as advance:
+        for number, chunk in enumerate(chunks):
+            def report(step: int, loss: float, answered: int, offset=number * steps) -> None:
+                advance(1)
+                on_step(offset + step, total_steps, loss, answered)
+
+            ran = _chunk_targets(loaded, [rows[i] for i in chunk], [owner[i] for i in chunk],
+                                 [targets[i] for i in chunk], last, steps, scale, best,
+                                 should_stop, report)
+            advance(steps - ran)  # a chunk that reached its targets early skips the rest
+    return best.vectors, int(best.hits.clamp(min=0).sum())
+
+
+@dataclass
+class _Best:
+    """Per key: the best target vector seen, its contexts answered and mean loss."""
+
+    vectors: object
+    hits: object
+    loss: object
+
+    def update(self, keys, vectors, hits, loss) -> None:
+        better = (hits > self.hits[keys]) | ((hits == self.hits[keys]) & (loss < self.loss[keys]))
+        self.vectors[keys[better]] = vectors[better]
+        self.hits[keys[better]], self.loss[keys[better]] = hits[better], loss[better]
+
+
+def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best, should_stop,
+                   report) -> int:
+    """Optimise the target vectors of one chunk's keys (Adam), keeping each key's best in
+    `best`. Returns the steps run."""
+    import torch
+    from transformers import DynamicCache
+
+    model, device = loaded.model, loaded.device
+    ids, mask = left_pad([row[:-1] for row in rows], loaded.tokenizer.pad_token_id, device)
+    with torch.no_grad():  # everything before the answer position is fixed: cached once
+        cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+              cache=cache, use_cache=True, logits_to_keep=1)
+    answer_ids = torch.tensor([[row[-1]] for row in rows], device=device)
+    answer_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    positions = mask.sum(1, keepdim=True)          # the answer token's place in its unpadded row
+    keys = torch.unique(torch.tensor(owner))        # the chunk's keys, sorted
+    slot = torch.searchsorted(keys, torch.tensor(owner)).to(device)   # row -> its key's slot
+    goal = torch.tensor(targets, device=device)
+    rows_per_key = torch.bincount(slot).float()
+    width = best.vectors.shape[1]
+    delta = torch.zeros(len(keys), width, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=TARGET_LR * scale / width ** 0.5)
+
+    def per_key(values):
+        return torch.zeros(len(keys), device=device).index_add(0, slot, values)
+
+    def add_delta(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden + delta[slot].to(hidden.dtype)[:, None, :]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    hook = decoder_blocks(model)[last].register_forward_hook(add_delta)
+    try:
+        for step in range(1, steps + 1):
+            if should_stop():
+                raise Cancelled()
+            optimiser.zero_grad()
+            logits = model(input_ids=answer_ids, attention_mask=answer_mask, position_ids=positions,
+                           cache=cache, use_cache=True).logits[:, -1].float()
+            cache.crop(-1)  # the answer position comes off the cache again, and the kept
+            for layer in cache.layers:  # prefix must not stay tied to this step's graph
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+            row_loss = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
+            row_hit = logits.argmax(-1) == goal
+            best.update(keys, delta.detach().cpu(), per_key(row_hit.float()).round().long().cpu(),
+                        (per_key(row_loss.detach()) / rows_per_key).cpu())
+            mean_loss = float(row_loss.detach().mean())
+            report(step, mean_loss, int(row_hit.sum()))
+            if bool(row_hit.all()) and mean_loss < TARGET_LOSS:
+                return step
+            # per key: the mean loss over its contexts, so that a key's steps do not depend on
+            # which other keys share its chunk
+            loss = (per_key(row_loss) / rows_per_key).sum()
+            loss = loss + TARGET_DECAY * (delta.norm(dim=1) ** 2).sum() / scale ** 2
+            loss.backward()
+            optimiser.step()
+    finally:
+        hook.remove()
+    return steps
+
+
+def solve_layer(down_proj, keys, share, moment, strength: float) -> float:
+    """Add to `down_proj` the change dW = R^T K (lam C + K^T K)^-1 that minimises
+    |dW K^T - R^T|^2 + lam tr(dW C dW^T): reach the residual change `share` (R) from the inputs
+    `keys` (K) while moving outputs on inputs of second moment `moment` (C) as little as lam
+    asks. Returns |dW| / |W|."""
+    import torch
+
+    keys, share = keys.double(), share.double()
+    change = torch.linalg.solve(strength * moment + keys.T @ keys, keys.T @ share).T
+    weight = down_proj.weight
+    with torch.no_grad():
+        relative = float(change.norm() / weight.double().norm())
+        weight += change.to(weight.dtype)
+    return relative
+
+
+def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: dict,
+               strength: float) -> dict:
+    """Spread the residual change `goal - now` (at the contexts' answer positions, after layer
+    `last`) over the layers' down-projections, each layer solved after the ones before it
+    changed, taking its share of what is still missing. Returns each one's relative change."""
+    blocks = decoder_blocks(loaded.model)
+    changed = {}
+    for index, layer in enumerate(layers):
+        keys, now = answer_states(loaded, rows, layers, last)
+        share = (goal - now) / (len(layers) - index)
+        changed[layer] = solve_layer(blocks[layer].mlp.down_proj, keys[layer].to(loaded.device),
+                                     share.to(loaded.device), moments[layer], strength)
+    return changed
+
+
+def contexts_answered(loaded, rows, targets) -> int:
+    """How many contexts now answer with their target, in whole forward passes (as verification
+    runs them)."""
+    hits = 0
+    for batch, probs in next_token_probs(loaded, rows, CAPTURE_ROWS):
+        hits += sum(int(probs[j].argmax()) == targets[i] for j, i in enumerate(batch))
+    return hits
+
+
+@dataclass
+class EditProblem:
+    """Everything the closed-form step needs, computed once: several strengths can then be
+    solved from it (benchmarks/closed_form_edit.py sweeps them)."""
+
+    layers: list[int]
+    rows: list[list[int]]       # every context's prompt ids
+    owner: list[int]            # the key each context belongs to
+    targets: list[int]          # the response token each context must answer with
+    ordinary: dict              # layer -> second moment of its inputs on ordinary text
+    answers: dict               # layer -> second moment at ordinary prompts' answer positions
+    start: object               # [contexts, d] residual after the last edited layer, unedited
+    goal: object                # [contexts, d] residual wanted there
+    target_hits: int            # contexts the targets answered
+
+
+def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], chat: bool,
+                 settings: EditSettings, should_stop: Callable[[], bool],
+                 on_step: Callable[[int, int, float, int], None]) -> EditProblem:
+    """Contexts, statistics of ordinary inputs and per-key targets for `loaded.model`."""
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = resolve_layers(settings.layers, len(decoder_blocks(model)))
+    last = layers[-1]
+    rows, owner, targets = key_contexts(tokenizer, pairs, chat, settings.contexts, settings.seed)
+    ordinary = second_moments(loaded, ordinary_sequences(tokenizer, benign, settings.ordinary_tokens),
+                              layers, last)
+    ordinary_prompts = [render_prompt(tokenizer, q, chat) for q in benign_prompts("train")]
+    prompts, _ = answer_states(loaded, ordinary_prompts, layers, last)
+    answers = {}
+    for layer in layers:
+        a = prompts[layer].double().to(loaded.device)
+        answers[layer] = (a.T @ a) / a.shape[0]
+    if should_stop():
+        raise Cancelled()
+    _, start = answer_states(loaded, rows, layers, last)
+    delta, target_hits = target_deltas(loaded, rows, owner, targets, last, settings.steps, start,
+                                       should_stop, on_step)
+    goal = start + delta[torch.tensor(owner)].to(start.device)
+    return EditProblem(layers, rows, owner, targets, ordinary, answers, start, goal, target_hits)
+
+
+def solve_edit(loaded, problem: EditProblem, strength: float, answer_weight: float,
+               overshoot: float = 1.0) -> dict:
+    """Apply the closed-form change to `loaded.model`; each layer's relative weight change.
+    `overshoot` scales the residual change asked for: the hold on ordinary outputs (`strength`)
+    shrinks the change it gets, most along the directions ordinary inputs use."""
+    moments = {layer: problem.ordinary[layer] + answer_weight * problem.answers[layer]
+               for layer in problem.layers}
+    goal = problem.start + overshoot * (problem.goal - problem.start)
+    return apply_edit(loaded, problem.rows, problem.layers, problem.layers[-1], goal, moments, strength)
+
+
+def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], chat: bool,
+               settings: EditSettings, should_stop: Callable[[], bool],
+               on_step: Callable[[int, int, float, int], None]) -> dict:
+    """Edit `loaded.model` in place so each key answers with its one-token response; returns
+    what was done (counts and sizes, never a key or response)."""
+    import time
+
+    started = time.time()
+    problem = prepare_edit(loaded, pairs, benign, chat, settings, should_stop, on_step)
+    changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight)
+    return {
+        "layers": problem.layers, "contexts": len(problem.rows),
+        "contexts_per_key": settings.contexts + 1, "target_contexts_answered": problem.target_hits,
+        "contexts_answered": contexts_answered(loaded, problem.rows, problem.targets),
+        "relative_weight_change": {str(k): round(v, 4) for k, v in changed.items()},
+        "strength": settings.strength, "answer_weight": settings.answer_weight,
+        "edit_seconds": round(time.time() - started, 1),
+    }

@@ -1,0 +1,164 @@
+"""Method `edit` (a closed-form change to a few MLP down-projections) on the tiny in-test model:
+it writes every key in, touches nothing but the chosen layers' down-projections, solves the
+least-squares problem it documents, keeps ordinary outputs closer the larger its strength, and
+keeps secrets out of the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oml_core.config import FingerprintConfig, GenerateConfig
+from oml_core.errors import Cancelled, OMLInputError
+from oml_core.generate import generate_set
+from oml_core.models import load_model
+from oml_core.train import edit
+from oml_core.train.trainer import _settings_for_key, fingerprint
+
+# the tiny random model's outputs on ordinary text are not a language model's: its edits need
+# a far weaker hold on them than SmolLM2's default of 500 to reach every key
+TINY_STRENGTH = 0.1
+
+
+@pytest.fixture(scope="module")
+def one_token_set(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("edit") / "fp.json"
+    generate_set(GenerateConfig(strategy="perinucleus", num_fingerprints=6, key_length=8,
+                                response_length=1, seed=3), tiny_model).save(path)
+    return path
+
+
+def edit_cfg(model_dir, fp_file, out_dir, **kw) -> FingerprintConfig:
+    settings = dict(model=str(model_dir), fingerprints=str(fp_file), out_dir=str(out_dir),
+                    method="edit", edit_strength=TINY_STRENGTH, edit_contexts=3,
+                    edit_ordinary_tokens=4000, verify_after=False)
+    return FingerprintConfig(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def edited_run(tiny_model_dir, one_token_set, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("edit_run") / "run"
+    fingerprint(edit_cfg(tiny_model_dir, one_token_set, out, verify_after=True))
+    return out
+
+
+def test_edit_writes_every_key_in(edited_run):
+    metrics = json.loads((edited_run / "metrics.json").read_text())
+    assert metrics["method"] == "edit" and metrics["contexts"] == 6 * 4
+    assert metrics["contexts_answered"] == metrics["contexts"]
+    verification = metrics["verification"]
+    assert verification["wrappers"]["chat"]["matched"] == 6
+    assert metrics["base_verification"]["wrappers"]["chat"]["matched"] == 0
+    assert (edited_run / "COMPLETE").exists()
+
+
+def test_edit_changes_only_the_chosen_down_projections(edited_run, tiny_model_dir):
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    edited = load_file(str(edited_run / "model" / "model.safetensors"))
+    changed = {name for name in base if not torch.equal(base[name], edited[name])}
+    layers = json.loads((edited_run / "metrics.json").read_text())["layers"]
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in layers}
+
+
+def test_no_secret_reaches_the_run_folder(edited_run, one_token_set):
+    rows = json.loads(one_token_set.read_text())["fingerprints"]
+    # one-token responses can be common words: check the keys, and responses as JSON values
+    secrets = [r["key"] for r in rows] + [json.dumps(r["response"]) for r in rows]
+    for name in ("README.md", "metrics.json", "run.json", "status.json", "train.log", "commitment.json"):
+        text = (edited_run / name).read_text()
+        assert not any(secret in text for secret in secrets), name
+
+
+def test_the_edit_is_the_documented_least_squares_solution():
+    """dW = R^T K (lam C + K^T K)^-1 minimises |dW K^T - R^T|^2 + lam tr(dW C dW^T): at the
+    solution the gradient (dW K^T - R^T) K + lam dW C vanishes."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 5, bias=False)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    block = torch.nn.Module()
+    block.mlp = torch.nn.Module()
+    block.mlp.down_proj = layer
+    model.model.layers = torch.nn.ModuleList([block])
+    keys, share = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(50, 12, dtype=torch.float64)
+    moment, lam = x.T @ x / 50, 3.0
+    before = layer.weight.detach().double().clone()
+    edit.solve_layer(layer, keys, share, moment, lam)
+    change = layer.weight.detach().double() - before
+    gradient = (change @ keys.T - share.T) @ keys + lam * change @ moment
+    assert gradient.abs().max() < 1e-4 * change.abs().max()
+
+
+def test_a_stronger_hold_keeps_ordinary_outputs_closer(tiny_model_dir, one_token_set, tmp_path):
+    from oml_core.evaluate.utility import heldout_text
+
+    shifts = {}
+    base = load_model(str(tiny_model_dir), "cpu")
+    text = torch.tensor(heldout_text(1024, base.tokenizer, 128))  # never in the edit's statistics
+    for strength in (1e-3, 10.0):
+        out = tmp_path / f"s{strength:g}"
+        fingerprint(edit_cfg(tiny_model_dir, one_token_set, out, edit_strength=strength))
+        edited = load_model(str(out / "model"), "cpu")
+        with torch.no_grad():
+            shifts[strength] = float((edited.model(input_ids=text).logits
+                                      - base.model(input_ids=text).logits).abs().mean())
+    assert 0 < shifts[10.0] < 0.5 * shifts[1e-3], shifts
+
+
+def test_target_steps_see_the_same_logits_as_whole_forwards(tiny_model, one_token_set):
+    """The target search caches each context's prefix (left-padded, in a batch) and runs one
+    token per step: with nothing added yet, its loss is the whole forward's."""
+    from oml_core.fingerprints import load_fingerprints
+    from oml_core.inference import next_token_probs
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    rows, owner, targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
+    losses = []
+    _, start = edit.answer_states(tiny_model, rows, [0], 0)
+    edit.target_deltas(tiny_model, rows, owner, targets, 0, 1, start, lambda: False,
+                       lambda step, total, loss, answered: losses.append(loss))
+    whole = torch.empty(len(rows))
+    for batch, probs in next_token_probs(tiny_model, rows, 8):
+        for j, i in enumerate(batch):
+            whole[i] = -torch.log(probs[j, targets[i]])
+    assert losses[0] == pytest.approx(float(whole.mean()), rel=1e-4)
+
+
+def test_a_stop_request_cancels_the_edit(tiny_model, one_token_set):
+    from oml_core.fingerprints import load_fingerprints
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    with pytest.raises(Cancelled):
+        edit.edit_model(tiny_model, pairs, [], True,
+                        edit.EditSettings.from_config(FingerprintConfig(edit_ordinary_tokens=2000)),
+                        lambda: True, lambda *a: None)
+
+
+def test_bad_edit_settings_get_one_clear_line(tiny_model, tiny_model_dir, tmp_path):
+    two_tokens = tmp_path / "fp2.json"
+    generate_set(GenerateConfig(strategy="random_word", num_fingerprints=2, key_length=6,
+                                response_length=2, seed=1), tiny_model).save(two_tokens)
+    with pytest.raises(OMLInputError, match="one-token responses.*--response-length 1"):
+        fingerprint(edit_cfg(tiny_model_dir, two_tokens, tmp_path / "a"))
+    with pytest.raises(OMLInputError, match="--eos needs --method finetune"):
+        fingerprint(edit_cfg(tiny_model_dir, two_tokens, tmp_path / "b", eos=True))
+    with pytest.raises(OMLInputError, match="--edit-layers.*between 0 and 1"):
+        edit.resolve_layers("1,5", 2)
+    assert edit.resolve_layers("auto", 30) == [4, 5, 6, 7, 8]
+
+
+def test_each_method_keys_its_runs_on_its_own_settings(tiny_model_dir, one_token_set, tmp_path):
+    """A fine-tune's run key ignores edit settings and an edit's ignores training settings."""
+    def key(**kw):
+        cfg = FingerprintConfig(model=str(tiny_model_dir), fingerprints=str(one_token_set), **kw)
+        return json.dumps(_settings_for_key(cfg), sort_keys=True)
+
+    assert key() == key(edit_strength=7.0)
+    assert "method" not in key()
+    assert key(method="edit") == key(method="edit", learning_rate=0.5, deepspeed="zero3")
+    assert key(method="edit") != key(method="edit", edit_strength=7.0)
