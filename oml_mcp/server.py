@@ -407,11 +407,13 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                                     "earlier run's model/ (omit to start from the base model)",
                   }), return_annotation=JobStarted),
               description=(
-                  "Start fine-tuning a fingerprint set into a model, as a background job that "
-                  "outlives this call and the server; returns a job_id immediately. Training takes "
-                  "minutes to hours: poll job_status for step/loss/eta, then job_result; "
-                  "cancel_job stops it. The trained model lands in the run folder's model/ "
-                  "subfolder and is verified there when training ends."))
+                  "Start writing a fingerprint set into a model, as a background job that "
+                  "outlives this call and the server; returns a job_id immediately. method "
+                  "'finetune' trains it in (any response length); 'edit' changes a few MLP layers "
+                  "in closed form and keeps the model closest to the base off the keys (one-token "
+                  "responses, the perinucleus default). It takes minutes to hours: poll job_status "
+                  "for step/loss/eta, then job_result; cancel_job stops it. The model lands in the "
+                  "run folder's model/ subfolder and is verified there when the job ends."))
 
     # -- evaluation job ------------------------------------------------------------------------
     def start_evaluation(**values) -> JobStarted:
