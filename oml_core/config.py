@@ -133,9 +133,9 @@ class FingerprintConfig(ModelSettings):
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
-                "13% to 27% of the depth, 4-8 of SmolLM2-135M's 30)", only="edit")
+                "7% to 33% of the depth, 2-10 of SmolLM2-135M's 30)", only="edit")
     edit_strength: float = setting(
-        500.0, "edit: lam, how firmly outputs on ordinary text are kept; higher keeps ordinary "
+        1000.0, "edit: lam, how firmly outputs on ordinary text are kept; higher keeps ordinary "
                "answers closer to the base model's and answers fewer key contexts", low=1e-3,
         high=1e9, only="edit")
     edit_answer_weight: float = setting(

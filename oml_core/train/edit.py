@@ -82,11 +82,11 @@ def decoder_blocks(model):
 
 
 def resolve_layers(spec: str, count: int) -> list[int]:
-    """`auto`: the layers from 13% to 27% of the depth (4-8 of SmolLM2-135M's 30, where the
+    """`auto`: the layers from 7% to 33% of the depth (2-10 of SmolLM2-135M's 30, where the
     measurements in docs/results.md were made); otherwise a comma list of layer indices."""
     if spec == "auto":
-        first = round(0.13 * count)
-        return list(range(first, max(first, round(0.27 * count)) + 1))
+        first = round(0.07 * count)
+        return list(range(first, max(first, round(0.33 * count)) + 1))
     try:
         layers = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
