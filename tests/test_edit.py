@@ -162,3 +162,26 @@ def test_each_method_keys_its_runs_on_its_own_settings(tiny_model_dir, one_token
     assert "method" not in key()
     assert key(method="edit") == key(method="edit", learning_rate=0.5, deepspeed="zero3")
     assert key(method="edit") != key(method="edit", edit_strength=7.0)
+
+
+def test_keys_split_over_several_chunks_get_the_targets_of_one_chunk(tiny_model, one_token_set,
+                                                                     monkeypatch):
+    """Each key's loss is its own mean, so splitting the keys over chunks (bounded memory for
+    many fingerprints) must not change any key's target vector."""
+    from oml_core.fingerprints import load_fingerprints
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    rows, owner, targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
+    _, start = edit.answer_states(tiny_model, rows, [0], 0)
+
+    def targets_with(chunk_rows):
+        monkeypatch.setattr(edit, "TARGET_CHUNK_ROWS", chunk_rows)
+        steps = []
+        vectors, _ = edit.target_deltas(tiny_model, rows, owner, targets, 0, 3, start, lambda: False,
+                                         lambda step, total, loss, answered: steps.append(total))
+        return vectors, steps[-1]
+
+    whole, whole_total = targets_with(256)
+    split, split_total = targets_with(8)  # 4 contexts per key: chunks of two keys
+    assert (whole_total, split_total) == (3, 9)
+    assert torch.allclose(whole, split, atol=1e-5) and whole.abs().sum() > 0
