@@ -41,6 +41,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()) -> N
         help_text = f.metadata.get("help", "")
         if default not in (None, [], ""):
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse expands %-formats in help
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if kind.startswith("list"):
             parser.add_argument(flag, action="append", metavar="M", **kwargs)
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, cfgmod.VerifyConfig)
 
     p = command("fingerprint", cmd_fingerprint,
-                "fine-tune a fingerprint set into a model (HF Trainer + DeepSpeed), then verify")
+                "write a fingerprint set into a model (fine-tune with HF Trainer + DeepSpeed, or "
+                "--method edit: a closed-form edit), then verify")
     _add_config_flags(p, cfgmod.FingerprintConfig)
     p.add_argument("--no-deepspeed", action="store_true", help="same as --deepspeed none")
     # the deepspeed launcher appends --local_rank=N; ranks are read from the environment
