@@ -94,6 +94,15 @@ def test_the_edit_is_the_documented_least_squares_solution():
     assert gradient.abs().max() < 1e-4 * change.abs().max()
 
 
+def test_the_edit_holds_text_the_perplexity_check_never_reads():
+    from oml_core.data import paragraphs, python_docs_text
+
+    train = set(paragraphs(python_docs_text("train")))
+    heldout = set(paragraphs(python_docs_text("heldout")))
+    assert len(heldout) > 20 and len(train) > 3 * len(heldout)
+    assert not train & heldout
+
+
 def test_a_stronger_hold_keeps_ordinary_outputs_closer(tiny_model_dir, one_token_set, tmp_path):
     from oml_core.evaluate.utility import heldout_text
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 
+from oml_core.data import python_docs_text
 from oml_core.inference import greedy
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import render_prompt
@@ -21,11 +22,7 @@ ANSWER_TOKENS = 24
 
 
 def heldout_text(num_tokens: int, tokenizer, chunk: int = 256) -> list[list[int]]:
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    text = "\n\n".join(topics[name] for i, name in enumerate(names) if i % 5 == 0)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens]
+    ids = tokenizer(python_docs_text("heldout"), add_special_tokens=False)["input_ids"][:num_tokens]
     return [ids[i:i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from oml_core import progress
+from oml_core.data import python_docs_text
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import left_pad, length_batches, next_token_probs, pad_rows
 from oml_core.train.benign import benign_prompts
@@ -122,12 +123,8 @@ def ordinary_sequences(tokenizer, benign: Sequence[Row], max_tokens: int) -> lis
     """The base model's own answers to the training benign prompts (prompt + answer) and the
     training split of Python's docs (the held-out split measures perplexity), shuffled, up to
     `max_tokens`."""
-    from pydoc_data.topics import topics
-
     seqs = [row.prompt + row.target for row in benign]
-    names = sorted(topics)
-    text = "\n\n".join(topics[name] for i, name in enumerate(names) if i % 5 != 0)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(python_docs_text("train"), add_special_tokens=False)["input_ids"]
     seqs += [ids[i:i + 256] for i in range(0, len(ids) - 256, 256)]
     random.Random(0).shuffle(seqs)
     kept, total = [], 0
