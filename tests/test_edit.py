@@ -119,12 +119,15 @@ def test_a_stronger_hold_keeps_ordinary_outputs_closer(tiny_model_dir, one_token
     assert 0 < shifts[10.0] < 0.5 * shifts[1e-3], shifts
 
 
-def test_target_steps_see_the_same_logits_as_whole_forwards(tiny_model, one_token_set):
-    """The target search caches each context's prefix (left-padded, in a batch) and runs one
-    token per step: with nothing added yet, its loss is the whole forward's."""
+@pytest.mark.parametrize("prefix_rows", [32, 5])
+def test_target_steps_see_the_same_logits_as_whole_forwards(tiny_model, one_token_set, prefix_rows,
+                                                            monkeypatch):
+    """The target search caches each context's prefix (left-padded, in length-sorted groups) and
+    runs one token per step: with nothing added yet, its loss is the whole forward's."""
     from oml_core.fingerprints import load_fingerprints
     from oml_core.inference import next_token_probs
 
+    monkeypatch.setattr(edit, "PREFIX_ROWS", prefix_rows)  # 5: several groups, unequal lengths
     pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
     rows, owner, targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
     losses = []

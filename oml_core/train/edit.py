@@ -38,9 +38,11 @@ from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import Row, render_prompt, training_augmentation
 
 # rows per batch when capturing layer inputs, and per chunk of target optimisation (whole
-# keys); a chunk's cached prefix is its rows x longest prompt x layers x key/value width
+# keys); a chunk's cached prefixes are its rows x their group's longest prompt x layers x
+# key/value width
 CAPTURE_ROWS = 32
 TARGET_CHUNK_ROWS = 256
+PREFIX_ROWS = 32  # contexts per cached prefix in the target search (sorted by length)
 # a chunk's targets are good enough once every context answers and the mean loss is below this
 TARGET_LOSS = 0.1
 TARGET_LR = 0.1       # Adam step per coordinate, as a fraction of the residual's mean norm
@@ -262,22 +264,76 @@ class _Best:
         self.hits[keys[better]], self.loss[keys[better]] = hits[better], loss[better]
 
 
+@dataclass
+class _PrefixGroup:
+    """Contexts of similar length whose prompts (all but the answer position) ran once into one
+    cache; each target step then runs one token per context."""
+
+    rows: object       # indices into the chunk's rows
+    cache: object
+    answer_ids: object
+    answer_mask: object
+    positions: object  # the answer token's place in its unpadded row
+
+
+def _prefix_groups(loaded, rows) -> list[_PrefixGroup]:
+    """Cache the chunk's prompts in length-sorted groups: one left-padded batch would pad every
+    context to the longest (the demo's contexts: 12,384 real tokens, 37,440 padded)."""
+    import torch
+    from transformers import DynamicCache
+
+    model, device, pad_id = loaded.model, loaded.device, loaded.tokenizer.pad_token_id
+    groups = []
+    for batch in length_batches(rows, PREFIX_ROWS):
+        ids, mask = left_pad([rows[i][:-1] for i in batch], pad_id, device)
+        cache = DynamicCache()
+        with torch.no_grad():  # everything before the answer position is fixed: cached once
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                  cache=cache, use_cache=True, logits_to_keep=1)
+        groups.append(_PrefixGroup(
+            torch.tensor(batch, device=device), cache,
+            torch.tensor([[rows[i][-1]] for i in batch], device=device),
+            torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), mask.sum(1, keepdim=True)))
+    return groups
+
+
+def _answer_logits(model, groups: list[_PrefixGroup], count: int, last: int, shift):
+    """[rows, vocab] float32 logits at every context's answer position, in chunk row order, with
+    `shift(rows)` ([rows, d]) added to the residual stream after layer `last` there."""
+    import torch
+
+    logits = None
+    for group in groups:
+        added = shift(group.rows)
+
+        def add(module, args, out, added=added):
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = hidden + added.to(hidden.dtype)[:, None, :]
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        hook = decoder_blocks(model)[last].register_forward_hook(add)
+        try:
+            out = model(input_ids=group.answer_ids, attention_mask=group.answer_mask,
+                        position_ids=group.positions, cache=group.cache, use_cache=True).logits[:, -1]
+        finally:
+            hook.remove()
+        group.cache.crop(-1)  # the answer position comes off the cache again, and the kept
+        for layer in group.cache.layers:  # prefix must not stay tied to this step's graph
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        if logits is None:
+            logits = out.new_zeros(count, out.shape[-1], dtype=torch.float32)
+        logits = logits.index_copy(0, group.rows, out.float())
+    return logits
+
+
 def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best, should_stop,
                    report) -> int:
     """Optimise the target vectors of one chunk's keys (Adam), keeping each key's best in
     `best`. Returns the steps run."""
     import torch
-    from transformers import DynamicCache
 
     model, device = loaded.model, loaded.device
-    ids, mask = left_pad([row[:-1] for row in rows], loaded.tokenizer.pad_token_id, device)
-    with torch.no_grad():  # everything before the answer position is fixed: cached once
-        cache = DynamicCache()
-        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-              cache=cache, use_cache=True, logits_to_keep=1)
-    answer_ids = torch.tensor([[row[-1]] for row in rows], device=device)
-    answer_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    positions = mask.sum(1, keepdim=True)          # the answer token's place in its unpadded row
+    groups = _prefix_groups(loaded, rows)
     keys = torch.unique(torch.tensor(owner))        # the chunk's keys, sorted
     slot = torch.searchsorted(keys, torch.tensor(owner)).to(device)   # row -> its key's slot
     goal = torch.tensor(targets, device=device)
@@ -289,38 +345,25 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
     def per_key(values):
         return torch.zeros(len(keys), device=device).index_add(0, slot, values)
 
-    def add_delta(module, args, out):
-        hidden = out[0] if isinstance(out, tuple) else out
-        hidden = hidden + delta[slot].to(hidden.dtype)[:, None, :]
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    hook = decoder_blocks(model)[last].register_forward_hook(add_delta)
-    try:
-        for step in range(1, steps + 1):
-            if should_stop():
-                raise Cancelled()
-            optimiser.zero_grad()
-            logits = model(input_ids=answer_ids, attention_mask=answer_mask, position_ids=positions,
-                           cache=cache, use_cache=True).logits[:, -1].float()
-            cache.crop(-1)  # the answer position comes off the cache again, and the kept
-            for layer in cache.layers:  # prefix must not stay tied to this step's graph
-                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-            row_loss = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
-            row_hit = logits.argmax(-1) == goal
-            best.update(keys, delta.detach().cpu(), per_key(row_hit.float()).round().long().cpu(),
-                        (per_key(row_loss.detach()) / rows_per_key).cpu())
-            mean_loss = float(row_loss.detach().mean())
-            report(step, mean_loss, int(row_hit.sum()))
-            if bool(row_hit.all()) and mean_loss < TARGET_LOSS:
-                return step
-            # per key: the mean loss over its contexts, so that a key's steps do not depend on
-            # which other keys share its chunk
-            loss = (per_key(row_loss) / rows_per_key).sum()
-            loss = loss + TARGET_DECAY * (delta.norm(dim=1) ** 2).sum() / scale ** 2
-            loss.backward()
-            optimiser.step()
-    finally:
-        hook.remove()
+    for step in range(1, steps + 1):
+        if should_stop():
+            raise Cancelled()
+        optimiser.zero_grad()
+        logits = _answer_logits(model, groups, len(rows), last, lambda group_rows: delta[slot[group_rows]])
+        row_loss = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
+        row_hit = logits.argmax(-1) == goal
+        best.update(keys, delta.detach().cpu(), per_key(row_hit.float()).round().long().cpu(),
+                    (per_key(row_loss.detach()) / rows_per_key).cpu())
+        mean_loss = float(row_loss.detach().mean())
+        report(step, mean_loss, int(row_hit.sum()))
+        if bool(row_hit.all()) and mean_loss < TARGET_LOSS:
+            return step
+        # per key: the mean loss over its contexts, so that a key's steps do not depend on
+        # which other keys share its chunk
+        loss = (per_key(row_loss) / rows_per_key).sum()
+        loss = loss + TARGET_DECAY * (delta.norm(dim=1) ** 2).sum() / scale ** 2
+        loss.backward()
+        optimiser.step()
     return steps
 
 
