@@ -129,7 +129,8 @@ class FingerprintConfig(ModelSettings):
     method: str = setting(
         "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
                     "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
-                    "text as they were (one-token responses, Llama-style models; docs/training.md)",
+                    "text as they were, but is lost to int8 quantization or a merge with the base "
+                    "(one-token responses, Llama-style models; docs/training.md)",
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
