@@ -51,6 +51,23 @@ def test_same_seed_same_set_other_seed_other_set(tiny_model, strategy):
     assert pairs(_make(tiny_model, strategy=strategy, seed=6)) != pairs(a)
 
 
+def test_key_sampling_reports_progress_while_it_runs(tiny_model):
+    """English keys are accepted only after a round's sampling ends: the sampling itself must
+    show progress, or thousands of keys sit at 0% for minutes."""
+    from oml_core import progress
+
+    events = []
+    progress.set_listener(lambda desc, done, total: events.append((desc, done, total)))
+    try:
+        _make(tiny_model, strategy="perinucleus", response_length=1, batch_size=2)
+    finally:
+        progress.set_listener(None)
+    sampling = [(done, total) for desc, done, total in events if desc.startswith("keys: sampling")]
+    assert len(sampling) >= 3 and sampling[-1][0] == sampling[-1][1]  # per batch, to the end
+    first_key = next(i for i, event in enumerate(events) if event[0] == "keys")
+    assert events.index(("keys: sampling round 1", *sampling[0])) < first_key
+
+
 def test_alias_inverse_nucleus_is_perinucleus():
     assert GenerateConfig(strategy="inverse_nucleus").strategy == "perinucleus"
 

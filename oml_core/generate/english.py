@@ -64,8 +64,12 @@ def english_texts(text_model, target_tokenizer, count: int, length: int, seed: i
                 break
             rows = need + max(4, need // 4)  # a margin for rejected texts
             prompts, prefixes = zip(*(_prompt(text_model, rng.choice(words)) for _ in range(rows)))
-            outputs = generate(text_model, list(prompts), length + 24, batch_size, sample=True,
-                               temperature=0.9, top_p=0.95, seed=rng.randrange(2**31))
+            # accepted texts are counted only after all of a round's rows are sampled: a bar
+            # of its own shows the sampling (minutes for thousands of keys on a CPU)
+            with progress.bar(f"{desc}: sampling round {round_no + 1}", rows) as sampled:
+                outputs = generate(text_model, list(prompts), length + 24, batch_size, sample=True,
+                                   temperature=0.9, top_p=0.95, seed=rng.randrange(2**31),
+                                   progress=sampled)
             for prefix, out in zip(prefixes, outputs):
                 text = (prefix + text_model.tokenizer.decode(out, skip_special_tokens=True)).strip()
                 ids = target_tokenizer(text, add_special_tokens=False)["input_ids"]
