@@ -22,3 +22,19 @@ def test_gpu_suite_smoke_mode_measures_every_column(tmp_path):
     assert run["ours"]["tokens_per_s"] > 0 and run["ours"]["memorised"] > 0
     assert run["verify"]["same_answers"] is True  # batched greedy == one generate per key
     assert run["baseline"]["epoch_s_estimated"] > 0
+
+
+def test_many_fingerprints_records_each_stage(tiny_model_dir, tmp_path):
+    out = tmp_path / "many.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_fingerprints.py"),
+                           "--model", str(tiny_model_dir), "--sizes", "24", "--train-steps", "2",
+                           "--no-deepspeed", "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["n"] == 24
+    for stage in ("generate", "fingerprint", "verify"):
+        assert run[stage]["seconds"] > 0 and run[stage]["peak_rss_mb"] > 50, stage
+    assert run["fingerprint"]["steps"] == 2
+    assert run["verify"]["matched"].endswith("/24")

@@ -38,14 +38,12 @@ def tokenizer_info(loaded: LoadedModel) -> dict:
 
 def _custom_keys(path: str, tokenizer, count: int, length: int) -> list[str]:
     """The first `count` distinct keys of the file, each cut to `length` tokens."""
-    keys = []
+    keys: dict[str, None] = {}  # insertion-ordered set: thousands of keys stay linear
     for key in load_keys(path):
         ids = tokenizer(key, add_special_tokens=False)["input_ids"]
-        key = tokenizer.decode(ids[:length]).strip() if len(ids) > length else key
-        if key not in keys:
-            keys.append(key)
+        keys[tokenizer.decode(ids[:length]).strip() if len(ids) > length else key] = None
         if len(keys) == count:
-            return keys
+            return list(keys)
     raise OMLInputError(f"{path} holds {len(keys)} distinct keys but {count} fingerprints were "
                         "asked for; pass a smaller --num-fingerprints or add keys")
 
@@ -53,10 +51,12 @@ def _custom_keys(path: str, tokenizer, count: int, length: int) -> list[str]:
 def _random_texts(sampler: WordSampler, rng: random.Random, count: int, length: int,
                   distinct: bool) -> list[str]:
     texts: list[str] = []
+    seen: set[str] = set()
     for _ in range(count * 50):
         text = sampler.sample(rng, length)
-        if not distinct or text not in texts:
+        if not distinct or text not in seen:
             texts.append(text)
+            seen.add(text)
         if len(texts) == count:
             return texts
     raise OMLInputError(f"could not draw {count} distinct random-word keys of {length} tokens; "
