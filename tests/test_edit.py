@@ -164,6 +164,19 @@ def test_bad_edit_settings_get_one_clear_line(tiny_model, tiny_model_dir, tmp_pa
     assert edit.resolve_layers("auto", 30) == list(range(2, 11))
 
 
+def test_a_model_that_normalises_its_mlp_output_is_refused_before_any_work(tiny_model):
+    """Gemma 3 adds post_feedforward_layernorm(down_proj(...)) to the residual stream: the solved
+    change would arrive rescaled (measured on Gemma-3-270M: the model destroyed)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    with pytest.raises(OMLInputError, match="post_feedforward_layernorm.*--method finetune"):
+        edit.decoder_blocks(gemma)
+    assert len(edit.decoder_blocks(tiny_model.model)) == 2  # Llama-style: accepted
+
+
 def test_each_method_keys_its_runs_on_its_own_settings(tiny_model_dir, one_token_set, tmp_path):
     """A fine-tune's run key ignores edit settings and an edit's ignores training settings."""
     def key(**kw):

@@ -20,7 +20,8 @@ models (MEMIT), written here from its description:
    answer token is decided. lam (`edit_strength`) trades reaching the targets against moving
    outputs on ordinary inputs.
 
-Llama-style models (model.model.layers[i].mlp.down_proj: Llama, Mistral, Qwen, Gemma, SmolLM)
+Llama-style models (model.model.layers[i].mlp.down_proj added straight to the residual
+stream: Llama, Mistral, Qwen, SmolLM; not Gemma 2/3, which normalise the MLP's output first)
 and one-token responses (perinucleus' default) only. Measured in docs/results.md.
 """
 
@@ -76,11 +77,19 @@ class _Stop(Exception):
 
 
 def decoder_blocks(model):
-    """The model's decoder layers, each with an MLP down-projection; one clear error if not."""
+    """The model's decoder layers, each with an MLP down-projection whose output is added to the
+    residual stream as it is; one clear error if not."""
     blocks = getattr(getattr(model, "model", None), "layers", None)
     if blocks is None or not all(hasattr(getattr(b, "mlp", None), "down_proj") for b in blocks):
         raise OMLInputError(f"--method edit needs a Llama-style model (model.layers[i].mlp.down_proj); "
                             f"{type(model).__name__} is not one: use --method finetune")
+    # Gemma 2/3 and OLMo 2 normalise the MLP's output before adding it: the change the solve
+    # asks of down_proj then reaches the residual stream rescaled, not as solved. Measured on
+    # Gemma-3-270M: weight changes of 9x-2,657x the weights, perplexity +28,000% (docs/results.md).
+    if any(hasattr(block, "post_feedforward_layernorm") for block in blocks):
+        raise OMLInputError(f"--method edit needs the MLP's output added to the residual stream as "
+                            f"it is; {type(model).__name__} normalises it first "
+                            "(post_feedforward_layernorm): use --method finetune")
     return blocks
 
 

@@ -594,9 +594,10 @@ def check_edit_settings(cfg: FingerprintConfig) -> None:
 
 def _edit(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_flag) -> dict:
     """Method edit: the closed-form change of `oml_core.train.edit`, saved as a plain model."""
-    from oml_core.train.edit import EditSettings, edit_model
+    from oml_core.train.edit import EditSettings, decoder_blocks, edit_model
 
     loaded = load_model(cfg.start_from or base_path, cfg.device, cfg.dtype)
+    decoder_blocks(loaded.model)  # a model the edit cannot handle is refused before any work
     chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
     base = load_model(base_path, cfg.device, cfg.dtype) if cfg.start_from else loaded
     benign = self_distilled_rows(base, chat, model_identity(base_path))
