@@ -330,7 +330,10 @@ def test_lora_memorises_and_saves_a_plain_model_of_low_rank_changes(tiny_model_d
     trained, base = load_file(model / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert trained.keys() == base.keys()
     linear = [k for k in base if base[k].dim() == 2 and "embed" not in k and "lm_head" not in k]
-    ranks = [int(torch.linalg.matrix_rank(trained[k] - base[k], atol=1e-6)) for k in linear]
+    # float64 and relative to the largest singular value: a float32 SVD of a change with
+    # sigma_1 ~ 5 is only accurate to ~1e-5, and merge rounding adds ~1e-7 (seen: a 9th
+    # singular value of 8e-8 counted by a float32 rank at atol 1e-6)
+    ranks = [int(torch.linalg.matrix_rank((trained[k] - base[k]).double(), rtol=1e-5)) for k in linear]
     assert max(ranks) <= rank and max(ranks) > 0, ranks
     for k in base:
         if k not in linear:  # norms and embeddings are untouched
