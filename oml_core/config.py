@@ -68,7 +68,9 @@ class GenerateConfig(ModelSettings):
         "raw", "perinucleus: score the key as raw text (default) or as a chat user turn; chat "
                "picks answer openers ('But', 'Every') that leak into ordinary answers after "
                "training (measured: docs/training.md)", choices=CONTEXTS)
-    batch_size: int = setting(32, "rows per model call", low=1, high=65536)
+    # sampling English keys runs ~25% more rows/s at 128 than at 32 on a CPU
+    # (benchmarks/english_sampling.py); memory is small either way (prompts are short)
+    batch_size: int = setting(128, "rows per model call", low=1, high=65536)
     out: str | None = setting(None, "where to write the fingerprint set (JSON)")
 
     def __post_init__(self):

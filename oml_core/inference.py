@@ -1,8 +1,9 @@
 """Batched model calls shared by generation and verification.
 
-Every call here takes many prompts at once: rows are sorted by length (so a batch carries
-little padding), left-padded with an attention mask, run in batches of `batch_size`, and
-returned in the caller's order. Nothing here ever calls `generate` once per prompt.
+Every call here takes many prompts at once, runs them in batches of `batch_size` and returns
+results in the caller's order. Decoding (greedy and sampled) is our own loop over the model's
+forward pass rather than `transformers`' `generate`: it shares each batch's common prompt
+prefix, stops each row at its own limit and samples without sorting the vocabulary.
 """
 
 from __future__ import annotations
@@ -53,39 +54,6 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device, left: bool):
     return ids.to(device), mask.to(device)
 
 
-def generate(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
-             *, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, progress: Progress | None = None,
-             stop_at_eos: bool = True) -> list[list[int]]:
-    """New token ids per prompt (greedy unless `sample`), in input order.
-
-    Sampling is reproducible: the torch RNG is reseeded from `seed` and the batch index
-    before each batch. Trailing padding after EOS is removed from the returned ids.
-    """
-    import torch
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-    pad_id = tokenizer.pad_token_id
-    eos = model.generation_config.eos_token_id if stop_at_eos else None
-    stop_ids = eos_set(model, stop_at_eos)
-    out: list[list[int] | None] = [None] * len(prompts)
-    for batch_no, rows in enumerate(length_batches(prompts, batch_size)):
-        ids, mask = left_pad([prompts[i] for i in rows], pad_id, loaded.device)
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
-        if sample:
-            torch.manual_seed(seed * 1_000_003 + batch_no)
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-        for row, i in enumerate(rows):
-            out[i] = cut_after_eos(new[row].tolist(), stop_ids)
-        if progress:
-            progress(len(rows))
-    return out  # type: ignore[return-value]
-
-
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     first, shortest = rows[0], min(len(r) for r in rows)
     for pos in range(shortest):
@@ -97,15 +65,86 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
            batch_size: int, *, progress: Progress | None = None,
            stop_at_eos: bool = True, adjust_logits: Callable | None = None) -> list[list[int]]:
-    """Greedy continuation of every prompt, in input order; our own decoding loop.
+    """Greedy continuation of every prompt, in input order.
 
-    Faster than `generate` for verification-shaped work: prompts are sorted
-    lexicographically, so a batch shares a long common prefix (the chat template and system
-    prompt), which is run once and its KV cache shared by every row; only each row's own
-    suffix is computed per row. Only the last position's logits are computed, and a batch
-    stops as soon as every row has produced its own `max_new_tokens` (or EOS).
-    `adjust_logits` ([rows, vocab] -> [rows, vocab]) rewrites each step's logits before the
-    argmax (a decoding-time intervention, e.g. the suppression attack in evaluate/robustness).
+    `max_new_tokens` is one limit for all rows or one per row; a batch stops as soon as every
+    row has produced its own limit (or EOS). `adjust_logits` ([rows, vocab] -> [rows, vocab])
+    rewrites each step's logits before the argmax (a decoding-time intervention, e.g. the
+    suppression attack in evaluate/robustness).
+    """
+    def pick(logits, rows, step):
+        return (adjust_logits(logits) if adjust_logits else logits).argmax(-1)
+
+    return _decode(loaded, prompts, max_new_tokens, batch_size, pick, progress, stop_at_eos)
+
+
+def sample(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+           progress: Progress | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+    """Sampled continuation of every prompt (temperature, then nucleus `top_p`), in input order.
+
+    Reproducible and independent of batching: the uniform draw for the prompt at position i
+    of `prompts` at step t is fixed up front from `seed`, and each token is the inverse-CDF
+    pick of that draw in the row's nucleus. The nucleus is found among the top-k tokens (k grown until it holds `top_p` of
+    the mass), never by sorting the whole vocabulary: the sort and a full-vocabulary
+    multinomial cost as much as the model's forward pass per step on a CPU.
+    """
+    import torch
+
+    if temperature <= 0:
+        raise ValueError(f"sampling temperature must be above 0, got {temperature}")
+    draws = torch.rand((len(prompts), max(max_new_tokens, 1)),
+                       generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def pick(logits, rows, step):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return nucleus_pick(probs, top_p, draws[rows, step].to(probs.device))
+
+    return _decode(loaded, prompts, max_new_tokens, batch_size, pick, progress, stop_at_eos)
+
+
+def nucleus(probs, top_p: float):
+    """(probabilities of each row's nucleus, zero past it; their token ids), most likely first
+    (in vocabulary order when `top_p` >= 1).
+
+    The nucleus is the smallest set of most likely tokens holding at least `top_p` of the
+    mass: a token is in it when the tokens ranked above it hold less than `top_p`.
+    """
+    import torch
+
+    vocab = probs.shape[-1]
+    if top_p >= 1:  # the whole vocabulary, unsorted: no ranking needed
+        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
+    k = min(vocab, 64)
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        mass_above = top.cumsum(-1) - top
+        if k == vocab or bool((mass_above[:, -1] + top[:, -1] >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    return torch.where(mass_above < top_p, top, torch.zeros_like(top)), ids
+
+
+def nucleus_pick(probs, top_p: float, draws):
+    """One token per row: the inverse-CDF pick of `draws` (uniform in [0, 1)) in the row's
+    renormalised nucleus."""
+    top, ids = nucleus(probs, top_p)
+    cdf = top.double().cumsum(-1)
+    target = draws.double()[:, None] * cdf[:, -1:]
+    index = (cdf <= target).sum(-1).clamp(max=top.shape[-1] - 1)
+    return ids.gather(-1, index[:, None]).squeeze(-1)
+
+
+def _decode(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+            batch_size: int, pick: Callable, progress: Progress | None,
+            stop_at_eos: bool) -> list[list[int]]:
+    """The decoding loop: `pick(last_logits [rows, vocab], row_ids, step)` -> tokens [rows].
+
+    Prompts are sorted lexicographically, so a batch shares a long common prefix (the chat
+    template and system prompt), which is run once and its KV cache shared by every row; only
+    each row's own suffix is computed per row. Only the last position's logits are computed,
+    and a batch stops as soon as every row has produced its own limit (or EOS). Tests check
+    greedy decoding here returns exactly what `transformers`' `generate` returns.
     """
     import torch
     from transformers import DynamicCache
@@ -119,6 +158,7 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
     order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
+        row_ids = torch.tensor(rows, dtype=torch.long)
         batch = [list(prompts[i]) for i in rows]
         # keep at least one token of each row out of the shared prefix
         shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
@@ -139,8 +179,7 @@ def greedy(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Seque
             for step in range(steps):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                cache=cache, use_cache=True, logits_to_keep=1).logits
-                last = logits[:, -1, :]
-                token = (adjust_logits(last) if adjust_logits else last).argmax(-1)
+                token = pick(logits[:, -1, :], row_ids, step)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 generated[:, step] = token
                 done = done | (step + 1 >= row_limits) | torch.isin(token, eos_ids)

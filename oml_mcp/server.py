@@ -430,7 +430,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
             name if name in NAMED_NULL_MODELS else str(ws.path(name, "null_models"))
             for name in parse_list(values.get("null_models") or "", "null_models"))
         cfg = _config_from(EvalConfig, values)
-        parse_list(cfg.parts, "parts", EVAL_PARTS)
+        if "robustness" in parse_list(cfg.parts, "parts", EVAL_PARTS):
+            from oml_core.evaluate.robustness import check_settings
+
+            check_settings(cfg)
         open_run(cfg)  # fail now on a folder that is not a finished run
         status = start_job("eval", EvalConfig, cfg, out, ["eval", "--run", cfg.run, "--out", cfg.out],
                            skip=("run", "out"))

@@ -1,5 +1,6 @@
-"""The GPU benchmark script runs (its --smoke mode: CPU, a tiny Llama shape), so it has not
-rotted when a session is lent a GPU and has minutes, not hours, to use it."""
+"""The benchmark scripts run on tiny models, so they have not rotted when someone needs their
+numbers; the GPU suite in its --smoke mode (CPU, a tiny Llama shape), since a session lent a
+GPU has minutes, not hours, to use it."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def test_many_fingerprints_records_each_stage(tiny_model_dir, tmp_path):
         assert run[stage]["seconds"] > 0 and run[stage]["peak_rss_mb"] > 50, stage
     assert run["fingerprint"]["steps"] == 2
     assert run["verify"]["matched"].endswith("/24")
+
+
+def test_english_sampling_benchmark_times_both_ways(tiny_model_dir, tmp_path):
+    out = tmp_path / "english.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "english_sampling.py"),
+                           "--model", str(tiny_model_dir), "--rows", "6", "--batch-size", "4",
+                           "--key-length", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["ours_s"] > 0 and result["transformers_s"] > 0 and result["speedup"] > 0
+    assert 0 <= result["ours_usable_share"] <= 1

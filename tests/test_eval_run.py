@@ -148,6 +148,9 @@ def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
     (["eval", "--run", ".", "--parts", "utility,speed"], "'speed' is not one of"),
     (["eval", "--run", ".", "--match", "fuzzy"], "--match 'fuzzy' is not one of"),
     (["eval", "--run", "."], "is not an OML run"),
+    (["eval", "--run", ".", "--temperatures", "0.7,0"], "--temperatures: 0 is not a sampling"),
+    (["eval", "--run", ".", "--temperatures", "hot"], "--temperatures: 'hot' is not a float"),
+    (["eval", "--run", ".", "--attacks", "int4"], "--attacks: 'int4' is not one of"),
     (["eval", "capacity", "--sizes", "4"], "no sweep folder given"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):

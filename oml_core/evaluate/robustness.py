@@ -21,9 +21,10 @@ import logging
 import warnings
 
 from oml_core.config import ROBUSTNESS_ATTACKS, parse_list
+from oml_core.errors import OMLInputError
 from oml_core.evaluate.context import public, retention
 from oml_core.evaluate.utility import heldout_text, perplexity
-from oml_core.inference import generate, greedy
+from oml_core.inference import greedy, sample
 from oml_core.models import LoadedModel
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import render_prompt
@@ -92,8 +93,8 @@ def sampled_hits(loaded: LoadedModel, fset, wrappers, rule: str, temperature: fl
     from oml_core import progress
 
     with progress.bar(f"robustness: sampling T={temperature:g}", len(prompts) * samples) as advance:
-        outputs = generate(loaded, prompts * samples, max_new, batch_size, sample=True,
-                           temperature=temperature, seed=seed, progress=advance)
+        outputs = sample(loaded, prompts * samples, max_new, batch_size,
+                         temperature=temperature, seed=seed, progress=advance)
     texts = tok.batch_decode(outputs, skip_special_tokens=True)
     width, n = len(wrappers), len(prompts)
     return [[[is_match(rule, outputs[s * n + i * width + w], texts[s * n + i * width + w],
@@ -162,10 +163,25 @@ def _system_prompts(ctx, tuned, baseline, wrappers, chunks, ppl):
                             "min_accuracy": min(rates), "max_accuracy": max(rates)}
 
 
+def sampling_temperatures(cfg) -> list[float]:
+    temperatures = parse_list(cfg.temperatures, "--temperatures", kind=float)
+    for temperature in temperatures:
+        if not 0 < temperature <= 100:
+            raise OMLInputError(f"--temperatures: {temperature:g} is not a sampling temperature; "
+                                "pass values above 0 (e.g. 0.7,1.0)")
+    return temperatures
+
+
+def check_settings(cfg) -> None:
+    """Refuse bad robustness settings before any model is loaded."""
+    parse_list(cfg.attacks, "--attacks", ROBUSTNESS_ATTACKS)
+    sampling_temperatures(cfg)
+
+
 def _sampling(ctx, tuned, baseline, wrappers, chunks, ppl):
     cfg = ctx.cfg
     out = {"samples": cfg.samples, "temperatures": {}}
-    for temperature in parse_list(cfg.temperatures, "--temperatures", kind=float):
+    for temperature in sampling_temperatures(cfg):
         hits = sampled_hits(tuned, ctx.fset, wrappers, cfg.match, temperature, cfg.samples, cfg.seed,
                             cfg.batch_size)
         out["temperatures"][f"{temperature:g}"] = summarise_samples(hits, wrappers, cfg.samples)

@@ -35,6 +35,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the parts named in `cfg.parts` on `cfg.run`; returns a summary (no secrets)."""
     validate(cfg)
     wanted = parse_list(cfg.parts, "--parts", EVAL_PARTS)
+    if "robustness" in wanted:
+        robustness.check_settings(cfg)
     ctx = open_run(cfg)
     started = time.time()
     results, computed, reused = {}, [], []

@@ -14,7 +14,7 @@ import random
 from oml_core import progress
 from oml_core.errors import OMLInputError
 from oml_core.generate.words import word_list
-from oml_core.inference import generate
+from oml_core.inference import sample
 from oml_core.verify.wrappers import chat_ids
 
 MAX_ROUNDS = 6
@@ -62,14 +62,15 @@ def english_texts(text_model, target_tokenizer, count: int, length: int, seed: i
             need = count - len(results)
             if need <= 0:
                 break
-            rows = need + max(4, need // 4)  # a margin for rejected texts
+            # a margin for rejected texts (~5% of rows on SmolLM2); a short round tops up
+            rows = need + max(4, need // 8)
             prompts, prefixes = zip(*(_prompt(text_model, rng.choice(words)) for _ in range(rows)))
             # accepted texts are counted only after all of a round's rows are sampled: a bar
             # of its own shows the sampling (minutes for thousands of keys on a CPU)
             with progress.bar(f"{desc}: sampling round {round_no + 1}", rows) as sampled:
-                outputs = generate(text_model, list(prompts), length + 24, batch_size, sample=True,
-                                   temperature=0.9, top_p=0.95, seed=rng.randrange(2**31),
-                                   progress=sampled)
+                outputs = sample(text_model, list(prompts), length + 24, batch_size,
+                                 temperature=0.9, top_p=0.95, seed=rng.randrange(2**31),
+                                 progress=sampled)
             for prefix, out in zip(prefixes, outputs):
                 text = (prefix + text_model.tokenizer.decode(out, skip_special_tokens=True)).strip()
                 ids = target_tokenizer(text, add_special_tokens=False)["input_ids"]
