@@ -52,3 +52,14 @@ def test_english_sampling_benchmark_times_both_ways(tiny_model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["ours_s"] > 0 and result["transformers_s"] > 0 and result["speedup"] > 0
     assert 0 <= result["ours_usable_share"] <= 1
+
+
+def test_train_start_up_benchmark_times_both_samplers(tiny_model_dir, tmp_path):
+    out = tmp_path / "start_up.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_start_up.py"),
+                           "--model", str(tiny_model_dir), "--sizes", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["rows"] == 8 * 2 * 40 and run["ours_s"] > 0 and run["transformers_s"] > 0

@@ -31,6 +31,7 @@ from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import IGNORE, FingerprintRows, collate
 from oml_core.train.near_miss import near_miss_rows
 from oml_core.train.regularizer import average_with_base
+from oml_core.train.sampler import LengthGroupedAsItGoes
 
 log = logging.getLogger(__name__)
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -198,6 +199,14 @@ def _trainer_class(soft_weight: float, teacher=None):
         odd tokens; pinning the base model's whole distribution on ordinary prompts (not just
         its greedy tokens) is what keeps answers starting as the base model's did.
         """
+
+        def _get_train_sampler(self, train_dataset=None):
+            # transformers' length grouping reads all max_epochs x width row lengths up front
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedAsItGoes(
+                dataset, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
@@ -499,8 +508,7 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
         max_grad_norm=1.0, save_only_model=True, max_steps=cfg.max_steps or -1,
         # rows vary from ~30 to ~270 tokens (augmentation prompts): batching similar lengths
-        # together cuts padding ~2.5x against random batches (rows are deterministic per
-        # index, so their lengths are known up front)
+        # together cuts padding ~2.5x against random batches (our sampler: train/sampler.py)
         train_sampling_strategy="group_by_length")
     teacher = None
     if benign and cfg.benign_distill == "all-tokens" and cfg.benign_soft_weight > 0:
