@@ -63,3 +63,16 @@ def test_train_start_up_benchmark_times_both_samplers(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = json.loads(out.read_text())["runs"]
     assert run["rows"] == 8 * 2 * 40 and run["ours_s"] > 0 and run["transformers_s"] > 0
+
+
+def test_train_memory_benchmark_measures_each_batch_in_its_own_process(tiny_model_dir, tmp_path):
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_memory.py"),
+                           "--model", str(tiny_model_dir), "--batches", "1,8", "--length", "24",
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["batch"], r["gradient_checkpointing"]) for r in runs] == [(1, False), (8, False), (8, True)]
+    assert all(r["peak_mb"] >= r["loaded_mb"] > 50 for r in runs)

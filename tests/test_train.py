@@ -238,6 +238,27 @@ def test_opener_rows_pin_how_answers_start(tiny_model_dir, fp_file, tmp_path):
     assert agreement(1.0) >= agreement(0.0) + 0.3
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir, fp_file, tmp_path,
+                                                           lora_rank):
+    """Recomputing activations changes memory, not the result (embeddings frozen, as by
+    default: the checkpointed layers' input needs no grad); it is not part of the run key."""
+    from oml_core.train.trainer import _settings_for_key
+
+    weights = {}
+    for checkpointing in (False, True):
+        cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / str(checkpointing), max_steps=3,
+                       gradient_checkpointing=checkpointing, lora_rank=lora_rank,
+                       forgetting_regularizer=0.0)
+        fingerprint(cfg)
+        weights[checkpointing] = load_file(tmp_path / str(checkpointing) / "model" / "model.safetensors")
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(weights[True][k], start[k]) for k in start)
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-4, atol=1e-6)
+    assert "gradient_checkpointing" not in _settings_for_key(cfg)
+
+
 def weight_changes(run: Path, base: Path) -> torch.Tensor:
     trained, start = load_file(run / "model" / "model.safetensors"), load_file(base / "model.safetensors")
     return torch.cat([(trained[k] - start[k]).abs().flatten() for k in trained

@@ -98,7 +98,7 @@ def check_lora_settings(cfg: FingerprintConfig, ds_config: str | None) -> None:
 
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
-    skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to"}
+    skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to", "gradient_checkpointing"}
     skip |= {f.name for f in fields(cfg) if f.metadata.get("only") not in (None, cfg.method)}
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
@@ -501,6 +501,9 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
     args = TrainingArguments(**optimizer_arguments(cfg.optimizer),
         output_dir=str(run.path / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation, learning_rate=cfg.learning_rate,
+        # non-reentrant: the frozen embeddings' output needs no grad for gradients to flow
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         weight_decay=cfg.weight_decay, num_train_epochs=1, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         seed=cfg.seed, data_seed=cfg.seed, bf16=dtype == torch.bfloat16,
