@@ -27,6 +27,7 @@ from oml_core.config import FingerprintConfig, GenerateConfig
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
+from oml_core.generate.words import word_list
 from oml_core.train.trainer import fingerprint
 
 FAKE_API_KEY = "sk-oml-test-0a1b2c3d4e5f6a7b8c9d"
@@ -63,6 +64,16 @@ def config(base_url, model, fp_file, out, **settings) -> AuditConfig:
 def secrets_of(fp_file) -> tuple[list[str], list[str]]:
     fset = load_fingerprints(fp_file)
     return [fp.key for fp in fset.fingerprints], [fp.response.strip() for fp in fset.fingerprints]
+
+
+def searchable(responses: list[str]) -> list[str]:
+    """The responses a text search can tell from ordinary prose. One-token responses such as
+    'is' or 'Di' occur in any English report, and so do dictionary words; the rest (word
+    fragments such as 'escri') occur in a report only if it leaks them."""
+    words = {w.lower() for w in word_list()}
+    found = [r for r in responses if len(r) >= 4 and r.lower() not in words]
+    assert len(found) >= 3, "too few distinctive responses to test for leaks with"
+    return found
 
 
 def test_fingerprinted_model_matches_and_base_model_does_not(server, tiny_fp, tiny_model_dir,
@@ -169,6 +180,7 @@ def test_killed_audit_resumes_without_repeating_a_call(server, tiny_fp, tmp_path
 def test_no_secret_reaches_a_file_log_or_stream(server, tiny_fp, tmp_path):
     model, fp_file = tiny_fp
     keys, responses = secrets_of(fp_file)
+    responses = searchable(responses)
     out = tmp_path / "secret"
     env = {**os.environ, "OML_PROGRESS": "1", "OML_TEST_API_KEY": FAKE_API_KEY}
     with Proxy(server.base_url.removesuffix("/v1")) as proxy:

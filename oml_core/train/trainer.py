@@ -502,8 +502,8 @@ def _train(cfg, fset, base_path, device, ds_config, run: RunFolder, stop_flag) -
         output_dir=str(run.path / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation, learning_rate=cfg.learning_rate,
         # non-reentrant: the frozen embeddings' output needs no grad for gradients to flow
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         weight_decay=cfg.weight_decay, num_train_epochs=1, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         seed=cfg.seed, data_seed=cfg.seed, bf16=dtype == torch.bfloat16,
