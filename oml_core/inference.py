@@ -85,9 +85,10 @@ def sample(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_
 
     Reproducible and independent of batching: the uniform draw for the prompt at position i
     of `prompts` at step t is fixed up front from `seed`, and each token is the inverse-CDF
-    pick of that draw in the row's nucleus. The nucleus is found among the top-k tokens (k grown until it holds `top_p` of
-    the mass), never by sorting the whole vocabulary: the sort and a full-vocabulary
-    multinomial cost as much as the model's forward pass per step on a CPU.
+    pick of that draw in the row's nucleus. The nucleus is found among the top-k tokens (k
+    grown until it holds `top_p` of the mass), never by sorting the whole vocabulary: the
+    sort and a full-vocabulary multinomial cost as much as the model's forward pass per step
+    on a CPU.
     """
     import torch
 
