@@ -33,6 +33,7 @@ TEMPERATURE, TOP_P = 0.9, 0.95
 def transformers_sampling(loaded, prompts, max_new: int, batch_size: int, seed: int):
     """The previous way: `generate(do_sample=True)` per length-sorted batch."""
     model, tok = loaded.model, loaded.tokenizer
+    stop_ids = eos_set(model, True)
     out = [None] * len(prompts)
     for batch_no, rows in enumerate(length_batches(prompts, batch_size)):
         ids, mask = left_pad([prompts[i] for i in rows], tok.pad_token_id, loaded.device)
@@ -42,7 +43,7 @@ def transformers_sampling(loaded, prompts, max_new: int, batch_size: int, seed: 
                                  do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
                                  pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
         for row, i in enumerate(rows):
-            out[i] = cut_after_eos(new[row].tolist(), eos_set(model, True))
+            out[i] = cut_after_eos(new[row].tolist(), stop_ids)
     return out
 
 

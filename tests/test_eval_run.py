@@ -150,6 +150,7 @@ def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
     (["eval", "--run", "."], "is not an OML run"),
     (["eval", "--run", ".", "--temperatures", "0.7,0"], "--temperatures: 0 is not a sampling"),
     (["eval", "--run", ".", "--temperatures", "hot"], "--temperatures: 'hot' is not a float"),
+    (["eval", "--run", ".", "--temperatures", "200"], "--temperatures: 200 is not a sampling"),
     (["eval", "--run", ".", "--attacks", "int4"], "--attacks: 'int4' is not one of"),
     (["eval", "capacity", "--sizes", "4"], "no sweep folder given"),
 ])

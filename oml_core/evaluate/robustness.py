@@ -168,7 +168,7 @@ def sampling_temperatures(cfg) -> list[float]:
     for temperature in temperatures:
         if not 0 < temperature <= 100:
             raise OMLInputError(f"--temperatures: {temperature:g} is not a sampling temperature; "
-                                "pass values above 0 (e.g. 0.7,1.0)")
+                                "pass values above 0 and at most 100 (e.g. 0.7,1.0)")
     return temperatures
 
 
