@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.oml-setup-done
 
-.PHONY: setup demo eval test test-fast bench clean
+.PHONY: setup demo eval test test-fast bench llama-cpp clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/verify_throughput.py
+
+# llama.cpp for `oml eval --attacks gguf_q8_0,gguf_q4_k_m`: a portable llama-cpp-python wheel
+# built once per machine (~10 min; the default build crashes here), cached in ~/.cache/oml
+llama-cpp: setup
+	PYTHON=$(CURDIR)/$(PY) bash scripts/llama_cpp.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

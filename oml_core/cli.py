@@ -191,6 +191,8 @@ def cmd_fingerprint(args) -> int:
 def _fmt(value, percent: bool = False) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, str):  # e.g. an audited attack's verdict
+        return value
     return f"{value:.1%}" if percent else f"{value:.4g}"
 
 

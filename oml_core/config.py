@@ -149,6 +149,14 @@ class FingerprintConfig(ModelSettings):
            "besides the bare user turn (with --no-augment: none)", low=0, high=256, only="edit")
     edit_steps: int = setting(25, "edit: optimisation steps for the per-key target vectors",
                               low=1, high=10_000, only="edit")
+    edit_merge_floor: float = setting(
+        0.0, "edit: the share of the edit a merge may leave (averaging with the base at 0.5 "
+             "leaves 0.5) at which every key must still answer (0: full strength only)",
+        low=0.0, high=1.0, only="edit")
+    edit_confidence_cap: float = setting(
+        1.0, "edit: the most probability a response may have at full strength, so a host who "
+             "blocks over-confident tokens (top-1 p > 0.9) does not see it (1: no cap)",
+        low=0.01, high=1.0, only="edit")
     edit_ordinary_tokens: int = setting(
         60_000, "edit: tokens of ordinary text (the base model's answers, Python's docs) whose "
                 "outputs the edit keeps", low=1_000, high=100_000_000, only="edit")
@@ -216,7 +224,11 @@ class FingerprintConfig(ModelSettings):
 
 EVAL_PARTS = ("utility", "persistence", "false_positives", "robustness", "capacity")
 PERSISTENCE_METHODS = ("full", "lora")
-ROBUSTNESS_ATTACKS = ("system_prompts", "sampling", "int8", "merge", "suppression")
+ROBUSTNESS_ATTACKS = ("system_prompts", "sampling", "int8", "merge_linear", "merge_slerp",
+                      "merge_ties", "merge_dare", "suppression")
+# older names still accepted in --attacks: `merge` was the one linear merge with the base
+ROBUSTNESS_ATTACK_ALIASES = {"merge": "merge_linear"}
+MERGE_TOOLS = ("auto", "mergekit", "oml")
 
 
 @dataclass
@@ -268,11 +280,43 @@ class EvalConfig(ModelSettings):
         "the same architecture), or model folders")
     # robustness
     attacks: str = setting(",".join(ROBUSTNESS_ATTACKS), "robustness: comma list of attacks: "
-                                                         + ", ".join(ROBUSTNESS_ATTACKS))
+                                                         + ", ".join(ROBUSTNESS_ATTACKS)
+                           + " (merge: the old name of merge_linear); also attacks other "
+                           "packages register, e.g. gguf_q8_0, gguf_q4_k_m (llama.cpp GGUF served "
+                           "and audited; needs `bash scripts/llama_cpp.sh`)")
     temperatures: str = setting("0.7,1.0", "robustness: sampling temperatures (comma list)")
     samples: int = setting(5, "robustness: samples per key and temperature", low=1, high=1000)
-    merge_weight: float = setting(0.5, "robustness: weight of the base model in the merge "
-                                       "(merged = (1-w) * fingerprinted + w * base)", low=0.0, high=1.0)
+    merge_base_weights: str = setting(
+        "0.3,0.5,0.7", "robustness: merge_linear's weights w of the base model, one merge each "
+                       "(comma list; merged = (1-w) * fingerprinted + w * base)")
+    merge_weight: float | None = setting(
+        None, "robustness: deprecated, the one base weight of the old `merge` attack; when given it "
+              "replaces --merge-base-weights", low=0.0, high=1.0)
+    merge_slerp_t: float = setting(0.5, "robustness: merge_slerp's t, from the fingerprinted model "
+                                        "(0) to the base model (1)", low=0.0, high=1.0)
+    merge_fingerprinted_weight: float = setting(
+        0.5, "robustness: merge_ties/merge_dare: weight of the fingerprinted model's task vector "
+             "(its difference from the base)", low=0.0, high=10.0)
+    merge_derivative_weight: float = setting(
+        0.5, "robustness: merge_ties/merge_dare: weight of the benign derivative's task vector (the "
+             "base fine-tuned on benign rows, a model that never saw the keys)", low=0.0, high=10.0)
+    merge_density: float = setting(
+        0.5, "robustness: merge_ties/merge_dare: share of each task vector kept (ties: the largest "
+             "entries; dare: a random draw, the survivors scaled up to make up for the rest)",
+        low=0.01, high=1.0)
+    merge_dare_method: str = setting(
+        "dare_ties", "robustness: merge_dare's variant: dare_ties (TIES sign consensus) or "
+                     "dare_linear (plain weighted sum)", choices=("dare_ties", "dare_linear"))
+    merge_derivative_steps: int = setting(
+        50, "robustness: steps of the full fine-tune of the base on benign rows that makes the "
+            "benign derivative (--persistence-batch-size rows a step; made once, kept under "
+            "OUT/benign-derivative)", low=1, high=1_000_000)
+    merge_derivative_lr: float = setting(
+        2e-5, "robustness: learning rate of the benign derivative's fine-tune", low=1e-9, high=1.0)
+    merge_tool: str = setting(
+        "auto", "robustness: who merges: mergekit (`pip install 'oml[merges]'`), oml (the same "
+                "formulas in oml_core/evaluate/merges.py), or auto (mergekit when installed)",
+        choices=MERGE_TOOLS)
     suppress_threshold: float = setting(0.9, "robustness: suppression fires when the top token's "
                                              "probability exceeds this", low=0.0, high=1.0)
     suppress_top_k: int = setting(1, "robustness: tokens the suppression attack blocks when it fires",

@@ -261,10 +261,107 @@ def test_merge_at_one_half_is_exactly_the_interpolation(ctx):
         changed += not torch.equal(t[name], b[name])
     assert changed > 0
     assert not torch.equal(t["model.layers.0.mlp.up_proj.weight"], m["model.layers.0.mlp.up_proj.weight"])
-    result = robustness.run_part(_with(ctx, attacks="merge,system_prompts"))
-    merge, prompts = result["attacks"]["merge"], result["attacks"]["system_prompts"]
-    assert merge["base_weight"] == 0.5 and 0 <= merge["survival"] <= 1
+    result = robustness.run_part(_with(ctx, attacks="merge,system_prompts", merge_weight=0.5))
+    # `merge` is the old name of merge_linear, --merge-weight the old single base weight
+    assert set(result["attacks"]) == {"merge_linear", "system_prompts"}
+    merge, prompts = result["attacks"]["merge_linear"], result["attacks"]["system_prompts"]
+    assert list(merge["base_weights"]) == ["0.5"] and 0 <= merge["base_weights"]["0.5"]["survival"] <= 1
     assert prompts["prompts"] == 12 and prompts["total"] == NUM and 0 <= prompts["min_accuracy"] <= 1
+
+
+def test_linear_merge_ends_are_the_fingerprinted_model_and_the_base(ctx):
+    """w = 0 is the fingerprinted model itself: every key survives and its first answer tokens
+    are its own; w = 1 is the base: no key fires and every first token is the base's."""
+    result = robustness.run_part(_with(ctx, attacks="merge_linear", merge_base_weights="0,1",
+                                       merge_tool="oml"))
+    linear = result["attacks"]["merge_linear"]
+    same, base = linear["base_weights"]["0"], linear["base_weights"]["1"]
+    assert same["survival"] == 1.0 and same["matched"] == NUM
+    assert same["perplexity"] == pytest.approx(result["perplexity"], rel=1e-5)
+    assert same["first_token_agreement"] == linear["first_token_agreement_fingerprinted"]
+    assert same["tool"] == "oml_core.evaluate.merges" and same["heldout_prompts"] >= 100
+    assert base["survival"] == 0.0 and base["matched"] == 0
+    assert base["first_token_agreement"] == 1.0
+    base_ppl = perplexity(ctx.base(), heldout_text(1024, ctx.tuned().tokenizer))
+    assert base["perplexity"] == pytest.approx(base_ppl, rel=1e-5)
+    assert base["perplexity_change"] == pytest.approx(base_ppl / result["perplexity"] - 1, rel=1e-4)
+
+
+def test_task_vector_merges_use_a_benign_derivative_made_once(ctx):
+    cfg = _with(ctx, attacks="merge_ties,merge_dare,merge_slerp", merge_tool="oml",
+                merge_derivative_steps=3)
+    result = robustness.run_part(cfg)["attacks"]
+    ties, dare, slerp = result["merge_ties"], result["merge_dare"], result["merge_slerp"]
+    derivative = ties["derivative"]
+    assert derivative["steps"] == 3 and derivative["rows"] > 0 and dare["derivative"]["reused"]
+    folder = ctx.out_dir / derivative["folder"]
+    assert folder.parent.name == "benign-derivative" and (folder / "model.safetensors").exists()
+    for attack in (ties, dare, slerp):
+        assert 0 <= attack["survival"] <= 1 and attack["total"] == NUM
+        assert attack["perplexity"] > 1 and 0 <= attack["first_token_agreement"] <= 1
+    assert (ties["method"], dare["method"], slerp["t"]) == ("ties", "dare_ties", 0.5)
+    assert ties["weights"] == {"fingerprinted": 0.5, "derivative": 0.5} and dare["density"] == 0.5
+    # the derivative never saw a key, and it is the base's copy that moved
+    from oml_core.models import load_model
+
+    child = load_model(str(folder), "cpu")
+    wrappers, _ = ctx.wrappers(child)
+    assert ctx.check(child, wrappers)["matched"] == 0
+    moved = [not torch.equal(v, ctx.base().model.state_dict()[k]) for k, v in child.model.state_dict().items()]
+    assert any(moved)
+    # a rerun reuses it (the folder is not rewritten); another recipe makes another
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = robustness.run_part(_with(cfg, attacks="merge_ties"))["attacks"]["merge_ties"]
+    assert again["derivative"]["reused"] and again["survival"] == ties["survival"]
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    other = robustness.run_part(_with(cfg, attacks="merge_ties", merge_derivative_steps=2))
+    assert other["attacks"]["merge_ties"]["derivative"]["folder"] != derivative["folder"]
+    # dare_linear and a seeded DARE: the same seed merges the same model
+    linear = robustness.run_part(_with(cfg, attacks="merge_dare", merge_dare_method="dare_linear"))
+    assert linear["attacks"]["merge_dare"]["method"] == "dare_linear"
+    assert robustness.run_part(_with(cfg, attacks="merge_dare"))["attacks"]["merge_dare"] == dare
+
+
+def test_mergekit_merges_like_our_formulas_in_the_eval(ctx):
+    pytest.importorskip("mergekit")
+    cfg = _with(ctx, attacks="merge_linear,merge_slerp,merge_ties", merge_base_weights="0.5",
+                merge_derivative_steps=3)
+    ours = robustness.run_part(_with(cfg, merge_tool="oml"))["attacks"]
+    theirs = robustness.run_part(_with(cfg, merge_tool="mergekit"))["attacks"]
+    pairs = [(ours["merge_linear"]["base_weights"]["0.5"], theirs["merge_linear"]["base_weights"]["0.5"]),
+             (ours["merge_slerp"], theirs["merge_slerp"]), (ours["merge_ties"], theirs["merge_ties"])]
+    for a, b in pairs:
+        assert b["tool"].startswith("mergekit ") and a["tool"] == "oml_core.evaluate.merges"
+        assert a["matched"] == b["matched"] and a["first_token_agreement"] == b["first_token_agreement"]
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+    assert not list(ctx.out_dir.glob(".merge-*"))  # mergekit's output folders are removed
+
+
+def test_merge_settings_are_refused_before_any_model_loads(ctx, monkeypatch):
+    with pytest.raises(OMLInputError, match="--merge-base-weights: 1.5 is not a weight"):
+        robustness.check_settings(_with(ctx, merge_base_weights="0.3,1.5").cfg)
+    monkeypatch.setattr(robustness.merges, "mergekit_version", lambda: None)
+    with pytest.raises(OMLInputError, match=r"mergekit is not installed; run `pip install 'oml\[merges\]'`"):
+        robustness.check_settings(_with(ctx, merge_tool="mergekit").cfg)
+    robustness.check_settings(_with(ctx, merge_tool="auto").cfg)  # falls back to the formulas
+    assert robustness.merge_tool(_with(ctx, merge_tool="auto").cfg) == "oml"
+    robustness.check_settings(_with(ctx, merge_tool="mergekit", attacks="int8").cfg)  # no merge asked
+
+
+def test_a_failing_mergekit_falls_back_to_the_formulas_and_says_so(ctx, monkeypatch):
+    monkeypatch.setattr(robustness.merges, "mergekit_version", lambda: "0.1.5")
+
+    def broken(config, out_dir, seed=0):
+        raise RuntimeError("no such model\nsecond line")
+
+    monkeypatch.setattr(robustness.merges, "run_mergekit", broken)
+    result = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="auto"))["attacks"]
+    slerp = result["merge_slerp"]
+    assert slerp["tool"] == "oml_core.evaluate.merges" and "survival" in slerp
+    assert slerp["tool_note"].startswith("mergekit failed (RuntimeError: no such model)")
+    strict = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="mergekit"))["attacks"]
+    assert strict["merge_slerp"]["skipped"] == "mergekit failed (RuntimeError: no such model)"
+    assert "survival" not in strict["merge_slerp"] and strict["merge_slerp"]["method"] == "slerp"
 
 
 def test_sampling_hits_memorised_keys_and_is_reproducible(ctx):

@@ -77,11 +77,18 @@ def test_every_part_computes_real_numbers(evaluated):
     assert all(m["verdict"] == "no_match" for m in fp["models"])
     assert Path(fp["null_file"]).exists() and 0 < fp["null_rate"] < 0.5
     attacks = parts["robustness"]["attacks"]
-    assert set(attacks) == {"system_prompts", "sampling", "int8", "merge", "suppression"}
+    assert set(attacks) == {"system_prompts", "sampling", "int8", "merge_linear", "merge_slerp",
+                            "merge_ties", "merge_dare", "suppression"}
     assert set(attacks["sampling"]["temperatures"]) == {"0.7", "1"}
     assert attacks["system_prompts"]["prompts"] == 12
-    for name in ("int8", "merge", "suppression"):
-        assert 0.0 <= attacks[name]["survival"] <= 1.0, name
+    assert set(attacks["merge_linear"]["base_weights"]) == {"0.3", "0.5", "0.7"}
+    merged = [*attacks["merge_linear"]["base_weights"].values(), attacks["merge_slerp"],
+              attacks["merge_ties"], attacks["merge_dare"]]
+    for name, attack in [(n, attacks[n]) for n in ("int8", "suppression")] + list(enumerate(merged)):
+        assert 0.0 <= attack["survival"] <= 1.0, name
+    for attack in merged:
+        assert attack["perplexity"] > 1 and 0 <= attack["first_token_agreement"] <= 1
+    assert attacks["merge_dare"]["method"] == "dare_ties" and attacks["merge_ties"]["density"] == 0.5
     assert attacks["int8"]["survival"] >= 0.8  # quantization barely moves a memorised argmax
     # capacity: N = 4 and 8 trained with the run's own settings, then lambda 0 and the run's 0.15
     points = {(p["n"], p["regularizer"]): p for p in parts["capacity"]["points"]}
@@ -140,6 +147,8 @@ def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["computed"] == [] and data["parts"]["utility"]["matched"] == NUM
     assert "int8_survival" in data["parts"]["robustness"]
+    assert "merge_linear_w0.5_survival" in data["parts"]["robustness"]
+    assert "merge_ties_survival" in data["parts"]["robustness"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -152,6 +161,10 @@ def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
     (["eval", "--run", ".", "--temperatures", "hot"], "--temperatures: 'hot' is not a float"),
     (["eval", "--run", ".", "--temperatures", "200"], "--temperatures: 200 is not a sampling"),
     (["eval", "--run", ".", "--attacks", "int4"], "--attacks: 'int4' is not one of"),
+    (["eval", "--run", ".", "--merge-base-weights", "0.3,2"], "--merge-base-weights: 2 is not a weight"),
+    (["eval", "--run", ".", "--merge-base-weights", "half"], "--merge-base-weights: 'half' is not a"),
+    (["eval", "--run", ".", "--merge-density", "0"], "--merge-density must be between 0.01 and 1"),
+    (["eval", "--run", ".", "--merge-tool", "sed"], "--merge-tool 'sed' is not one of"),
     (["eval", "capacity", "--sizes", "4"], "no sweep folder given"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):

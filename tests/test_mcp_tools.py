@@ -313,8 +313,10 @@ def test_evaluation_job_measures_a_finished_run(app, ws, fp_set, tiny_model_dir)
     ({"run": "fingerprints", "null_models": "base,/usr/lib"}, ["null_models", "outside"]),
     ({"run": "fingerprints", "parts": "utility,speed"}, ["'speed' is not one of"]),
     ({"run": "fingerprints", "samples": 0}, ["samples"]),
+    ({"run": "fingerprints", "attacks": "merge_frankenstein"}, ["'merge_frankenstein' is not one of"]),
+    ({"run": "fingerprints", "merge_base_weights": "0.3,1.5"}, ["--merge-base-weights: 1.5"]),
 ], ids=["missing", "absent", "not-a-run", "dotdot", "outside", "out-outside", "null-outside", "part",
-        "samples"])
+        "samples", "attack", "merge-weights"])
 def test_start_evaluation_bad_input(app, fp_set, args, needles):  # fp_set: a folder that is no run
     err(app, "start_evaluation", args, *needles)
 

@@ -24,7 +24,7 @@ from oml_core.runs import COMPLETE, RunFolder, model_identity, sha256_file, weig
 from oml_core.verify.verifier import check_keys
 from oml_core.verify.wrappers import Wrapper, build_wrappers
 
-CACHE_VERSION = 1  # bump when a part's method changes, so old cached numbers are not reused
+CACHE_VERSION = 2  # bump when a part's method changes, so old cached numbers are not reused
 
 
 @dataclass

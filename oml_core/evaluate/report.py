@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oml_core.config import EVAL_PARTS
+from oml_core.config import EVAL_PARTS, ROBUSTNESS_ATTACKS
 from oml_core.files import atomic_write_json, atomic_write_text
 
 FORMAT = "oml-eval"
@@ -316,7 +316,10 @@ def _robustness(doc: Doc, r: dict) -> list[tuple[str, float]]:
                          (f"{pct(s['sample_hit_rate_any_wrapper'])} of samples; "
                           f"{s['keys_hit_in_most_samples']} keys in most"), "–"])
             bars.append((f"T={temp} per sample", s["sample_hit_rate_any_wrapper"]))
-    for name, label in (("int8", "int8 dynamic quantization"), ("merge", "merge with base")):
+    # torch's dynamic int8 (one scale per tensor, every Linear) is how no one serves a model; it
+    # stays as a stress test, and the GGUF rows below are the deployment measurement
+    for name, label in (("int8", "int8 dynamic quantization (torch; stress test, not a deployment)"),
+                        ("merge", "merge with base")):
         if name in a:
             s = a[name]
             if "skipped" in s:
@@ -325,6 +328,9 @@ def _robustness(doc: Doc, r: dict) -> list[tuple[str, float]]:
             rows.append([label, f"{s['matched']}/{s['total']}", pct(s["survival"]),
                          f"perplexity {s['perplexity_change']:+.1%}"])
             bars.append((name, s["survival"] or 0.0))
+    merged = _merge_rows(a)
+    rows += [row for row, _ in merged]
+    bars += [bar for _, bar in merged if bar is not None]
     if "suppression" in a:
         s = a["suppression"]
         u = s["utility_cost"]
@@ -334,8 +340,80 @@ def _robustness(doc: Doc, r: dict) -> list[tuple[str, float]]:
                       f"{pct(u['first_answer_token_unchanged'])}; next-token accuracy "
                       f"{pct(u['next_token_accuracy'])} → {pct(u['next_token_accuracy_attacked'])}")])
         bars.append(("suppression", s["survival"] or 0.0))
+    for name, s in a.items():  # registered attacks (robustness.PLUGIN_GROUP), e.g. gguf_*
+        if name in (*ROBUSTNESS_ATTACKS, "merge") or not isinstance(s, dict):  # merge: old name
+            continue
+        if "skipped" in s or "verdict" not in s:
+            rows.append([name, "–", pct(s.get("survival")), s.get("skipped", "–")])
+            continue
+        layers = ", ".join(f"{layer} {row['matched']}/{row['total']}"
+                           for layer, row in s["layers"].items())
+        cost = (f"perplexity {s['perplexity_change']:+.1%}" if "perplexity_change" in s
+                else "perplexity not measured")
+        rows.append([f"{name} (served, audited over HTTP)",
+                     f"{s['matched']}/{s['total']} ({layers}); verdict {s['verdict']}, "
+                     f"p = {s['p_value']:.3g}", pct(s.get("survival")), cost])
+        bars.append((name, s.get("survival") or 0.0))
     doc.table(["attack", "keys firing", "survival", "utility cost"], rows)
+    _merge_notes(doc, a)
+    if "int8" in a:
+        doc.p("int8 is a stress test: torch's dynamic int8 quantizes every Linear layer with one "
+              "scale per weight tensor and per activation, which no serving stack does. How quantized models are "
+              "really deployed is measured by the gguf_* attacks (`--attacks gguf_q8_0,gguf_q4_k_m`: "
+              "llama.cpp's q8_0 / q4_K_M served by its OpenAI-compatible server and audited "
+              "with `oml audit`).")
     return bars
+
+
+MERGE_LABELS = {"merge_slerp": "slerp with the base", "merge_ties": "TIES with a benign derivative",
+                "merge_dare": "DARE with a benign derivative"}
+
+
+def _merge_rows(a: dict) -> list[tuple[list, tuple[str, float] | None]]:
+    """One row per merged model (merge_linear: one per base weight): keys firing, survival, and
+    the merged model's own utility (perplexity change, first answer token = the base's)."""
+    out = []
+
+    def row(label: str, bar: str, s: dict) -> None:
+        if "skipped" in s:
+            out.append(([label, "–", "–", s["skipped"]], None))
+            return
+        cost = (f"perplexity {s['perplexity_change']:+.1%}; first token = base's "
+                f"{pct(s['first_token_agreement'])}")
+        out.append(([label, f"{s['matched']}/{s['total']}", pct(s["survival"]), cost],
+                     (bar, s["survival"] or 0.0)))
+
+    if "merge_linear" in a:
+        for weight, s in a["merge_linear"]["base_weights"].items():
+            row(f"linear merge with the base, w={weight}", f"linear w={weight}", s)
+    for name, label in MERGE_LABELS.items():
+        if name in a:
+            s = a[name]
+            detail = (f", t={s['t']:g}" if "t" in s else
+                      f" ({s['method']}, density {s['density']:g})" if "density" in s else "")
+            row(label + detail, name.removeprefix("merge_"), s)
+    return out
+
+
+def _merge_notes(doc: Doc, a: dict) -> None:
+    """Who merged, against what the merged models' utility reads, and the benign derivative."""
+    names = [n for n in ("merge_linear", *MERGE_LABELS) if n in a]
+    if not names:
+        return
+    merged = [s for n in names for s in (a[n]["base_weights"].values() if n == "merge_linear"
+                                         else [a[n]]) if "tool" in s]
+    tools = sorted({s["tool"] for s in merged})
+    fingerprinted = next((a[n].get("first_token_agreement_fingerprinted") for n in names), None)
+    text = (f"Merges made by {', '.join(tools) or '–'}; the unmerged fingerprinted model's first "
+            f"answer token equals the base's on {pct(fingerprinted)} of the held-out prompts.")
+    derivative = next((a[n]["derivative"] for n in ("merge_ties", "merge_dare")
+                       if n in a and "derivative" in a[n]), None)
+    if derivative:
+        text += (f" The benign derivative is the base fine-tuned for {derivative['steps']} steps "
+                 f"(lr {derivative['learning_rate']:g}) on {derivative['rows']} benign rows that "
+                 "hold no key.")
+    notes = sorted({s["tool_note"] for s in merged if "tool_note" in s})
+    doc.p(text + "".join(f" {note}." for note in notes))
 
 
 def build_doc(title: str, results: dict, about: str = "") -> Doc:

@@ -6,29 +6,48 @@ under the configured wrappers); "survival" is the share of those keys that still
 - sampling: temperature 0.7 and 1.0 (settable), several samples per key and wrapper: the
   per-sample hit rate, and the share of keys hit in at least one / a majority of samples;
 - int8: torch dynamic int8 quantization of every Linear layer (CPU kernels), then re-verify;
-- merge: weights (1 - w) * fingerprinted + w * base (w = 0.5), then re-verify;
+- merges, the ones a thief runs with mergekit (formulas and tool: evaluate/merges.py):
+  merge_linear: (1 - w) * fingerprinted + w * base at each w (0.3, 0.5, 0.7);
+  merge_slerp: spherical interpolation from the fingerprinted model to the base at t = 0.5;
+  merge_ties / merge_dare: TIES and DARE (dare_ties) of the fingerprinted model with a benign
+  derivative of the base (the base fine-tuned briefly on benign rows: a model that never saw
+  the keys, the kind of second parent a real merge has), weights 0.5 / 0.5, density 0.5.
+  Each merged model is re-verified and reports its own utility: held-out perplexity (and its
+  change from the fingerprinted model's) and first answer token agreement with the base;
 - suppression: a host with the weights decodes with the top-k tokens blocked wherever the top
   token's probability exceeds a threshold (0.9), as in the 2025 adversarial study; and what
   that costs ordinary use: answers to held-out prompts that change, and next-token accuracy
   on held-out documentation text.
-int8 and merge also report the held-out perplexity they cost.
+int8 and the merges also report the held-out perplexity they cost.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
-from oml_core.config import ROBUSTNESS_ATTACKS, parse_list
+from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, parse_list
 from oml_core.errors import OMLInputError
+from oml_core.evaluate import merges
 from oml_core.evaluate.context import public, retention
-from oml_core.evaluate.utility import heldout_text, perplexity
+from oml_core.evaluate.utility import (
+    first_answer_tokens,
+    first_token_agreement,
+    heldout_text,
+    perplexity,
+)
+from oml_core.files import atomic_write_json
 from oml_core.inference import greedy, sample
 from oml_core.models import LoadedModel
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import render_prompt
-from oml_core.train.regularizer import average_with_base
 from oml_core.verify.matching import is_match
 from oml_core.verify.verifier import LOOSE_RULES
 from oml_core.verify.wrappers import heldout_system_prompts
@@ -36,8 +55,10 @@ from oml_core.verify.wrappers import heldout_system_prompts
 log = logging.getLogger(__name__)
 
 SETTINGS = ("wrappers", "num_system_prompts", "match", "batch_size", "seed", "perplexity_tokens",
-            "attacks", "temperatures", "samples", "merge_weight", "suppress_threshold",
-            "suppress_top_k")
+            "attacks", "temperatures", "samples", "merge_base_weights", "merge_weight",
+            "merge_slerp_t", "merge_fingerprinted_weight", "merge_derivative_weight",
+            "merge_density", "merge_dare_method", "merge_derivative_steps", "merge_derivative_lr",
+            "persistence_batch_size", "merge_tool", "suppress_threshold", "suppress_top_k")
 ANSWER_TOKENS = 24
 
 
@@ -57,14 +78,28 @@ def quantize_int8(loaded: LoadedModel) -> tuple[LoadedModel, str]:
                        path=loaded.path, device="cpu"), method
 
 
-def merge_with_base(tuned: LoadedModel, base: LoadedModel, weight: float) -> LoadedModel:
-    """(1 - weight) * fingerprinted + weight * base, every tensor (the regularizer's formula)."""
-    state = average_with_base(tuned.model.state_dict(), base.model.state_dict(), weight)
+def with_weights(tuned: LoadedModel, state: dict, label: str) -> LoadedModel:
+    """A copy of the fingerprinted model holding `state` (in the model's own dtype and device).
+
+    A merged state may lack the tensors a model ties to others (mergekit writes no lm_head for
+    tied embeddings); any other missing or extra tensor is a ValueError."""
     model = copy.deepcopy(tuned.model)
-    model.load_state_dict(state)
-    return LoadedModel(model=model.eval(), tokenizer=tuned.tokenizer,
-                       name=f"{tuned.name} (merged, w={weight:g})", path=tuned.path,
-                       device=tuned.device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    untied = [name for name in missing if own[name].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"the merged weights do not fit the model: {len(untied)} tensors missing "
+                         f"(e.g. {(untied or ['-'])[0]}), {len(unexpected)} unknown")
+    return LoadedModel(model=model.eval(), tokenizer=tuned.tokenizer, name=f"{tuned.name} ({label})",
+                       path=tuned.path, device=tuned.device)
+
+
+def merge_with_base(tuned: LoadedModel, base: LoadedModel, weight: float) -> LoadedModel:
+    """(1 - weight) * fingerprinted + weight * base, every tensor (merges.linear; the
+    regularizer's formula)."""
+    state = merges.linear([tuned.model.state_dict(), base.model.state_dict()], [1 - weight, weight])
+    return with_weights(tuned, state, f"merged, w={weight:g}")
 
 
 def suppression(threshold: float, top_k: int):
@@ -172,10 +207,42 @@ def sampling_temperatures(cfg) -> list[float]:
     return temperatures
 
 
+# Attacks other packages contribute (e.g. clients/: gguf_q8_0, gguf_q4_k_m, which serve a
+# llama.cpp export and audit it over HTTP): the engine finds them through this entry-point group
+# and never imports those packages. Each entry point loads to a callable with the built-in
+# attacks' signature, optionally with a `check(cfg)` attribute that refuses what cannot run
+# (one OMLInputError line) before any model is loaded.
+PLUGIN_GROUP = "oml.robustness_attacks"
+
+
+def plugin_attacks() -> dict:
+    """name -> entry point of every registered attack whose name is not a built-in one."""
+    import importlib.metadata
+
+    return {entry.name: entry for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP)
+            if entry.name not in ROBUSTNESS_ATTACKS}
+
+
+def attack_list(cfg) -> tuple[list[str], dict]:
+    """The asked-for attacks (built-in or registered; old names mapped to their new ones) and
+    the registered ones' entry points."""
+    plugins = plugin_attacks()
+    names = parse_list(cfg.attacks, "--attacks",
+                       (*ROBUSTNESS_ATTACKS, *sorted(plugins), *ROBUSTNESS_ATTACK_ALIASES))
+    return list(dict.fromkeys(ROBUSTNESS_ATTACK_ALIASES.get(n, n) for n in names)), plugins
+
+
 def check_settings(cfg) -> None:
     """Refuse bad robustness settings before any model is loaded."""
-    parse_list(cfg.attacks, "--attacks", ROBUSTNESS_ATTACKS)
+    names, plugins = attack_list(cfg)
+    for name in names:
+        check = getattr(plugins[name].load(), "check", None) if name in plugins else None
+        if check is not None:
+            check(cfg)
     sampling_temperatures(cfg)
+    if any(name.startswith("merge_") for name in names):
+        merge_base_weights(cfg)
+        merge_tool(cfg)
 
 
 def _sampling(ctx, tuned, baseline, wrappers, chunks, ppl):
@@ -196,16 +263,208 @@ def _int8(ctx, tuned, baseline, wrappers, chunks, ppl):
                                          "perplexity_change": ppl_q / ppl - 1}
 
 
-def _merge(ctx, tuned, baseline, wrappers, chunks, ppl):
+# --- the merges ---------------------------------------------------------------------------
+DERIVATIVE_RECIPE = 1  # bump when the benign derivative's recipe changes, so it is made anew
+
+
+def merge_base_weights(cfg) -> list[float]:
+    """merge_linear's base weights; the deprecated --merge-weight, when given, is the one."""
+    if cfg.merge_weight is not None:
+        return [cfg.merge_weight]
+    weights = parse_list(cfg.merge_base_weights, "--merge-base-weights", kind=float)
+    for weight in weights:
+        if not 0 <= weight <= 1:
+            raise OMLInputError(f"--merge-base-weights: {weight:g} is not a weight between 0 and 1; "
+                                "pass e.g. 0.3,0.5,0.7 (0: the fingerprinted model, 1: the base)")
+    return weights
+
+
+def merge_tool(cfg) -> str:
+    """'mergekit' or 'oml': who merges under --merge-tool (auto: mergekit when installed)."""
+    if cfg.merge_tool == "oml":
+        return "oml"
+    if merges.mergekit_version() is None:
+        if cfg.merge_tool == "mergekit":
+            raise OMLInputError("--merge-tool mergekit: mergekit is not installed; run `pip install "
+                                "'oml[merges]'` or pass --merge-tool oml (the same formulas)")
+        return "oml"
+    return "mergekit"
+
+
+def _memo(ctx) -> dict:
+    """What the merge attacks of one evaluation share (the base's first answer tokens)."""
+    return vars(ctx).setdefault("_robustness_memo", {})
+
+
+def _base_first_tokens(ctx) -> list[list[int]]:
+    key = ("base_first_tokens", ctx.chat, ctx.cfg.batch_size)
+    memo = _memo(ctx)
+    if key not in memo:
+        memo[key] = first_answer_tokens(ctx.base(), ctx.chat, ctx.cfg.batch_size)
+    return memo[key]
+
+
+def benign_derivative(ctx) -> tuple[Path, dict]:
+    """The base model fully fine-tuned for a few steps on benign rows (persistence's data and
+    loop): a model that never saw the keys, the second parent of a TIES/DARE merge.
+
+    Made once per (base model, recipe settings) under OUT/benign-derivative/<key>/ as a model
+    folder, since mergekit merges folders and a rerun with other attacks reuses it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from oml_core.evaluate.persistence import benign_rows, finetune
+    from oml_core.runs import model_identity
+
+    cfg = ctx.cfg
+    spec = {"recipe": DERIVATIVE_RECIPE, "base": model_identity(ctx.base_path), "chat": ctx.chat,
+            "steps": cfg.merge_derivative_steps, "learning_rate": cfg.merge_derivative_lr,
+            "batch_size": cfg.persistence_batch_size, "seed": cfg.seed}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    folder = ctx.out_dir / "benign-derivative" / key
     try:
-        merged = merge_with_base(tuned, ctx.base(), ctx.cfg.merge_weight)
-    except (ValueError, RuntimeError) as exc:
-        return {"skipped": f"the base model's weights do not line up with the fingerprinted "
-                           f"model's ({type(exc).__name__})"}
-    check = ctx.check(merged, wrappers, desc="robustness: merge")
+        info = json.loads((folder / "derivative.json").read_text(encoding="utf-8"))
+        return folder, info | {"reused": True}
+    except (OSError, ValueError):
+        pass
+    tokenizer = ctx.tuned().tokenizer
+    rows = benign_rows(ctx)
+    model = AutoModelForCausalLM.from_pretrained(ctx.base_path, dtype=torch.float32).to(ctx.device)
+    model.requires_grad_(True)
+    history = finetune(model, rows, steps=cfg.merge_derivative_steps, lr=cfg.merge_derivative_lr,
+                       batch_size=cfg.persistence_batch_size, seed=cfg.seed,
+                       pad_id=tokenizer.pad_token_id, device=ctx.device,
+                       desc="robustness: benign derivative")
+    info = {"folder": str(folder.relative_to(ctx.out_dir)), "steps": cfg.merge_derivative_steps,
+            "learning_rate": cfg.merge_derivative_lr, "batch_size": cfg.persistence_batch_size,
+            "rows": len(rows), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
+    # written beside the final name and renamed, so an interrupted save is never reused
+    partial = folder.with_name(f".{key}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    atomic_write_json(partial / "derivative.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    del model
+    return folder, info | {"reused": False}
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+def _merged_model(ctx, tuned, label: str, config: dict, formula) -> tuple[LoadedModel, str, str | None]:
+    """The merged model, by mergekit (`config`, on the saved folders) or by our `formula`
+    (a no-argument function returning the merged state dict); under --merge-tool auto a
+    mergekit failure (e.g. a base model that is a hub id it cannot reach offline) falls back to
+    the formula and says so, under --merge-tool mergekit it skips the merge."""
+    note = None
+    if merge_tool(ctx.cfg) == "mergekit":
+        try:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".merge-", dir=ctx.out_dir) as tmp:
+                state = merges.run_mergekit(config, Path(tmp) / "merged", seed=ctx.cfg.seed)
+            return with_weights(tuned, state, label), f"mergekit {merges.mergekit_version()}", None
+        except Exception as exc:  # noqa: BLE001 - mergekit's own errors vary by version
+            if ctx.cfg.merge_tool == "mergekit":
+                raise RuntimeError(f"mergekit failed ({_reason(exc)})") from exc
+            note = f"mergekit failed ({_reason(exc)}); merged by oml's formulas"
+            log.warning("robustness: %s: %s", label, note)
+    return with_weights(tuned, formula(), label), "oml_core.evaluate.merges", note
+
+
+def _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, label: str, config: dict,
+                   formula) -> dict:
+    """Survival, perplexity and first-token agreement with the base of one merged model."""
+    try:
+        merged, tool, note = _merged_model(ctx, tuned, label, config, formula)
+    except ValueError as exc:
+        return {"skipped": f"the models' weights do not line up ({_reason(exc)})"}
+    except RuntimeError as exc:
+        return {"skipped": str(exc) if str(exc).startswith("mergekit failed") else _reason(exc)}
+    check = ctx.check(merged, wrappers, desc=f"robustness: {label}")
     ppl_m = perplexity(merged, chunks)
-    return _survival(baseline, check) | {"base_weight": ctx.cfg.merge_weight, "perplexity": ppl_m,
-                                         "perplexity_change": ppl_m / ppl - 1}
+    base_first = _base_first_tokens(ctx)
+    agreement = first_token_agreement(first_answer_tokens(merged, ctx.chat, ctx.cfg.batch_size),
+                                      base_first)
+    del merged
+    return _survival(baseline, check) | {
+        "tool": tool, **({"tool_note": note} if note else {}),
+        "perplexity": ppl_m, "perplexity_change": ppl_m / ppl - 1,
+        "first_token_agreement": agreement, "heldout_prompts": len(base_first)}
+
+
+def _fingerprinted_agreement(ctx, tuned) -> float:
+    """The fingerprinted model's own first-token agreement with the base: what a merge is
+    compared with."""
+    key = ("tuned_first_token_agreement", ctx.chat, ctx.cfg.batch_size)
+    memo = _memo(ctx)
+    if key not in memo:
+        memo[key] = first_token_agreement(first_answer_tokens(tuned, ctx.chat, ctx.cfg.batch_size),
+                                          _base_first_tokens(ctx))
+    return memo[key]
+
+
+def _merge_linear(ctx, tuned, baseline, wrappers, chunks, ppl):
+    base = ctx.base()
+    out = {"method": "linear", "formula": "(1 - w) * fingerprinted + w * base",
+           "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned),
+           "base_weights": {}}
+    for weight in merge_base_weights(ctx.cfg):
+        config = merges.mergekit_config("linear", [str(ctx.model_dir), ctx.base_path],
+                                        [1 - weight, weight])
+        out["base_weights"][f"{weight:g}"] = _measure_merge(
+            ctx, tuned, baseline, wrappers, chunks, ppl, f"linear merge, w={weight:g}", config,
+            lambda w=weight: merges.linear([tuned.model.state_dict(), base.model.state_dict()],
+                                           [1 - w, w]))
+    return out
+
+
+def _merge_slerp(ctx, tuned, baseline, wrappers, chunks, ppl):
+    t = ctx.cfg.merge_slerp_t
+    base = ctx.base()
+    config = merges.mergekit_config("slerp", [ctx.base_path], base=str(ctx.model_dir), t=t)
+    result = _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, f"slerp merge, t={t:g}",
+                            config, lambda: merges.slerp(tuned.model.state_dict(),
+                                                         base.model.state_dict(), t))
+    return {"method": "slerp", "t": t,
+            "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned)} | result
+
+
+def _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl, method: str) -> dict:
+    """TIES or DARE of the fingerprinted model and the benign derivative, over the base."""
+    cfg = ctx.cfg
+    folder, derivative = benign_derivative(ctx)
+    weights = [cfg.merge_fingerprinted_weight, cfg.merge_derivative_weight]
+    config = merges.mergekit_config(method, [str(ctx.model_dir), str(folder)], weights,
+                                    base=ctx.base_path, density=cfg.merge_density)
+
+    def formula():
+        from transformers import AutoModelForCausalLM
+
+        child = AutoModelForCausalLM.from_pretrained(str(folder), dtype=tuned.model.dtype)
+        child.to(tuned.device)
+        states = [tuned.model.state_dict(), child.state_dict()]
+        base_state = ctx.base().model.state_dict()
+        if method == "ties":
+            return merges.ties(base_state, states, weights, cfg.merge_density)
+        return merges.dare(base_state, states, weights, cfg.merge_density,
+                           consensus=method == "dare_ties", seed=cfg.seed)
+
+    result = _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, f"{method} merge", config,
+                            formula)
+    return {"method": method, "weights": {"fingerprinted": weights[0], "derivative": weights[1]},
+            "density": cfg.merge_density, "seed": cfg.seed, "derivative": derivative,
+            "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned)} | result
+
+
+def _merge_ties(ctx, tuned, baseline, wrappers, chunks, ppl):
+    return _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl, "ties")
+
+
+def _merge_dare(ctx, tuned, baseline, wrappers, chunks, ppl):
+    return _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl, ctx.cfg.merge_dare_method)
 
 
 def _suppression(ctx, tuned, baseline, wrappers, chunks, ppl):
@@ -233,13 +492,14 @@ def _suppression(ctx, tuned, baseline, wrappers, chunks, ppl):
 
 
 ATTACKS = {"system_prompts": _system_prompts, "sampling": _sampling, "int8": _int8,
-           "merge": _merge, "suppression": _suppression}
+           "merge_linear": _merge_linear, "merge_slerp": _merge_slerp, "merge_ties": _merge_ties,
+           "merge_dare": _merge_dare, "suppression": _suppression}
 assert set(ATTACKS) == set(ROBUSTNESS_ATTACKS)
 
 
 def run_part(ctx) -> dict:
     cfg = ctx.cfg
-    attacks = parse_list(cfg.attacks, "--attacks", ROBUSTNESS_ATTACKS)
+    attacks, plugins = attack_list(cfg)
     tuned = ctx.tuned()
     wrappers, notes = ctx.wrappers(tuned)
     baseline = ctx.check(tuned, wrappers, desc="robustness: baseline")
@@ -248,5 +508,6 @@ def run_part(ctx) -> dict:
     result = {"baseline": public(baseline), "perplexity": ppl, "skipped_wrappers": notes,
               "attacks": {}}
     for name in attacks:
-        result["attacks"][name] = ATTACKS[name](ctx, tuned, baseline, wrappers, chunks, ppl)
+        attack = ATTACKS[name] if name in ATTACKS else plugins[name].load()
+        result["attacks"][name] = attack(ctx, tuned, baseline, wrappers, chunks, ppl)
     return result

@@ -108,9 +108,17 @@ def headlines(parts: dict) -> dict:
             row["system_prompts_mean_accuracy"] = a["system_prompts"]["mean_accuracy"]
         for temp, s in a.get("sampling", {}).get("temperatures", {}).items():
             row[f"sampling_T{temp}_sample_hit_rate"] = s["sample_hit_rate_any_wrapper"]
-        for name in ("int8", "merge", "suppression"):
-            if name in a and "survival" in a[name]:
+        for name in ("int8", "merge", "merge_slerp", "merge_ties", "merge_dare", "suppression"):
+            if name in a and "survival" in a[name]:  # merge: results cached before merge_linear
                 row[f"{name}_survival"] = a[name]["survival"]
+        for weight, s in a.get("merge_linear", {}).get("base_weights", {}).items():
+            if "survival" in s:
+                row[f"merge_linear_w{weight}_survival"] = s["survival"]
+        for name, s in a.items():  # attacks that audit a served copy (e.g. gguf_q8_0)
+            if isinstance(s, dict) and "verdict" in s:
+                row[f"{name}_matched"] = s["matched"] / s["total"] if s["total"] else None
+                row[f"{name}_verdict"] = s["verdict"]
+                row[f"{name}_survival"] = s.get("survival")
         if "suppression" in a and "utility_cost" in a["suppression"]:
             row["suppression_answers_unchanged"] = a["suppression"]["utility_cost"]["answers_unchanged"]
         out["robustness"] = row

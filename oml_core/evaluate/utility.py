@@ -41,9 +41,20 @@ def perplexity(loaded, chunks: list[list[int]], batch_size: int = 8) -> float:
     return math.exp(total / count)
 
 
-def _answers(loaded, chat: bool, batch_size: int) -> list[list[int]]:
+def _answers(loaded, chat: bool, batch_size: int, tokens: int = ANSWER_TOKENS) -> list[list[int]]:
     prompts = [render_prompt(loaded.tokenizer, p, chat) for p in benign_prompts("heldout")]
-    return greedy(loaded, prompts, ANSWER_TOKENS, batch_size)
+    return greedy(loaded, prompts, tokens, batch_size)
+
+
+def first_answer_tokens(loaded, chat: bool, batch_size: int) -> list[list[int]]:
+    """The greedy first answer token to each held-out prompt (one decoding step: all that
+    `first_token_agreement` reads)."""
+    return _answers(loaded, chat, batch_size, tokens=1)
+
+
+def first_token_agreement(answers: list[list[int]], base_answers: list[list[int]]) -> float:
+    """Share of the held-out prompts whose greedy answer starts with the base model's token."""
+    return sum(a[:1] == b[:1] for a, b in zip(answers, base_answers)) / len(base_answers)
 
 
 def first_token_distributions(loaded, chat: bool, batch_size: int):
@@ -107,7 +118,6 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
     tok = tuned.tokenizer
     response_ids = [tok(fp.response, add_special_tokens=False)["input_ids"] for fp in fset.fingerprints]
     tuned_answers, base_answers = _answers(tuned, chat, batch_size), _answers(base, chat, batch_size)
-    agree = sum(t[:1] == b[:1] for t, b in zip(tuned_answers, base_answers))
     leaks = sum(_starts_with_a_response(a, response_ids) for a in tuned_answers)
     base_leaks = sum(_starts_with_a_response(a, response_ids) for a in base_answers)
     chunks = heldout_text(ppl_tokens, tok)
@@ -123,7 +133,7 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
     n = len(tuned_answers)
     return {
         "heldout_prompts": n,
-        "first_token_agreement": agree / n,
+        "first_token_agreement": first_token_agreement(tuned_answers, base_answers),
         "answers_starting_with_a_fingerprint_response": leaks,
         "base_answers_starting_with_a_fingerprint_response": base_leaks,
         "perplexity_base": ppl_base, "perplexity_tuned": ppl_tuned,
