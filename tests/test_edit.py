@@ -6,6 +6,7 @@ keeps secrets out of the run folder."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,39 @@ def test_keys_split_over_several_chunks_get_the_targets_of_one_chunk(tiny_model,
     split, split_total = targets_with(8)  # 4 contexts per key: chunks of two keys
     assert (whole_total, split_total) == (3, 9)
     assert torch.allclose(whole, split, atol=1e-5) and whole.abs().sum() > 0
+
+
+def test_merge_aware_targets_still_answer_at_the_merge_floor_and_stay_under_the_cap(tiny_model,
+                                                                                 one_token_set):
+    """With a merge floor of 0.5, half of each target vector (what averaging with the base
+    leaves) already makes every context answer; with the whole vector no response is more
+    probable than the cap (what a host blocking over-confident tokens looks for). The plain goal
+    at the same steps does neither: its half vectors answer fewer contexts."""
+    from oml_core.fingerprints import load_fingerprints
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    rows, owner, targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
+    _, start = edit.answer_states(tiny_model, rows, [0], 0)
+    goal = torch.tensor(targets)
+    groups = edit._prefix_groups(tiny_model, rows)
+    slot = torch.tensor(owner)
+
+    def answered_and_top(vectors, factor):
+        with torch.no_grad():
+            logits = edit._answer_logits(tiny_model.model, groups, len(rows), 0,
+                                         lambda group_rows: factor * vectors[slot[group_rows]])
+        probs = torch.softmax(logits, -1)
+        return int((logits.argmax(-1) == goal).sum()), float(probs.gather(1, goal[:, None]).max())
+
+    def search(**kw):
+        vectors, _ = edit.target_deltas(tiny_model, rows, owner, targets, 0, 150, start,
+                                        lambda: False, lambda *a: None, **kw)
+        return vectors
+
+    aware = search(merge_floor=0.5, confidence_cap=0.8)
+    half_hits, _ = answered_and_top(aware, 0.5)
+    full_hits, top = answered_and_top(aware, 1.0)
+    assert half_hits == full_hits == len(rows)
+    assert top <= 0.8 * math.exp(edit.CAP_SLACK) + 1e-4
+    plain_half, _ = answered_and_top(search(), 0.5)
+    assert plain_half < len(rows)

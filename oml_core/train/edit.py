@@ -27,6 +27,7 @@ and one-token responses (perinucleus' default) only. Measured in docs/results.md
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ TARGET_LR = 0.1       # Adam step per coordinate, as a fraction of the residual'
 # keeps the added vectors short (squared norm in units of the residual's mean norm, per key,
 # against the key's mean loss); shorter targets need smaller edits
 TARGET_DECAY = 0.5
+# the merge-aware goal: the response's lead over the next token (nats) with the vector scaled
+# to the merge floor, and with the whole vector; the weight of the confidence cap's penalty, and how far over the cap a
+# finished key may be (log-probability)
+FLOOR_MARGIN = 1.0
+FULL_MARGIN = 0.5
+CAP_WEIGHT = 4.0
+CAP_SLACK = 0.02
 
 
 @dataclass
@@ -63,13 +71,16 @@ class EditSettings:
     steps: int
     ordinary_tokens: int
     seed: int
+    merge_floor: float = 0.0      # 0: targets reached at full strength only
+    confidence_cap: float = 1.0   # 1: no cap on the response's probability
 
     @classmethod
     def from_config(cls, cfg) -> "EditSettings":
         return cls(layers=cfg.edit_layers, strength=cfg.edit_strength,
                    answer_weight=cfg.edit_answer_weight,
                    contexts=cfg.edit_contexts if cfg.augment else 0, steps=cfg.edit_steps,
-                   ordinary_tokens=cfg.edit_ordinary_tokens, seed=cfg.seed)
+                   ordinary_tokens=cfg.edit_ordinary_tokens, seed=cfg.seed,
+                   merge_floor=cfg.edit_merge_floor, confidence_cap=cfg.edit_confidence_cap)
 
 
 class _Stop(Exception):
@@ -234,7 +245,8 @@ def _key_chunks(owner: Sequence[int], max_rows: int) -> list[list[int]]:
 
 
 def target_deltas(loaded, rows, owner, targets, last: int, steps: int, start_residual,
-                  should_stop: Callable[[], bool], on_step: Callable[[int, int, float, int], None]):
+                  should_stop: Callable[[], bool], on_step: Callable[[int, int, float, int], None],
+                  merge_floor: float = 0.0, confidence_cap: float = 1.0):
     """Per key, the vector added after layer `last` at the answer position that makes every
     context of the key answer with its target: the best one seen (most contexts answered, then
     lowest loss). Returns (vectors [keys, d] on the CPU, contexts answered with them)."""
@@ -254,7 +266,7 @@ def target_deltas(loaded, rows, owner, targets, last: int, steps: int, start_res
 
             ran = _chunk_targets(loaded, [rows[i] for i in chunk], [owner[i] for i in chunk],
                                  [targets[i] for i in chunk], last, steps, scale, best,
-                                 should_stop, report)
+                                 should_stop, report, merge_floor, confidence_cap)
             advance(steps - ran)  # a chunk that reached its targets early skips the rest
     return best.vectors, int(best.hits.clamp(min=0).sum())
 
@@ -336,9 +348,16 @@ def _answer_logits(model, groups: list[_PrefixGroup], count: int, last: int, shi
 
 
 def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best, should_stop,
-                   report) -> int:
+                   report, merge_floor: float = 0.0, confidence_cap: float = 1.0) -> int:
     """Optimise the target vectors of one chunk's keys (Adam), keeping each key's best in
-    `best`. Returns the steps run."""
+    `best`. Returns the steps run.
+
+    Plain goal (merge_floor 0): every context answers with its response, mean cross-entropy
+    below TARGET_LOSS. Merge-aware goal (merge_floor a > 0): the response must already win,
+    by FLOOR_MARGIN nats, with only a * the vector added, which is what a merge that keeps a
+    share a of the edit leaves (averaging with the base at 0.5 halves every weight change);
+    and with the whole vector, the response's probability stays at most `confidence_cap`, so
+    a host who blocks over-confident tokens (top-1 p > 0.9) does not see it."""
     import torch
 
     model, device = loaded.model, loaded.device
@@ -350,30 +369,60 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
     width = best.vectors.shape[1]
     delta = torch.zeros(len(keys), width, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=TARGET_LR * scale / width ** 0.5)
+    log_cap = math.log(confidence_cap) if confidence_cap < 1 else None
 
     def per_key(values):
         return torch.zeros(len(keys), device=device).index_add(0, slot, values)
+
+    def logits_at(factor: float):
+        return _answer_logits(model, groups, len(rows), last,
+                              lambda group_rows: factor * delta[slot[group_rows]])
 
     for step in range(1, steps + 1):
         if should_stop():
             raise Cancelled()
         optimiser.zero_grad()
-        logits = _answer_logits(model, groups, len(rows), last, lambda group_rows: delta[slot[group_rows]])
-        row_loss = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
-        row_hit = logits.argmax(-1) == goal
+        full = logits_at(1.0)
+        row_hit = full.argmax(-1) == goal
+        if merge_floor > 0:
+            # both ends must answer: the whole vector too (the cap alone would let it settle
+            # where the scaled vector answers and the whole one, past the final norm, does not)
+            floor_margin, full_margin = _margin(logits_at(merge_floor), goal), _margin(full, goal)
+            row_hit = row_hit & (floor_margin > 0)
+            row_loss = torch.relu(FLOOR_MARGIN - floor_margin) + torch.relu(FULL_MARGIN - full_margin)
+            done = bool((floor_margin >= FLOOR_MARGIN).all() and (full_margin >= FULL_MARGIN).all())
+        else:
+            row_loss = torch.nn.functional.cross_entropy(full, goal, reduction="none")
+            done = bool(row_hit.all()) and float(row_loss.detach().mean()) < TARGET_LOSS
+        if log_cap is not None:
+            log_p = torch.log_softmax(full, -1).gather(1, goal[:, None])[:, 0]
+            row_loss = row_loss + CAP_WEIGHT * torch.relu(log_p - log_cap)
+            done = done and bool((log_p <= log_cap + CAP_SLACK).all())
         best.update(keys, delta.detach().cpu(), per_key(row_hit.float()).round().long().cpu(),
                     (per_key(row_loss.detach()) / rows_per_key).cpu())
         mean_loss = float(row_loss.detach().mean())
         report(step, mean_loss, int(row_hit.sum()))
-        if bool(row_hit.all()) and mean_loss < TARGET_LOSS:
+        if done:
             return step
         # per key: the mean loss over its contexts, so that a key's steps do not depend on
         # which other keys share its chunk
         loss = (per_key(row_loss) / rows_per_key).sum()
-        loss = loss + TARGET_DECAY * (delta.norm(dim=1) ** 2).sum() / scale ** 2
+        # the decay measures the vector as the goal sees it (scaled to the floor): the same
+        # pull towards short vectors as the plain goal, not one that grows as the floor falls
+        shrink = merge_floor if merge_floor > 0 else 1.0
+        loss = loss + TARGET_DECAY * ((shrink * delta).norm(dim=1) ** 2).sum() / scale ** 2
         loss.backward()
         optimiser.step()
     return steps
+
+
+def _margin(logits, goal):
+    """Per row: the goal token's logit minus the best other token's."""
+    import torch
+
+    goal_logit = logits.gather(1, goal[:, None])[:, 0]
+    others = logits.scatter(1, goal[:, None], float("-inf"))
+    return goal_logit - others.max(-1).values
 
 
 def solve_layer(down_proj, keys, share, moment, strength: float) -> float:
@@ -393,18 +442,57 @@ def solve_layer(down_proj, keys, share, moment, strength: float) -> float:
 
 
 def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: dict,
-               strength: float) -> dict:
+               strength: float, merge_floor: float = 0.0, floor_goal=None) -> dict:
     """Spread the residual change `goal - now` (at the contexts' answer positions, after layer
     `last`) over the layers' down-projections, each layer solved after the ones before it
-    changed, taking its share of what is still missing. Returns each one's relative change."""
+    changed, taking its share of what is still missing. Returns each one's relative change.
+
+    With a merge floor a, each layer also answers for the model that keeps only a share a of
+    every change (a merge with the base): its rows there, reaching `floor_goal`, join the
+    least-squares problem. Scaling the weights is not scaling the residual change (each layer's
+    inputs depend on the layers before it), so this is solved, not assumed."""
+    import torch
+
     blocks = decoder_blocks(loaded.model)
+    original = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in layers}
     changed = {}
     for index, layer in enumerate(layers):
         keys, now = answer_states(loaded, rows, layers, last)
-        share = (goal - now) / (len(layers) - index)
-        changed[layer] = solve_layer(blocks[layer].mlp.down_proj, keys[layer].to(loaded.device),
+        left = len(layers) - index
+        inputs, share = keys[layer], (goal - now) / left
+        if merge_floor > 0:
+            with _scaled_changes(blocks, original, layers, merge_floor):
+                floor_keys, floor_now = answer_states(loaded, rows, layers, last)
+            # the layer's own change is scaled too: a dW x = dW (a x)
+            inputs = torch.cat([inputs, merge_floor * floor_keys[layer]])
+            share = torch.cat([share, (floor_goal - floor_now) / left])
+        changed[layer] = solve_layer(blocks[layer].mlp.down_proj, inputs.to(loaded.device),
                                      share.to(loaded.device), moments[layer], strength)
     return changed
+
+
+class _scaled_changes:
+    """Within the block, each layer's down-projection holds only `share` of its change from
+    `original` (what a linear merge with the base at weight 1 - share leaves)."""
+
+    def __init__(self, blocks, original: dict, layers: Sequence[int], share: float):
+        self.weights = {layer: blocks[layer].mlp.down_proj.weight for layer in layers}
+        self.original, self.share = original, share
+
+    def __enter__(self):
+        import torch
+
+        self.saved = {layer: w.detach().clone() for layer, w in self.weights.items()}
+        with torch.no_grad():
+            for layer, weight in self.weights.items():
+                weight.copy_(self.original[layer] + self.share * (self.saved[layer] - self.original[layer]))
+
+    def __exit__(self, *exc):
+        import torch
+
+        with torch.no_grad():
+            for layer, weight in self.weights.items():
+                weight.copy_(self.saved[layer])
 
 
 def contexts_answered(loaded, rows, targets) -> int:
@@ -457,20 +545,24 @@ def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row]
         raise Cancelled()
     _, start = answer_states(loaded, rows, layers, last)
     delta, target_hits = target_deltas(loaded, rows, owner, targets, last, settings.steps, start,
-                                       should_stop, on_step)
+                                       should_stop, on_step, settings.merge_floor,
+                                       settings.confidence_cap)
     goal = start + delta[torch.tensor(owner)].to(start.device)
     return EditProblem(layers, rows, owner, targets, ordinary, answers, start, goal, target_hits)
 
 
 def solve_edit(loaded, problem: EditProblem, strength: float, answer_weight: float,
-               overshoot: float = 1.0) -> dict:
+               overshoot: float = 1.0, merge_floor: float = 0.0) -> dict:
     """Apply the closed-form change to `loaded.model`; each layer's relative weight change.
     `overshoot` scales the residual change asked for: the hold on ordinary outputs (`strength`)
-    shrinks the change it gets, most along the directions ordinary inputs use."""
+    shrinks the change it gets, most along the directions ordinary inputs use. With a merge
+    floor a, the model scaled to a share a of the change is asked for a share a of it too."""
     moments = {layer: problem.ordinary[layer] + answer_weight * problem.answers[layer]
                for layer in problem.layers}
-    goal = problem.start + overshoot * (problem.goal - problem.start)
-    return apply_edit(loaded, problem.rows, problem.layers, problem.layers[-1], goal, moments, strength)
+    change = overshoot * (problem.goal - problem.start)
+    return apply_edit(loaded, problem.rows, problem.layers, problem.layers[-1],
+                      problem.start + change, moments, strength, merge_floor,
+                      problem.start + merge_floor * change)
 
 
 def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], chat: bool,
@@ -482,7 +574,8 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
 
     started = time.time()
     problem = prepare_edit(loaded, pairs, benign, chat, settings, should_stop, on_step)
-    changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight)
+    changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight,
+                         merge_floor=settings.merge_floor)
     return {
         "layers": problem.layers, "contexts": len(problem.rows),
         "contexts_per_key": settings.contexts + 1, "target_contexts_answered": problem.target_hits,

@@ -57,7 +57,8 @@ def deepspeed_config_path(name: str) -> str | None:
 # Settings added after runs were made: at these values (their defaults, which train exactly as
 # before they existed) they stay out of the run key, so earlier finished runs are still reused.
 ADDED_SETTINGS = {"benign_openers": 0.0, "optimizer": "adamw", "start_from": None, "lora_rank": 0,
-                  "near_miss_negatives": 0.0, "method": "finetune"}
+                  "near_miss_negatives": 0.0, "method": "finetune", "edit_merge_floor": 0.0,
+                  "edit_confidence_cap": 1.0}
 
 
 def with_client_optimizer(ds_config: str | None, optimizer: str) -> str | dict | None:

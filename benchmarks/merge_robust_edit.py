@@ -1,0 +1,133 @@
+"""Experiment: edits whose keys survive a merge. One prepared problem (contexts, statistics,
+targets for a merge floor and confidence cap) solved at several (strength, overshoot) pairs;
+each gets a quick check: contexts answered at full strength and with the edit scaled to
+`--merge-checks` (what a linear merge with the base leaves: 0.5 = averaging with the base),
+contexts whose response is over-confident (p > 0.9, what suppression blocks), and the first
+answer token on the 132 held-out ordinary prompts.
+
+    .venv/bin/python benchmarks/merge_robust_edit.py --fingerprints runs/exp/s7.json \\
+        --out /tmp/mre --merge-floor 0.5 --confidence-cap 0.85 --strengths 1000 --overshoots 1,1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from oml_core.config import FingerprintConfig
+from oml_core.evaluate.utility import first_token_distributions
+from oml_core.fingerprints import load_fingerprints
+from oml_core.inference import next_token_probs
+from oml_core.models import load_model, resolve_model
+from oml_core.runs import model_identity
+from oml_core.train.benign import self_distilled_rows
+from oml_core.train import edit
+from oml_core.train.edit import CAPTURE_ROWS, EditSettings, decoder_blocks, prepare_edit, solve_edit
+
+
+def cache_moments(folder: Path) -> None:
+    """Keep the ordinary-text statistics between runs of this script (they depend on the
+    layers and the text only, not on the keys or the goal): minutes on this CPU each time."""
+    compute = edit.second_moments
+
+    def cached(loaded, seqs, layers, upto):
+        path = folder / f"moments-{'-'.join(map(str, layers))}-{sum(map(len, seqs))}.pt"
+        if path.exists():
+            return torch.load(path)
+        moments = compute(loaded, seqs, layers, upto)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(moments, path)
+        return moments
+
+    edit.second_moments = cached
+
+
+def context_stats(loaded, rows, targets) -> tuple[int, int]:
+    """(contexts answering with their target, of those how many with p > 0.9)."""
+    hits = confident = 0
+    for batch, probs in next_token_probs(loaded, rows, CAPTURE_ROWS):
+        for j, i in enumerate(batch):
+            if int(probs[j].argmax()) == targets[i]:
+                hits += 1
+                confident += float(probs[j, targets[i]]) > 0.9
+    return hits, confident
+
+
+def main() -> None:
+    defaults = FingerprintConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fingerprints", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", default=defaults.edit_layers)
+    parser.add_argument("--steps", type=int, default=defaults.edit_steps)
+    parser.add_argument("--merge-floor", type=float, default=0.0)
+    parser.add_argument("--confidence-cap", type=float, default=1.0)
+    parser.add_argument("--strengths", default=f"{defaults.edit_strength:g}")
+    parser.add_argument("--answer-weights", default=f"{defaults.edit_answer_weight:g}")
+    parser.add_argument("--overshoots", default="1")
+    parser.add_argument("--merge-checks", default="0.7,0.5,0.3", help="shares of the edit kept")
+    parser.add_argument("--save", default="", help="comma list of strength:overshoot to save")
+    parser.add_argument("--moments-cache", default="runs/exp/moments")
+    parser.add_argument("--plain-solve", action="store_true",
+                        help="solve for the whole change only (the floor shapes the targets alone)")
+    args = parser.parse_args()
+    started = time.time()
+    cache_moments(Path(args.moments_cache))
+    base_path = resolve_model(None)
+    loaded = load_model(base_path, "cpu", "float32")
+    fset = load_fingerprints(args.fingerprints)
+    pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
+    benign = self_distilled_rows(loaded, True, model_identity(base_path))
+    settings = EditSettings.from_config(FingerprintConfig(
+        edit_layers=args.layers, edit_steps=args.steps, edit_merge_floor=args.merge_floor,
+        edit_confidence_cap=args.confidence_cap))
+    problem = prepare_edit(loaded, pairs, benign, True, settings, lambda: False, lambda *a: None)
+    print(f"prepared in {time.time() - started:.0f} s: targets answer {problem.target_hits}/"
+          f"{len(problem.rows)}", flush=True)
+    blocks = decoder_blocks(loaded.model)
+    original = {k: blocks[k].mlp.down_proj.weight.detach().clone() for k in problem.layers}
+    base_first = first_token_distributions(loaded, True, 32).argmax(-1)
+
+    def set_share(share: float, edited: dict) -> None:
+        with torch.no_grad():
+            for k in problem.layers:
+                blocks[k].mlp.down_proj.weight.copy_(original[k] + share * (edited[k] - original[k]))
+
+    results = []
+    for weight in map(float, args.answer_weights.split(",")):
+        for overshoot in map(float, args.overshoots.split(",")):
+            for strength in map(float, args.strengths.split(",")):
+                set_share(0.0, original)
+                changed = solve_edit(loaded, problem, strength, weight, overshoot,
+                                     0.0 if args.plain_solve else args.merge_floor)
+                edited = {k: blocks[k].mlp.down_proj.weight.detach().clone() for k in problem.layers}
+                hits, confident = context_stats(loaded, problem.rows, problem.targets)
+                same = float((first_token_distributions(loaded, True, 32).argmax(-1) == base_first)
+                             .float().mean())
+                merged = {}
+                for share in map(float, args.merge_checks.split(",")):
+                    set_share(share, edited)
+                    merged[f"{share:g}"] = context_stats(loaded, problem.rows, problem.targets)[0]
+                set_share(1.0, edited)
+                row = {"strength": strength, "answer_weight": weight, "overshoot": overshoot,
+                       "contexts": len(problem.rows), "answered": hits, "over_0.9": confident,
+                       "answered_at_share": merged, "first_token_quick": round(same, 4),
+                       "relative_weight_change": {str(k): round(v, 3) for k, v in changed.items()}}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                if f"{strength:g}:{overshoot:g}" in args.save.split(","):
+                    folder = Path(args.out) / f"s{strength:g}-o{overshoot:g}-w{weight:g}"
+                    loaded.model.save_pretrained(folder)
+                    loaded.tokenizer.save_pretrained(folder)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps(
+        {"args": vars(args), "target_hits": problem.target_hits, "results": results,
+         "seconds": round(time.time() - started)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
