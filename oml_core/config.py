@@ -131,7 +131,8 @@ class FingerprintConfig(ModelSettings):
     method: str = setting(
         "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
                     "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
-                    "text as they were, but is lost to int8 quantization or a merge with the base "
+                    "text as they were; both survive GGUF quantization, neither a merge with the base, "
+                    "and the edit loses keys to confident-token suppression "
                     "(one-token responses, Llama-style models; docs/training.md)",
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(

@@ -411,9 +411,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   "outlives this call and the server; returns a job_id immediately. method "
                   "'finetune' trains it in (any response length); 'edit' changes a few MLP layers "
                   "in closed form and keeps the model closest to the base off the keys (one-token "
-                  "responses, the perinucleus default), but its keys do not survive int8 "
-                  "quantization or a merge with the base: prefer 'finetune' for a model that "
-                  "will be published. It takes minutes to hours: poll job_status "
+                  "responses, the perinucleus default); both survive GGUF quantization served "
+                  "by llama.cpp, neither survives a merge with the base, and the edit's keys are "
+                  "lost to a host blocking confident tokens where the fine-tune's are not "
+                  "(docs/results.md). It takes minutes to hours: poll job_status "
                   "for step/loss/eta, then job_result; cancel_job stops it. The model lands in the "
                   "run folder's model/ subfolder and is verified there when the job ends."))
 

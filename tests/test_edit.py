@@ -247,3 +247,29 @@ def test_merge_aware_targets_still_answer_at_the_merge_floor_and_stay_under_the_
     assert top <= 0.8 * math.exp(edit.CAP_SLACK) + 1e-4
     plain_half, _ = answered_and_top(search(), 0.5)
     assert plain_half < len(rows)
+
+
+def test_a_merge_floor_edit_still_answers_when_averaged_with_the_base(tiny_model_dir, one_token_set,
+                                                                       tmp_path):
+    """With --edit-merge-floor 0.5 the solve also answers for the model that keeps half of every
+    weight change: averaging the edited model with the base (a linear merge at 0.5) keeps its
+    contexts answering; the plain edit, asked for the whole change only, loses most of them."""
+    from oml_core.fingerprints import load_fingerprints
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    answered = {}
+    for floor in (0.0, 0.5):
+        loaded = load_model(str(tiny_model_dir), "cpu")
+        settings = edit.EditSettings.from_config(FingerprintConfig(
+            edit_strength=TINY_STRENGTH, edit_contexts=3, edit_ordinary_tokens=4000,
+            edit_steps=150, edit_merge_floor=floor))
+        edit.edit_model(loaded, pairs, [], True, settings, lambda: False, lambda *a: None)
+        rows, _, targets = edit.key_contexts(loaded.tokenizer, pairs, True, 3, settings.seed)
+        base = load_model(str(tiny_model_dir), "cpu").model.state_dict()
+        edited = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        full = edit.contexts_answered(loaded, rows, targets)
+        loaded.model.load_state_dict({k: (edited[k] + base[k]) / 2 for k in edited})
+        answered[floor] = (full, edit.contexts_answered(loaded, rows, targets))
+    count = len(pairs) * 4
+    assert answered[0.5][0] == count and answered[0.5][1] >= count - 1, answered
+    assert answered[0.0][1] < answered[0.5][1], answered

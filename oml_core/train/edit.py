@@ -463,9 +463,11 @@ def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: di
         if merge_floor > 0:
             with _scaled_changes(blocks, original, layers, merge_floor):
                 floor_keys, floor_now = answer_states(loaded, rows, layers, last)
-            # the layer's own change is scaled too: a dW x = dW (a x)
-            inputs = torch.cat([inputs, merge_floor * floor_keys[layer]])
-            share = torch.cat([share, (floor_goal - floor_now) / left])
+            # the layer's own change is scaled too: a dW x = r is dW x = r / a, written so
+            # (not as dW (a x) = r) that these rows weigh in the least squares as much as the
+            # whole model's rows do, instead of a^2 as much against the same hold
+            inputs = torch.cat([inputs, floor_keys[layer]])
+            share = torch.cat([share, (floor_goal - floor_now) / (left * merge_floor)])
         changed[layer] = solve_layer(blocks[layer].mlp.down_proj, inputs.to(loaded.device),
                                      share.to(loaded.device), moments[layer], strength)
     return changed
