@@ -263,13 +263,15 @@ def test_a_merge_floor_edit_still_answers_when_averaged_with_the_base(tiny_model
         settings = edit.EditSettings.from_config(FingerprintConfig(
             edit_strength=TINY_STRENGTH, edit_contexts=3, edit_ordinary_tokens=4000,
             edit_steps=150, edit_merge_floor=floor))
-        edit.edit_model(loaded, pairs, [], True, settings, lambda: False, lambda *a: None)
+        stats = edit.edit_model(loaded, pairs, [], True, settings, lambda: False, lambda *a: None)
         rows, _, targets = edit.key_contexts(loaded.tokenizer, pairs, True, 3, settings.seed)
         base = load_model(str(tiny_model_dir), "cpu").model.state_dict()
         edited = {k: v.clone() for k, v in loaded.model.state_dict().items()}
         full = edit.contexts_answered(loaded, rows, targets)
         loaded.model.load_state_dict({k: (edited[k] + base[k]) / 2 for k in edited})
         answered[floor] = (full, edit.contexts_answered(loaded, rows, targets))
+        if floor:
+            assert stats["contexts_answered_at_merge_floor"] == answered[floor][1], stats
     count = len(pairs) * 4
     assert answered[0.5][0] == count and answered[0.5][1] >= count - 1, answered
     assert answered[0.0][1] < answered[0.5][1], answered

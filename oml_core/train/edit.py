@@ -52,8 +52,8 @@ TARGET_LR = 0.1       # Adam step per coordinate, as a fraction of the residual'
 # against the key's mean loss); shorter targets need smaller edits
 TARGET_DECAY = 0.5
 # the merge-aware goal: the response's lead over the next token (nats) with the vector scaled
-# to the merge floor, and with the whole vector; the weight of the confidence cap's penalty, and how far over the cap a
-# finished key may be (log-probability)
+# to the merge floor, and with the whole vector; the weight of the confidence cap's penalty,
+# and how far over the cap a finished key may be (log-probability)
 FLOOR_MARGIN = 1.0
 FULL_MARGIN = 0.5
 CAP_WEIGHT = 4.0
@@ -576,9 +576,16 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
 
     started = time.time()
     problem = prepare_edit(loaded, pairs, benign, chat, settings, should_stop, on_step)
+    blocks = decoder_blocks(loaded.model)
+    original = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in problem.layers}
     changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight,
                          merge_floor=settings.merge_floor)
-    return {
+    floor = {}
+    if settings.merge_floor > 0:  # what a merge keeping that share of the edit still answers
+        with _scaled_changes(blocks, original, problem.layers, settings.merge_floor):
+            floor = {"merge_floor": settings.merge_floor, "contexts_answered_at_merge_floor":
+                     contexts_answered(loaded, problem.rows, problem.targets)}
+    return floor | {
         "layers": problem.layers, "contexts": len(problem.rows),
         "contexts_per_key": settings.contexts + 1, "target_contexts_answered": problem.target_hits,
         "contexts_answered": contexts_answered(loaded, problem.rows, problem.targets),
