@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oml_core.export_gguf import LLAMA_CPP_VERSION, export_gguf, gguf_perplexity, require_llama_cpp
+from oml_core.files import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
     folder = work / f"audit-{quant}"
     # A fresh audit every time: the port (part of the audit's identity) differs per run, and
     # this part is only recomputed when its inputs or settings changed.
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     alias = f"fingerprinted-{quant}"
     settings = dict(
         model=alias, fingerprints=str(ctx.run_dir / "fingerprints.json"), api_key_env=NO_KEY_ENV,

@@ -36,3 +36,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove the folder at `path`, or the link if `path` is a symlink: never what a link
+    points to, and never silently leave a planted link in place for the next write to follow
+    (shutil.rmtree refuses links, and ignore_errors would hide that)."""
+    import shutil
+
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -43,7 +42,7 @@ from oml_core.evaluate.utility import (
     heldout_text,
     perplexity,
 )
-from oml_core.files import atomic_write_json
+from oml_core.files import atomic_write_json, remove_tree
 from oml_core.inference import greedy, sample
 from oml_core.models import LoadedModel
 from oml_core.train.benign import benign_prompts
@@ -323,8 +322,9 @@ def benign_derivative(ctx) -> tuple[Path, dict]:
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     folder = ctx.out_dir / "benign-derivative" / key
     try:
-        info = json.loads((folder / "derivative.json").read_text(encoding="utf-8"))
-        return folder, info | {"reused": True}
+        if not folder.is_symlink():  # a planted link would feed the merge a model of its choosing
+            info = json.loads((folder / "derivative.json").read_text(encoding="utf-8"))
+            return folder, info | {"reused": True}
     except (OSError, ValueError):
         pass
     tokenizer = ctx.tuned().tokenizer
@@ -340,11 +340,11 @@ def benign_derivative(ctx) -> tuple[Path, dict]:
             "rows": len(rows), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
     # written beside the final name and renamed, so an interrupted save is never reused
     partial = folder.with_name(f".{key}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_tree(partial)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     atomic_write_json(partial / "derivative.json", info)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     os.replace(partial, folder)
     del model
     return folder, info | {"reused": False}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oml_core import progress
@@ -454,7 +455,7 @@ def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: di
     import torch
 
     blocks = decoder_blocks(loaded.model)
-    original = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in layers}
+    original = _down_projections(blocks, layers) if merge_floor > 0 else {}
     changed = {}
     for index, layer in enumerate(layers):
         keys, now = answer_states(loaded, rows, layers, last)
@@ -473,28 +474,28 @@ def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: di
     return changed
 
 
-class _scaled_changes:
+def _down_projections(blocks, layers: Sequence[int]) -> dict:
+    """A copy of the layers' down-projection weights, to measure changes from."""
+    return {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in layers}
+
+
+@contextmanager
+def _scaled_changes(blocks, original: dict, layers: Sequence[int], share: float):
     """Within the block, each layer's down-projection holds only `share` of its change from
     `original` (what a linear merge with the base at weight 1 - share leaves)."""
+    import torch
 
-    def __init__(self, blocks, original: dict, layers: Sequence[int], share: float):
-        self.weights = {layer: blocks[layer].mlp.down_proj.weight for layer in layers}
-        self.original, self.share = original, share
-
-    def __enter__(self):
-        import torch
-
-        self.saved = {layer: w.detach().clone() for layer, w in self.weights.items()}
+    weights = {layer: blocks[layer].mlp.down_proj.weight for layer in layers}
+    saved = {layer: weight.detach().clone() for layer, weight in weights.items()}
+    with torch.no_grad():
+        for layer, weight in weights.items():
+            weight.copy_(original[layer] + share * (saved[layer] - original[layer]))
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for layer, weight in self.weights.items():
-                weight.copy_(self.original[layer] + self.share * (self.saved[layer] - self.original[layer]))
-
-    def __exit__(self, *exc):
-        import torch
-
-        with torch.no_grad():
-            for layer, weight in self.weights.items():
-                weight.copy_(self.saved[layer])
+            for layer, weight in weights.items():
+                weight.copy_(saved[layer])
 
 
 def contexts_answered(loaded, rows, targets) -> int:
@@ -577,7 +578,7 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
     started = time.time()
     problem = prepare_edit(loaded, pairs, benign, chat, settings, should_stop, on_step)
     blocks = decoder_blocks(loaded.model)
-    original = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in problem.layers}
+    original = _down_projections(blocks, problem.layers) if settings.merge_floor > 0 else {}
     changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight,
                          merge_floor=settings.merge_floor)
     floor = {}
