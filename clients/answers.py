@@ -110,12 +110,18 @@ class Redactor:
     """Replaces keys, responses and the API key in text written to files or logs.
 
     Every fingerprint's secrets are replaced in every text (a fingerprinted model may well say
-    another key's response), in one pass of a single case-insensitive alternation.
+    another key's response), in one pass of a single case-insensitive alternation. The API key
+    and other `credentials` (a password in --base-url, literal --header values) are replaced
+    always, --reveal-keys or not.
     """
 
-    def __init__(self, secrets: dict[str, tuple[str, str]], api_key: str | None, reveal: bool):
+    def __init__(self, secrets: dict[str, tuple[str, str]], api_key: str | None, reveal: bool,
+                 credentials: tuple[str, ...] = ()):
         self.reveal = reveal
         self.api_key = api_key or None
+        # longest first, so a credential that contains another is replaced whole
+        self.credentials = sorted({c for c in credentials if c and c != self.api_key},
+                                  key=len, reverse=True)
         self._labels: dict[str, str] = {}
         for fp_id, (key, response) in secrets.items():
             for kind, secret in (("key", key.strip()), ("response", response.strip())):
@@ -128,18 +134,23 @@ class Redactor:
     def text(self, value: str | None) -> str | None:
         if value is None:
             return None
+        if not isinstance(value, str):
+            value = str(value)
         if self.api_key and self.api_key in value:
             value = value.replace(self.api_key, "⟦api key⟧")  # never written, reveal or not
+        for credential in self.credentials:
+            if credential in value:
+                value = value.replace(credential, "⟦credential⟧")
         if self.reveal or self._pattern is None:
             return value
         return self._pattern.sub(lambda m: self._labels.get(m.group(0).casefold(), "⟦secret⟧"), value)
 
     def value(self, value: Any) -> Any:
-        """Redact every string inside a JSON-like value."""
+        """Redact every string inside a JSON-like value, object keys included."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {k: self.value(v) for k, v in value.items()}
+            return {self.text(str(k)): self.value(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self.value(v) for v in value]
         return value

@@ -7,6 +7,11 @@ latest record of every probe -> report.json / report.md / report.html.
 
 The audit folder is the unit of resumption: rerunning the same command (or `run_audit` with the
 same config) continues it, sending only the probes that have no answer yet.
+
+The endpoint is treated as hostile: what it sends is size-capped and type-checked in the
+adapters, every field of it that reaches a file goes through the redactor, credentials in
+--base-url or --header never reach a file, and an audit in which no probe got a valid answer
+is `inconclusive` (never `no_match`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from clients import decision
-from clients.adapters import FatalEndpointError, RunDeadline, make_adapter
+from clients.adapters import FatalEndpointError, RunDeadline, UnsafeRedirect, make_adapter
 from clients.adapters.base import CANCEL_GRACE_S
 from clients.answers import Redactor, kind_of, match
 from clients.config import AuditConfig, layer_list, validate_audit
@@ -118,9 +124,49 @@ def _provenance() -> dict:
     return {"versions": versions, "platform": platform.platform()}
 
 
+NOT_RECORDED = "⟦not recorded⟧"
+# header values that are never credentials (anything else given with --header may be one)
+_PLAIN_HEADERS = ("content-type", "accept", "user-agent")
+_MIN_CREDENTIAL_CHARS = 8  # shorter literals would redact ordinary words in answers
+
+
+def public_url(url: str | None) -> str | None:
+    """The URL as files may show it: user, password and query values masked like header values
+    (`https://user:pw@host/v1?key=K` -> `https://⟦not recorded⟧@host/v1?key=⟦not recorded⟧`)."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{NOT_RECORDED}@{host}" if "@" in parts.netloc else host
+        query = "&".join(f"{name}={NOT_RECORDED}"
+                         for name, _ in parse_qsl(parts.query, keep_blank_values=True))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return NOT_RECORDED
+
+
+def credentials_of(cfg: AuditConfig) -> tuple[str, ...]:
+    """Secrets besides the API key that an endpoint could echo: the --base-url password and
+    query values, and literal --header values."""
+    found = []
+    try:
+        parts = urlsplit(cfg.base_url or "")
+        found += [parts.password or "", *(value for _, value in parse_qsl(parts.query))]
+    except ValueError:
+        pass
+    for line in cfg.header:
+        name, _, value = line.partition(":")
+        if name.strip().lower() not in _PLAIN_HEADERS:
+            for part in value.split("$API_KEY"):
+                found += [part.strip(), *part.split()[-1:]]  # `Bearer T` may come back as `T`
+    return tuple(c for c in found if len(c) >= _MIN_CREDENTIAL_CHARS)
+
+
 def _public_config(cfg: AuditConfig) -> dict:
     data = asdict(cfg)
-    data["header"] = [h.split(":", 1)[0].strip() + ": ⟦not recorded⟧" for h in cfg.header]
+    data["header"] = [h.split(":", 1)[0].strip() + f": {NOT_RECORDED}" for h in cfg.header]
+    data["base_url"] = public_url(cfg.base_url)
     return data
 
 
@@ -209,7 +255,8 @@ class _Audit:
         self.ledger.reserve(self.chosen, plan["audit_id"])
         secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
         self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
-                                 self.cfg.reveal_keys)
+                                 self.cfg.reveal_keys, credentials_of(self.cfg))
+        self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
         self.by_id = {fp.id: fp for fp in self.chosen}
 
     # --- probing --------------------------------------------------------------------------
@@ -261,8 +308,8 @@ class _Audit:
             record.update(
                 answer=self.redactor.text(answer.text), answer_kind=kind_of(answer),
                 tool_calls=self.redactor.value(answer.tool_calls),
-                finish_reason=answer.finish_reason,
-                refusal=self.redactor.text(answer.refusal), usage=answer.usage,
+                finish_reason=self.redactor.text(answer.finish_reason),
+                refusal=self.redactor.text(answer.refusal), usage=self.redactor.value(answer.usage),
                 reply=self.redactor.value(answer.meta), match=found["hit"],
                 match_detail=found,
                 answer_sha256=hashlib.sha256(answer.text.encode("utf-8")).hexdigest())
@@ -317,6 +364,7 @@ class _Audit:
         layers: dict[str, dict] = {}
         key_hits: dict[str, dict[str, bool]] = defaultdict(dict)
         unsent = refused = 0  # probes of a layer the endpoint turned out not to have
+        error_kinds: Counter = Counter()
         for layer in self.tested_layers:
             layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
                              "pending": 0, "answer_kinds": Counter(), "by_temperature": {},
@@ -332,6 +380,7 @@ class _Audit:
                 continue
             if rec["status"] != "ok":
                 row["errors"] += 1
+                error_kinds[str((rec.get("error") or {}).get("kind"))] += 1
                 if probe.layer in self.disabled:
                     refused += 1
                 outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
@@ -356,6 +405,9 @@ class _Audit:
             row["answer_kinds"] = dict(row["answer_kinds"])
         verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
                                     self.measured_rates, self.null_source)
+        for layer in verdict["untested"]:
+            if layer in layers and (layers[layer]["errors"] or layers[layer]["pending"]):
+                self.notes.append(f"{layer} layer: no key got a valid answer, so it tested nothing")
         pending = sum(r["pending"] + r["errors"] for r in layers.values()) - refused
         if pending and state == "complete":
             state = "incomplete"
@@ -378,6 +430,7 @@ class _Audit:
             "probes_planned": len(self.probes),
             "probes_done": sum(r["probes"] for r in layers.values()),
             "probes_failed": sum(r["errors"] for r in layers.values()),
+            "errors_by_kind": dict(error_kinds.most_common()),
             "probes_skipped": self.skipped + unsent + refused, "calls_this_run": self.calls,
             "requests_this_run": self.requests, "resumed": self.resumed,
             "notes": self.notes, "finished": _now(),
@@ -406,8 +459,12 @@ async def run_audit_async(cfg: AuditConfig) -> dict:
     try:
         state = await audit.probe_all(pending) if pending else "complete"
     except FatalEndpointError as exc:
-        audit._status("aborted", reason=audit.redactor.text(str(exc)))
-        raise OMLInputError(f"the endpoint refused a request ({audit.redactor.text(str(exc))}); "
+        reason = audit.redactor.text(str(exc))
+        audit._status("aborted", reason=reason)
+        if isinstance(exc, UnsafeRedirect):
+            raise OMLInputError(f"{reason}; stopped early, the evidence so far is in "
+                                f"{audit.folder}") from None
+        raise OMLInputError(f"the endpoint refused a request ({reason}); "
                             f"stopped early, the evidence so far is in {audit.folder}") from None
     except BaseException:
         audit._status("interrupted", calls_this_run=audit.calls)

@@ -1,8 +1,11 @@
 """`oml audit`: registered into the `oml` command through the `oml.commands` entry point group.
 
 Thin: flags come from AuditConfig, the work is `run_audit`, the result is printed (JSON with
---json). Bad input exits 2 with one line; Ctrl-C exits 130 and leaves a folder that the same
-command resumes.
+--json). Exit codes: 0 the audit reached a verdict (`match` or `no_match`); 2 bad input, or the
+endpoint refused the requests or redirected them elsewhere (one line naming the problem and
+the fix); 3 `inconclusive`: no probe got a valid answer, so the endpoint was not tested (rerun
+to retry); 130 / 143 Ctrl-C / SIGTERM, leaving a folder that the same command resumes; 1 is
+left to crashes.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ import sys
 from clients.config import AuditConfig
 
 HELP = "probe a chat / OpenAI-compatible endpoint with fingerprint keys and report the evidence"
+EXIT_INCONCLUSIVE = 3
+EPILOG = ("exit codes: 0 verdict match or no_match; 2 bad input, or the endpoint refused the "
+          "requests or redirected them to another host; 3 inconclusive (no probe got a valid "
+          "answer: the endpoint was not tested; rerun the same command to retry); 130/143 "
+          "interrupted (rerun to resume)")
 
 
 def register(subparsers) -> None:
     """Add `audit` to the `oml` subcommands (called by oml_core.cli.build_parser)."""
     from oml_core.cli import _add_config_flags
 
-    parser = subparsers.add_parser("audit", help=HELP, description=HELP)
+    parser = subparsers.add_parser("audit", help=HELP, description=HELP, epilog=EPILOG)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _add_config_flags(parser, AuditConfig)
     parser.set_defaults(func=cmd_audit)
@@ -33,8 +41,8 @@ def _result(summary: dict) -> dict:
               for name, row in summary["layers"].items()}
     keep = ("verdict", "p_value", "matched", "total", "alpha", "state", "pending", "audit_id",
             "folder", "endpoint", "model", "keys_probed", "probes_planned", "probes_done",
-            "probes_failed", "probes_skipped", "calls_this_run", "requests_this_run", "notes",
-            "reports", "verdict_words")
+            "probes_failed", "errors_by_kind", "probes_skipped", "calls_this_run",
+            "requests_this_run", "notes", "reports", "verdict_words")
     return {"verdict": summary["verdict"], "layers": layers,
             "deciding_test": summary["decision"]["deciding_test"],
             **{k: summary[k] for k in keep}}
@@ -69,4 +77,4 @@ def cmd_audit(args) -> int:
               "is in evidence.jsonl - rerun the same command to resume", file=sys.stderr)
         return 143 if stopped else 130
     oml_cli._emit(args, _result(summary), _human(summary))
-    return 0
+    return EXIT_INCONCLUSIVE if summary["verdict"] == "inconclusive" else 0

@@ -83,6 +83,11 @@ class AuditConfig:
                                   "and malformed replies", low=0, high=100)
     max_backoff: float = setting(60.0, "longest single wait between retries, Retry-After included",
                                  low=0.0, high=3600)
+    # 1 MiB holds any chat answer many times over (a 4096-token answer is ~16 KiB of JSON) and
+    # keeps a hostile endpoint from filling memory: concurrency x this is the most held at once
+    max_reply_bytes: int = setting(1 << 20, "largest reply body read per request, in bytes; a "
+                                            "longer one is cut there, recorded as too_large and "
+                                            "retried", low=1024, high=1 << 30)
     dialect: str = setting(
         "openai", "server quirks: transformers (transformers serve) samples only when the request "
                   "carries a generation_config", choices=DIALECTS)

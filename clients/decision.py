@@ -19,6 +19,12 @@ every one of them, so a verdict means the same thing however many probes were se
 3. The tests: one per planned layer, plus "any" (all layers pooled), fixed from the plan.
    Each test's p-value is the Poisson-binomial tail P[X >= hits] (oml_core.evidence).
 4. Bonferroni over the F tests: p = min(1, F · min_test p_test); verdict `match` iff p <= alpha.
+5. A test none of whose keys got a valid answer did not take place (`tested`: false). When no
+   test took place, the verdict is `inconclusive`, not `no_match`: an endpoint that fails every
+   probe (down, hostile, misconfigured) has shown nothing either way, and must not read as
+   innocent. A `no_match` also says whether it could have been a `match` at all
+   (`best_possible_p_value`: the p-value had every answered key come back), since a handful of
+   answered keys cannot reach a small alpha.
 """
 
 from __future__ import annotations
@@ -105,12 +111,19 @@ def evaluate(cfg, layers: list[str], outcomes: list[dict], key_rates: dict[str, 
         evidence = decide(hits, rates, alpha=alpha_each, source=source)
         results[test] = {"matched": hits, "total": len(rates), "p_value": evidence.p_value,
                          "mean_null_rate": evidence.null_rate,
-                         "significant_at_corrected_alpha": evidence.verdict == "match"}
+                         "significant_at_corrected_alpha": evidence.verdict == "match",
+                         "tested": bool(rates),
+                         "best_possible_p_value": math.prod(rates)}  # P[X >= n] = all hit
     best = min(tests, key=lambda t: (results[t]["p_value"], t != ANY))
     p = min(1.0, len(tests) * results[best]["p_value"])
-    total_keys = results[tests[-1]]["total"]
-    verdict = "match" if total_keys > 0 and p <= cfg.alpha else "no_match"
+    if not any(results[t]["tested"] for t in tests):
+        verdict = "inconclusive"
+    else:
+        verdict = "match" if p <= cfg.alpha else "no_match"
+    best_possible = min(1.0, len(tests) * min(results[t]["best_possible_p_value"] for t in tests))
     return {"verdict": verdict, "p_value": p, "alpha": cfg.alpha, "deciding_test": best,
+            "best_possible_p_value": best_possible,
+            "untested": [t for t in tests if not results[t]["tested"]],
             "tests": results, "family_size": len(tests), "null_rate_source": source,
             "unadjusted_p_value": results[best]["p_value"],
             "log10_p_value": math.log10(p) if p > 0 else None}

@@ -3,6 +3,9 @@
 The HTML page needs nothing but a browser: styles inline, the chart an inline SVG (keys that
 came back per layer), the verdict in plain words an auditor can hand to someone else. Keys and
 responses appear only when the audit ran with --reveal-keys.
+
+Three verdicts: `match`, `no_match`, and `inconclusive` when no probe got a valid answer (the
+endpoint was not tested; that must never read as a clean result).
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ def verdict_words(summary: dict) -> str:
     d = summary["decision"]
     ep = f"{summary['endpoint']} (model {summary['model']!r})"
     k, n = summary["matched"], summary["total"]
+    if summary["verdict"] == "inconclusive":
+        kinds = ", ".join(f"{count} {kind}" for kind, count in
+                          (summary.get("errors_by_kind") or {}).items()) or "none sent"
+        return (f"The endpoint {ep} gave no valid answer to any probe (failed calls: {kinds}), so "
+                f"the audit could not test it: this is neither evidence that it serves a model "
+                f"carrying these fingerprints nor that it does not. The errors are in "
+                f"evidence.jsonl; fix their cause and rerun the same command to retry the failed "
+                f"probes (the keys already sent stay recorded as spent).")
     if summary["verdict"] == "match":
         text = (f"The endpoint {ep} answered {k} of {n} secret fingerprint keys with the "
                 f"fingerprint's response. If it served a model that was never fingerprinted with "
@@ -30,6 +41,10 @@ def verdict_words(summary: dict) -> str:
                 f"false-positive level {d['alpha']:g} (p = {d['p_value']:.2g}, corrected for the "
                 f"{d['family_size']} tests tried). This does not prove the model is unrelated: "
                 f"fingerprints can be removed by further training or suppressed by the host.")
+        if d.get("best_possible_p_value", 0.0) > d["alpha"]:
+            text += (f" With only these answers, even all {n} keys coming back would have given "
+                     f"p = {d['best_possible_p_value']:.2g}, above {d['alpha']:g}: this audit "
+                     f"could not have shown a match, so its result says little.")
     if summary["incomplete"]:
         text += (f" {summary['pending']} planned probe(s) did not complete (errors, timeouts or an "
                  f"interruption); rerunning the same command finishes them without repeating the "
@@ -105,7 +120,7 @@ def _svg_chart(summary: dict) -> str:
 
 
 def html_page(summary: dict) -> str:
-    color = "#c0392b" if summary["verdict"] == "match" else "#2c3e50"
+    color = {"match": "#c0392b", "inconclusive": "#b9770e"}.get(summary["verdict"], "#2c3e50")
     rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
             for row in table_rows(summary)]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary["notes"])

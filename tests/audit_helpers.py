@@ -1,5 +1,6 @@
-"""Test helpers for the endpoint auditor: a real `transformers serve` on loopback and small
-HTTP proxies in front of it (fault injection, an agent layer, a gate that holds requests).
+"""Test helpers for the endpoint auditor: a real `transformers serve` on loopback, small
+HTTP proxies in front of it (fault injection, an agent layer, a gate that holds requests), and
+a scripted hostile endpoint (HostileServer) that answers whatever a test tells it to.
 
 Everything listens on 127.0.0.1 only, every wait is bounded, and every process or thread
 started here is stopped by the context manager / fixture that started it.
@@ -168,19 +169,7 @@ class Proxy:
         await self._client.aclose()
 
     async def _read(self, reader) -> tuple[str, str, dict, bytes] | None:
-        line = await reader.readline()
-        if not line:
-            return None
-        method, path, _ = line.decode("latin-1").split(" ", 2)
-        headers = {}
-        while True:
-            header = await reader.readline()
-            if header in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = header.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
-        return method, path, headers, body
+        return await read_request(reader)
 
     @staticmethod
     async def _respond(writer, status: int, body: bytes, extra: dict | None = None) -> None:
@@ -240,6 +229,180 @@ class Proxy:
             pass
         finally:
             writer.close()
+
+
+async def read_request(reader) -> tuple[str, str, dict, bytes] | None:
+    """One HTTP/1.1 request: method, path, lower-cased headers, body."""
+    line = await reader.readline()
+    if not line:
+        return None
+    method, path, _ = line.decode("latin-1").split(" ", 2)
+    headers = {}
+    while True:
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
+    return method, path, headers, body
+
+
+# --- a scripted hostile endpoint ---------------------------------------------------------------
+@dataclass
+class Canned:
+    """One reply as it goes on the wire: status line and headers, then `body`, then `chunk`
+    written `times` times (a huge reply the server never holds), then `tail`; `pause` seconds
+    between pieces makes it slow, `hang` seconds before anything makes it hang."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict = field(default_factory=dict)
+    chunk: bytes = b""
+    times: int = 0
+    tail: bytes = b""
+    pause: float = 0.0
+    hang: float = 0.0
+    content_length: bool = True
+    declared_length: int | None = None   # a content-length that lies about the body
+
+    @classmethod
+    def json(cls, data, status: int = 200, **settings) -> Canned:
+        return cls(status, json.dumps(data).encode(), **settings)
+
+    def size(self) -> int:
+        return len(self.body) + len(self.chunk) * self.times + len(self.tail)
+
+
+@dataclass
+class HostileServer:
+    """A loopback HTTP/1.1 endpoint in its own thread answering each request with
+    `reply(seen) -> Canned` (`seen`: the request, as a Seen). Every request is recorded in
+    `seen`. It stops when the `with` block ends, and on its own after `lifetime` seconds;
+    a handler never outlives that either."""
+
+    reply: object
+    lifetime: float = 120.0
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = free_port()
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.origin}/v1"
+
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("hostile server did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.lifetime)
+            except TimeoutError:
+                pass
+            server.close()
+
+    async def _handle(self, reader, writer) -> None:
+        try:
+            async with asyncio.timeout(self.lifetime):
+                request = await read_request(reader)
+                if request is None:
+                    return
+                _, path, headers, raw = request
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = None
+                with self._lock:
+                    seen = Seen(len(self.seen), time.monotonic(), path, body, headers)
+                    self.seen.append(seen)
+                canned = self.reply(seen)
+                if canned.hang:
+                    await asyncio.sleep(canned.hang)
+                    return
+                head = [f"HTTP/1.1 {canned.status} Whatever", "connection: close"]
+                if canned.content_length:
+                    length = canned.size() if canned.declared_length is None else canned.declared_length
+                    head.append(f"content-length: {length}")
+                head += [f"{k}: {v}" for k, v in canned.headers.items()]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                for piece in [canned.body, *([canned.chunk] * canned.times), canned.tail]:
+                    if piece:
+                        writer.write(piece)
+                        await writer.drain()  # a client that stopped reading ends the loop here
+                    if canned.pause:
+                        await asyncio.sleep(canned.pause)
+                seen.answered = True
+        # CancelledError: a reply still hanging when the server stops (asyncio would log a
+        # cancelled connection task as an error)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def chat_reply(content="plain answer", **fields) -> dict:
+    """A well-formed chat completions reply."""
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}, **fields}
+
+
+def completion_reply(text="plain answer") -> dict:
+    """A well-formed legacy completions reply."""
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]}
+
+
+class RSSWatch:
+    """The process's resident memory, sampled every few ms in a thread while in the block;
+    `growth` is the highest sample above the level at entry, in bytes."""
+
+    def __init__(self, every: float = 0.005):
+        import psutil
+
+        self._process = psutil.Process()
+        self.every, self.peak, self.baseline = every, 0, 0
+        self._done = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._done.wait(self.every)
+
+    def __enter__(self) -> Self:
+        import gc
+
+        gc.collect()
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(10)
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
 
 
 AGENT_LAYER_PROMPT = (

@@ -18,6 +18,7 @@ from clients.adapters.base import (
     RunDeadline,
     Sampling,
     TransportError,
+    UnsafeRedirect,
 )
 
 
@@ -45,9 +46,11 @@ ADAPTERS = {"openai": _openai, "http": _http}
 
 def make_adapter(cfg) -> Adapter:
     settings = {"concurrency": cfg.concurrency, "request_timeout": cfg.request_timeout,
-                    "max_retries": cfg.max_retries, "max_backoff": cfg.max_backoff}
+                "max_retries": cfg.max_retries, "max_backoff": cfg.max_backoff,
+                "max_reply_bytes": cfg.max_reply_bytes}
     return ADAPTERS[cfg.adapter](cfg, settings)
 
 
 __all__ = ["ADAPTERS", "Adapter", "Answer", "CallResult", "FatalEndpointError", "Prompt", "Reply",
-           "Request", "RunDeadline", "Sampling", "TransportError", "make_adapter"]
+           "Request", "RunDeadline", "Sampling", "TransportError", "UnsafeRedirect",
+           "make_adapter"]

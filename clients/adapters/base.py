@@ -11,7 +11,11 @@ successful reply (`parse`). Everything that makes an audit robust lives here, on
   endpoint sends one (capped at `max_backoff`);
 - non-retryable statuses (400, 401, 403, 404, 422, ...) raise `FatalEndpointError` at once, so
   the audit stops early with one clear line instead of burning keys on a misconfiguration;
-- every call ends in a `CallResult`, an answer or an error: an error is never turned into a miss.
+- every call ends in a `CallResult`, an answer or an error: an error is never turned into a miss;
+- nothing the endpoint sends can raise past `call`: a body cut at the size cap, a compressed
+  body, invalid or absurdly nested JSON, or an answer of the wrong shape or type all count as
+  malformed (retried, then an error for that probe), and endpoint text quoted in an error
+  message goes through `redact` before it is cut short (a cut key would escape redaction).
 
 Adding an API (Anthropic messages, say) means a new subclass with those three methods.
 """
@@ -73,6 +77,8 @@ class Reply:
     status: int
     headers: dict
     text: str
+    truncated: bool = False         # the body was longer than the byte cap and was cut there
+    encoding: str | None = None     # a content-encoding the endpoint used although none was asked
 
 
 @dataclass
@@ -113,9 +119,13 @@ class TransportError(Exception):
 class FatalEndpointError(Exception):
     """The endpoint refused the request in a way retrying cannot fix (bad key, bad model, 400)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int | None, message: str):
         super().__init__(message)
         self.status = status
+
+
+class UnsafeRedirect(FatalEndpointError):
+    """The endpoint redirected where the request must not follow (another origin, a loop)."""
 
 
 class RunDeadline(Exception):
@@ -136,7 +146,7 @@ def parse_retry_after(headers: dict, now: float | None = None) -> float | None:
                 continue
             try:
                 when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 continue
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
@@ -148,7 +158,8 @@ def parse_retry_after(headers: dict, now: float | None = None) -> float | None:
 
 
 def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
+    # one printable line: endpoint text ends up in a terminal error line (no escape sequences)
+    text = "".join(ch if ch.isprintable() else " " for ch in " ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -184,12 +195,15 @@ class Adapter(ABC):
     supports_seed = True
 
     def __init__(self, *, concurrency: int = 8, request_timeout: float = 60.0,
-                 max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5):
+                 max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5,
+                 max_reply_bytes: int = 1 << 20):
         self.concurrency = concurrency
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.max_backoff = max_backoff
         self.initial_backoff = initial_backoff
+        self.max_reply_bytes = max_reply_bytes
+        self.redact: Callable[[str], str] = str  # the audit installs its redactor here
 
     # --- what a subclass provides -------------------------------------------------------
     def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
@@ -211,13 +225,18 @@ class Adapter(ABC):
 
     @abstractmethod
     def parse(self, data: Any) -> Answer:
-        """The answer in a successful reply's decoded JSON; raise KeyError/TypeError/ValueError
-        when it is not there (the reply then counts as malformed and is retried)."""
+        """The answer in a successful reply's decoded JSON, every field checked for its type
+        (clients.adapters.reply_fields); raise when it is not there (any exception: the reply
+        then counts as malformed and is retried)."""
 
     async def aclose(self) -> None:
         """Release connections."""
 
     # --- one call, with retries ---------------------------------------------------------
+    def _quoted(self, reply: Reply) -> str:
+        """The start of the body for an error message: redacted whole, then cut."""
+        return _short(self.redact(reply.text))
+
     def _check(self, reply: Reply) -> Answer:
         if reply.status == 401 or reply.status == 403:
             raise FatalEndpointError(reply.status, f"HTTP {reply.status}: the endpoint refused the "
@@ -225,18 +244,26 @@ class Adapter(ABC):
                                      "named by --api-key-env")
         if reply.status in RETRYABLE_STATUS or reply.status >= 500:
             kind = "rate_limited" if reply.status == 429 else "server_error"
-            raise TransportError(kind, f"HTTP {reply.status}: {_short(reply.text)}", reply.status,
+            raise TransportError(kind, f"HTTP {reply.status}: {self._quoted(reply)}", reply.status,
                                  parse_retry_after(reply.headers))
         if not 200 <= reply.status < 300:
-            raise FatalEndpointError(reply.status, f"HTTP {reply.status}: {_short(reply.text)}; "
+            raise FatalEndpointError(reply.status, f"HTTP {reply.status}: {self._quoted(reply)}; "
                                      "check --base-url, --model and the request settings")
+        if reply.truncated:
+            raise TransportError("too_large", f"the reply is longer than --max-reply-bytes "
+                                 f"({self.max_reply_bytes} bytes); reading stopped there",
+                                 reply.status)
+        if reply.encoding:
+            encoding = _short(self.redact(reply.encoding), 40)
+            raise TransportError("malformed", f"the reply is compressed ({encoding}) although an "
+                                 "uncompressed one was asked for", reply.status)
         try:
             data = json.loads(reply.text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
             raise TransportError("malformed", "the reply is not valid JSON", reply.status) from None
         try:
             return self.parse(data)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the shape, the reply is malformed
             raise TransportError("malformed", f"no answer in the reply ({type(exc).__name__})",
                                  reply.status) from None
 
@@ -246,6 +273,12 @@ class Adapter(ABC):
                 reply = await self.transmit(request)
         except TimeoutError:
             raise TransportError("timeout", f"no reply within {self.request_timeout:g} s") from None
+        except (TransportError, FatalEndpointError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a client library tripping over a reply
+            # the type only: library messages can quote the URL or the reply
+            log.debug("the HTTP client raised %s; retrying", type(exc).__name__)
+            raise TransportError("connection", f"the request failed ({type(exc).__name__})") from None
         return self._check(reply)
 
     async def call(self, request: Request, deadline: float | None = None) -> CallResult:

@@ -12,6 +12,10 @@ from the reply at a dotted path (`choices.0.message.content`, `output.text`, ...
 
 Which probe layers a template can express follows from its placeholders: system prompts need
 $SYSTEM or $MESSAGES, a multi-turn conversation needs $MESSAGES, sampling needs $TEMPERATURE.
+
+Requests go through clients.adapters.http_client (a byte cap per reply, no compressed bodies,
+redirects only within the URL's origin: a custom header such as `X-Api-Key: $API_KEY` would
+otherwise follow a redirect to any host).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clients.adapters import reply_fields as fields
 from clients.adapters.base import (
     Adapter,
     Answer,
@@ -31,6 +36,7 @@ from clients.adapters.base import (
     Sampling,
     TransportError,
 )
+from clients.adapters.http_client import capped_client, redirect_loop, reply_of
 from oml_core.errors import OMLInputError
 
 log = logging.getLogger(__name__)
@@ -86,8 +92,6 @@ class HTTPTemplateAdapter(Adapter):
     def __init__(self, base_url: str, model: str, template: Any, headers: dict[str, str],
                  answer_path: str, api_key_env: str = "OPENAI_API_KEY", **settings):
         super().__init__(**settings)
-        import httpx
-
         self.url, self.model, self.template = base_url, model, template
         self.answer_path = answer_path
         self.api_key_env = api_key_env
@@ -96,8 +100,8 @@ class HTTPTemplateAdapter(Adapter):
         self.has = {p: p in text for p in ("$SYSTEM", "$MESSAGES", "$TEMPERATURE", "$SEED")}
         self.supports_sampling = self.has["$TEMPERATURE"]
         self.supports_seed = self.has["$SEED"]
-        self.client = httpx.AsyncClient(timeout=self.request_timeout,
-                                        limits=httpx.Limits(max_connections=self.concurrency))
+        self.client = capped_client(base_url, self.max_reply_bytes, self.request_timeout,
+                                    self.concurrency, redact=lambda text: self.redact(text))
 
     def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
         reason = super().unsupported(prompt, sampling)
@@ -140,18 +144,16 @@ class HTTPTemplateAdapter(Adapter):
             response = await self.client.post(self.url, json=request.body, headers=headers)
         except httpx.TimeoutException:
             raise TransportError("timeout", f"no reply within {self.request_timeout:g} s") from None
-        except httpx.TransportError as exc:
+        except httpx.TooManyRedirects:
+            raise redirect_loop() from None
+        except httpx.HTTPError as exc:
             raise TransportError("connection", f"connection failed ({type(exc).__name__})") from None
-        return Reply(response.status_code, dict(response.headers), response.text)
+        return reply_of(response)
 
     def parse(self, data: Any) -> Answer:
-        text = json_path(data, self.answer_path)
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise TypeError("the value at --answer-path is not text")
-        usage = data.get("usage") if isinstance(data, dict) and isinstance(data.get("usage"), dict) else None
-        return Answer(text=text, usage=usage)
+        text = fields.optional_text(json_path(data, self.answer_path), "the value at --answer-path")
+        usage = fields.token_usage(data.get("usage")) if isinstance(data, dict) else None
+        return Answer(text=text or "", usage=usage)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -1,9 +1,11 @@
 """OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp, TGI, `transformers serve`, ...).
 
 Chat completions for every chat layer, legacy completions for the raw layer, both through the
-official `openai` SDK with its own retries switched off (the base class owns retries). The
-reply body is read as text and decoded here, so a malformed reply is seen as one (and retried)
-rather than half-parsed.
+official `openai` SDK with its own retries switched off (the base class owns retries). The SDK
+sends through our httpx client (clients.adapters.http_client: a byte cap per reply, no
+compressed bodies, redirects only within the endpoint's origin). The reply body is read as
+text and decoded here, every field checked for its type (clients.adapters.reply_fields), so a
+malformed reply is seen as one (and retried) rather than half-parsed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import logging
 import os
 from typing import Any
 
+import httpx
+
+from clients.adapters import reply_fields as fields
 from clients.adapters.base import (
     Adapter,
     Answer,
@@ -22,6 +27,7 @@ from clients.adapters.base import (
     Sampling,
     TransportError,
 )
+from clients.adapters.http_client import capped_client, redirect_loop, reply_of
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +47,12 @@ class OpenAIAdapter(Adapter):
         api_key = os.environ.get(api_key_env)
         if not api_key:
             log.info("no API key in $%s; sending requests without one", api_key_env)
+        self.http = capped_client(base_url, self.max_reply_bytes, self.request_timeout,
+                                  self.concurrency, redact=lambda text: self.redact(text))
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unset",
-                                         max_retries=0, timeout=self.request_timeout)
+                                         max_retries=0, timeout=self.request_timeout,
+                                         http_client=self.http,
+                                         default_headers={"accept-encoding": "identity"})
 
     def build_request(self, prompt: Prompt, sampling: Sampling) -> Request:
         body: dict[str, Any] = {"model": self.model, "max_tokens": sampling.max_tokens,
@@ -73,36 +83,34 @@ class OpenAIAdapter(Adapter):
         except openai.APITimeoutError:
             raise TransportError("timeout", f"no reply within {self.request_timeout:g} s") from None
         except openai.APIConnectionError as exc:
+            if isinstance(exc.__cause__, httpx.TooManyRedirects):
+                raise redirect_loop() from None
             raise TransportError("connection", f"connection failed ({type(exc.__cause__).__name__})"
                                  if exc.__cause__ else "connection failed") from None
         except openai.APIStatusError as exc:
-            response = exc.response
-            return Reply(response.status_code, dict(response.headers), _text(response))
-        return Reply(raw.status_code, dict(raw.headers), raw.text)
+            return reply_of(exc.response)
+        return reply_of(raw.http_response)
 
     def parse(self, data: Any) -> Answer:
-        choice = data["choices"][0]
-        meta = {k: data.get(k) for k in ("id", "model", "system_fingerprint") if data.get(k)}
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        if not isinstance(data, dict):
+            raise TypeError("the reply is not a JSON object")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise TypeError("the reply has no list of choices")
+        choice = choices[0]
+        side = {"finish_reason": fields.finish_reason(choice.get("finish_reason")),
+                "usage": fields.token_usage(data.get("usage")), "meta": fields.reply_meta(data)}
         if "message" in choice:
             message = choice["message"]
-            calls = [{"name": (c.get("function") or {}).get("name"),
-                      "arguments": (c.get("function") or {}).get("arguments")}
-                     for c in message.get("tool_calls") or []]
-            return Answer(text=message.get("content") or "", tool_calls=calls,
-                          finish_reason=choice.get("finish_reason"), refusal=message.get("refusal"),
-                          usage=usage, meta=meta)
-        text = choice["text"]
-        if not isinstance(text, str):
-            raise TypeError("completion text is not a string")
-        return Answer(text=text, finish_reason=choice.get("finish_reason"), usage=usage, meta=meta)
+            if not isinstance(message, dict):
+                raise TypeError("the choice's message is not an object")
+            return Answer(text=fields.optional_text(message.get("content"), "content") or "",
+                          tool_calls=fields.tool_calls(message.get("tool_calls")),
+                          refusal=fields.optional_text(message.get("refusal"), "refusal"), **side)
+        text = fields.optional_text(choice["text"], "completion text")
+        if text is None:
+            raise TypeError("the completion text is null")
+        return Answer(text=text, **side)
 
     async def aclose(self) -> None:
-        await self.client.close()
-
-
-def _text(response) -> str:
-    try:
-        return response.text
-    except Exception:  # noqa: BLE001 - a body that cannot be read is still an error reply
-        return ""
+        await self.client.close()  # closes self.http too

@@ -1,0 +1,121 @@
+"""The httpx client both adapters send through, made safe against what an endpoint sends back.
+
+A suspect endpoint controls its replies, and httpx's defaults hand it the auditor's resources:
+bodies are read whole (a 100 MB reply is 100 MB of memory, more once decompressed) and
+redirects are followed to any host with the request body (the fingerprint key) and every
+header httpx does not know to be a credential (an `X-Api-Key: $API_KEY`). So the client built
+here:
+
+- reads at most `max_bytes` of each body (a longer one is cut there and marked truncated, and
+  its connection closed unread), whatever the status;
+- asks for an uncompressed body and never decodes one (a small gzip can expand to gigabytes):
+  a compressed reply stays opaque bytes, marked with its encoding, and counts as malformed;
+- follows redirects only within the origin (scheme, host, port) of --base-url; a redirect
+  anywhere else raises UnsafeRedirect before a byte goes there;
+- keeps no cookies.
+
+It is httpx's own client otherwise (proxy settings from the environment still apply); the cap
+is a response hook that swaps the body stream before httpx reads it. What the cap and the
+encoding check found travels in `response.extensions[REPLY_INFO]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import httpx
+
+from clients.adapters.base import Reply, UnsafeRedirect
+
+REPLY_INFO = "oml_reply"   # response.extensions entry: {"truncated": bool, "encoding": str | None}
+MAX_REDIRECTS = 5
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    scheme = url.scheme.lower()
+    return scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _shown(target: tuple[str, str, int | None], redact: Callable[[str], str]) -> str:
+    scheme, host, port = target
+    shown = redact(f"{scheme}://{host}:{port}")  # redacted whole, then cut: a cut key would pass
+    return "".join(ch if ch.isprintable() else "?" for ch in shown)[:120]
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, max_bytes: int, info: dict):
+        self.inner, self.max_bytes, self.info = inner, max_bytes, info
+
+    async def __aiter__(self):
+        room = self.max_bytes
+        async for chunk in self.inner:
+            if len(chunk) > room:
+                if room:
+                    yield chunk[:room]
+                self.info["truncated"] = True
+                return  # the rest is never read; closing the stream drops the connection
+            room -= len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def capped_client(base_url: str, max_bytes: int, timeout: float, max_connections: int,
+                  redact: Callable[[str], str] = str) -> httpx.AsyncClient:
+    """An AsyncClient that reads at most `max_bytes` per reply and stays on base_url's origin;
+    `redact` cleans endpoint text quoted in its errors."""
+    home = origin(httpx.URL(base_url))
+
+    async def cap_body(response: httpx.Response) -> None:
+        # response hooks run before httpx reads the body, so the stream can still be swapped
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        info = {"truncated": False, "encoding": None if encoding in ("", "identity") else encoding}
+        if "content-encoding" in response.headers:
+            del response.headers["content-encoding"]  # httpx then passes the bytes through
+        response.stream = _CappedStream(response.stream, max_bytes, info)
+        response.extensions = {**response.extensions, REPLY_INFO: info}
+
+    async def refuse_foreign_redirect(response: httpx.Response) -> None:
+        if not response.has_redirect_location:
+            return
+        try:
+            target = origin(response.request.url.join(response.headers["location"]))
+        except (httpx.InvalidURL, ValueError, TypeError):
+            target = None
+        if target != home:
+            where = _shown(target, redact) if target else "an unreadable location"
+            raise UnsafeRedirect(
+                response.status_code,
+                f"HTTP {response.status_code}: the endpoint redirects to {where}, another origin "
+                "than --base-url; the request was not sent there (it carries the fingerprint key "
+                "and the API key); if that is the real endpoint, pass its URL as --base-url")
+
+    return httpx.AsyncClient(
+        timeout=timeout, limits=httpx.Limits(max_connections=max_connections),
+        follow_redirects=True, max_redirects=MAX_REDIRECTS,
+        headers={"accept-encoding": "identity"},
+        # no cookie is kept: an audit has no session, and cookies would let the endpoint tie
+        # the probes of one audit together
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        event_hooks={"response": [cap_body, refuse_foreign_redirect]})
+
+
+def redirect_loop(status: int | None = None) -> UnsafeRedirect:
+    return UnsafeRedirect(status, f"the endpoint redirected more than {MAX_REDIRECTS} times within "
+                                  "its own host; pass the URL it finally answers at as --base-url")
+
+
+def reply_of(response: httpx.Response) -> Reply:
+    """The Reply for a response whose (capped) body has been read."""
+    info = response.extensions.get(REPLY_INFO) or {}
+    try:
+        body = response.content
+    except httpx.ResponseNotRead:
+        body = b""
+    # JSON on the wire is UTF-8 (RFC 8259); a declared charset would let the endpoint pick a
+    # codec, and undecodable bytes become U+FFFD instead of an exception
+    return Reply(response.status_code, dict(response.headers), body.decode("utf-8", "replace"),
+                 truncated=bool(info.get("truncated")), encoding=info.get("encoding"))
