@@ -16,7 +16,7 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -42,6 +42,10 @@ def config_parameters(config_cls, *, required: tuple[str, ...] = (),
         optional = type(None) in typing.get_args(kind)
         if kind is list:
             kind = list[str]
+        if kind is bool or kind == (bool | None):
+            # JSON true/false only: lax parsing takes "yes", "on", "1" and 1.0 for true, and a
+            # safety flag must not be switched by a string a model happened to produce
+            kind = StrictBool | None if optional else StrictBool
         if meta.get("choices"):
             kind = Literal[tuple(meta["choices"])]
             kind = kind | None if optional else kind
@@ -75,6 +79,10 @@ def config_defaults(config_cls) -> dict[str, Any]:
 
 
 # --- outputs ----------------------------------------------------------------------------------
+
+
+def _empty(value) -> bool:
+    return not value
 
 
 class GenerateResult(BaseModel):
@@ -151,6 +159,9 @@ class JobStarted(JobStatus):
 class JobList(BaseModel):
     jobs: list[JobStatus]
     total: int = Field(description="jobs on disk (the list may be cut to `limit`)")
+    problems: list[str] = Field(default_factory=list, exclude_if=_empty, description=(
+        "entries of the jobs folder that are no readable job (a symlink, a malformed "
+        "job.json), one line each with the fix; left out when there are none"))
 
 
 class JobResult(BaseModel):
@@ -179,7 +190,7 @@ class FingerprintSetInfo(BaseModel):
     created: str | None = None
     source_format: str | None = None
     committable: bool | None = Field(None, description="every pair has a salt (our format)")
-    bytes: int
+    bytes: int | None = None
     problem: str | None = Field(None, description="why the file could not be read as a set")
 
 
@@ -216,6 +227,9 @@ class RunInfo(BaseModel):
 class RunList(BaseModel):
     runs: list[RunInfo]
     truncated: bool
+    problems: list[str] = Field(default_factory=list, exclude_if=_empty, description=(
+        "run folders not read because they lead outside the workspace, one line each; left "
+        "out when there are none"))
 
 
 class LeafHash(BaseModel):

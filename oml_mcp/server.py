@@ -26,7 +26,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from oml_core import __version__, progress
 from oml_core.config import (
@@ -41,13 +41,12 @@ from oml_core.config import (
 )
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
-from oml_core.runs import RunFolder
-from oml_mcp.jobs import JobStore, read_tail
+from oml_mcp import listings
+from oml_mcp.jobs import JobStore
 from oml_mcp.paths import Workspace
 from oml_mcp.schemas import (
     CancelResult,
     CommitmentResult,
-    FingerprintSetInfo,
     FingerprintSetList,
     GenerateResult,
     JobList,
@@ -55,7 +54,6 @@ from oml_mcp.schemas import (
     JobStarted,
     JobStatus,
     RevealResult,
-    RunInfo,
     RunList,
     VerifyResult,
     config_defaults,
@@ -223,52 +221,34 @@ def _flags(config_cls, values: dict[str, Any], skip: tuple[str, ...] = ()) -> li
     return argv
 
 
-def run_summary(path: Path) -> RunInfo:
-    """What a run folder says about itself: status, settings, and the final metrics' headline."""
-    run = RunFolder(path)
-
-    def doc(name: str) -> dict:
-        data = run.read_json(name)
-        return data if isinstance(data, dict) else {}
-    status, settings, metrics = doc("status.json"), doc("run.json"), doc("metrics.json")
-    verification = metrics.get("verification") or {}
-    utility = metrics.get("utility") or {}
-    return RunInfo(
-        name=path.name, path=str(path), complete=run.complete, state=status.get("state"),
-        step=status.get("step"), total_steps=status.get("total_steps"), loss=status.get("loss"),
-        run_key=settings.get("run_key"), base_model=settings.get("base_model"),
-        fingerprints=(settings.get("config") or {}).get("fingerprints"),
-        num_fingerprints=metrics.get("num_fingerprints"),
-        memorised_at_step=metrics.get("memorised_at_step"),
-        train_seconds=metrics.get("train_seconds"),
-        matched=verification.get("matched"), total=verification.get("total"),
-        p_value=verification.get("p_value"), verdict=verification.get("verdict"),
-        first_token_agreement=utility.get("first_token_agreement"),
-        perplexity_change=utility.get("perplexity_change"),
-        model_dir=str(path / "model") if run.complete and (path / "model").is_dir() else None,
-        summary_uri=f"oml://runs/{path.name}/summary")
-
-
-def _is_run_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("run.json", "status.json"))
+def _recorded_base_model(ws: Workspace, run_dir: Path) -> str | None:
+    """The base model a run's run.json names, for an evaluation that names none: a file in the
+    workspace, so it goes through the same confinement as a model argument (else the engine
+    would load whatever it names)."""
+    info = listings.read_doc(ws, run_dir, "run.json")
+    base = info.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise OMLInputError(f"run {run_dir}: run.json's base_model is not a model name; pass "
+                            "model explicitly")
+    return base or None
 
 
 # --- the server -------------------------------------------------------------------------------
 
 def build_server(workspace: Workspace | None = None) -> MCPServer:
     ws = workspace or Workspace.from_env()
-    jobs = JobStore(ws.home / "jobs")
+    jobs = JobStore(ws.home / "jobs", inside=ws.inside)
     sets_dir, runs_dir, reports_dir = ws.home / "fingerprints", ws.home / "runs", ws.home / "reports"
     app = MCPServer("oml", instructions=INSTRUCTIONS, version=__version__)
 
     # -- generate ------------------------------------------------------------------------------
     async def generate_fingerprints(ctx: Context, **values) -> GenerateResult:
-        values.update(model=ws.model(values.get("model")),
-                      key_model=ws.model(values.get("key_model"), "key_model"),
+        values.update(model=ws.model_location(values.get("model")),
+                      key_model=ws.model_location(values.get("key_model"), "key_model"),
                       keys_file=ws.optional_path(values.get("keys_file"), "keys_file"))
-        out = (ws.path(values["out"], "out") if values.get("out") else
-               sets_dir / f"{values['strategy']}-{values['num_fingerprints']}-seed{values['seed']}"
-                          f"-{_stamp()}.json")
+        out = ws.output(values.get("out") or sets_dir / (
+            f"{values['strategy']}-{values['num_fingerprints']}-seed{values['seed']}-{_stamp()}"
+            ".json"), "out")
         values["out"] = str(_new_file(out, "out"))
         if values["keys_file"]:
             values["keys_file"] = str(values["keys_file"])
@@ -277,7 +257,7 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
         started = time.time()
         fset = await _run_engine(ctx, "generate", lambda: generate_set(cfg))
-        fset.save(_new_file(out, "out"))
+        fset.save(_new_file(ws.output(out, "out"), "out"))  # checked again: it took a while
         probs = [p for p in fset.response_probs if p is not None]
         return GenerateResult(path=str(out), count=len(fset), strategy=fset.strategy,
                               commitment_root=fset.manifest()["root"],
@@ -286,7 +266,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     _register(app, generate_fingerprints, name="generate_fingerprints", annotations=ADDITIVE,
               signature=inspect.Signature(config_parameters(GenerateConfig, notes={
-                  "model": "a folder inside the workspace, a hub id, or omit for the bundled model",
+                  "model": "a folder inside the workspace, a hub id already in the local Hugging "
+                           "Face cache, or omit for the bundled model",
                   "out": "a NEW .json file (relative paths are inside OML_HOME); default: "
                          "OML_HOME/fingerprints/<strategy>-<n>-seed<seed>-<time>.json",
               }), return_annotation=GenerateResult),
@@ -299,18 +280,20 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     # -- verify --------------------------------------------------------------------------------
     async def verify_model(ctx: Context, **values) -> VerifyResult:
-        values.update(model=ws.model(values.get("model")),
+        values.update(model=ws.model_location(values.get("model")),
                       fingerprints=str(ws.path(values["fingerprints"], "fingerprints")),
-                      null_model=[ws.model(m, "null_model") or "bundled"
+                      null_model=[ws.model_location(m, "null_model") or "bundled"
                                   for m in values.get("null_model") or []])
         if values.get("null_file"):
             values["null_file"] = str(ws.path(values["null_file"], "null_file"))
         cfg = _config_from(VerifyConfig, values)
+        report_name = f"verify-{_stamp()}.json"
+        ws.output(reports_dir / report_name, "report")  # refuse a linked-out reports/ up front
         from oml_core.verify import verify
 
         started = time.time()
         report = await _run_engine(ctx, "verify", lambda: verify(cfg))
-        report_path = reports_dir / f"verify-{_stamp()}.json"
+        report_path = _new_file(ws.output(reports_dir / report_name, "report"), "report")
         atomic_write_json(report_path, report)
         summary = {k: report[k] for k in VerifyResult.model_fields if k in report}
         return VerifyResult(**summary, report_path=str(report_path),
@@ -321,7 +304,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   open_world_hint=False),
               signature=inspect.Signature(config_parameters(VerifyConfig, required=("fingerprints",), notes={
                   "model": "model to check: a folder inside the workspace (e.g. a run's model/ "
-                           "folder), a hub id, or omit for the bundled model",
+                           "folder), a hub id already in the local Hugging Face cache, or omit "
+                           "for the bundled model",
                   "fingerprints": "path of the set file (relative paths are inside OML_HOME)",
               }), return_annotation=VerifyResult),
               description=(
@@ -351,7 +335,7 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     # -- fingerprinting job --------------------------------------------------------------------
     def start_fingerprinting(**values) -> JobStarted:
-        values.update(model=ws.model(values.get("model")),
+        values.update(model=ws.model_location(values.get("model")),
                       fingerprints=str(ws.path(values["fingerprints"], "fingerprints")))
         if values.get("start_from"):
             values["start_from"] = str(ws.path(values["start_from"], "start_from"))
@@ -360,8 +344,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                 raise OMLInputError(f"deepspeed {values.get('deepspeed')!r} is not one of "
                                     f"{', '.join(DEEPSPEED_CONFIGS)} or a .json config file")
             values["deepspeed"] = str(ws.path(values["deepspeed"], "deepspeed"))
-        out_dir = (ws.path(values["out_dir"], "out_dir") if values.get("out_dir") else
-                   runs_dir / f"{Path(values['fingerprints']).stem}-{_stamp()}")
+        out_dir = ws.output(values.get("out_dir") or
+                            runs_dir / f"{Path(values['fingerprints']).stem}-{_stamp()}", "out_dir")
         values["out_dir"] = str(out_dir)
         cfg = _config_from(FingerprintConfig, values)
         # fail now, not minutes later in the worker, on what can be checked cheaply
@@ -397,7 +381,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
               signature=inspect.Signature(config_parameters(
                   FingerprintConfig, required=("fingerprints",), notes={
                       "model": "base model to fingerprint: a folder inside the workspace, a hub "
-                               "id, or omit for the bundled model",
+                               "id already in the local Hugging Face cache, or omit for the "
+                               "bundled model",
                       "fingerprints": "path of the set file from generate_fingerprints",
                       "out_dir": "run folder (relative paths are inside OML_HOME); default: "
                                  "OML_HOME/runs/<set name>-<time>; the same settings in the same "
@@ -424,8 +409,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         from oml_core.evaluate.false_positives import NAMED_NULL_MODELS
 
         run_dir = ws.path(values["run"], "run")
-        values.update(run=str(run_dir), model=ws.model(values.get("model")))
-        out = ws.path(values["out"], "out") if values.get("out") else run_dir / "eval"
+        values.update(run=str(run_dir), model=ws.model_location(
+            values.get("model") or _recorded_base_model(ws, run_dir),
+            "model" if values.get("model") else "the run's base_model (run.json)"))
+        out = ws.output(values.get("out") or run_dir / "eval", "out")
         values["out"] = str(out)
         values["null_models"] = ",".join(
             name if name in NAMED_NULL_MODELS else str(ws.path(name, "null_models"))
@@ -473,8 +460,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     def list_jobs(limit: Annotated[int, Field(description="at most this many, newest first",
                                               ge=1, le=MAX_LISTED)] = 20) -> JobList:
-        found, total = jobs.list(limit)
-        return JobList(jobs=[JobStatus(**j) for j in found], total=total)
+        found, total, problems = jobs.list(limit)
+        return JobList(jobs=[JobStatus(**j) for j in found], total=total, problems=problems)
 
     _register(app, list_jobs, name="list_jobs", annotations=READ_ONLY, description=(
         "List background jobs (newest first) with their states, including jobs started before "
@@ -506,25 +493,11 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
     def list_fingerprint_sets(folder: Annotated[str | None, Field(
             description="folder to list (not recursive); default OML_HOME/fingerprints")] = None,
                               ) -> FingerprintSetList:
-        from oml_core.fingerprints import load_fingerprints
-
-        where = ws.path(folder, "folder") if folder else sets_dir
+        where = (ws.path(folder, "folder") if folder else
+                 listings.confined_folder(ws, sets_dir, "folder"))
         if folder and not where.is_dir():
             raise OMLInputError(f"folder {where} is not an existing folder")
-        files = sorted(where.glob("*.json")) if where.is_dir() else []
-        sets = []
-        for path in files[:MAX_LISTED]:
-            info = {"path": str(path), "bytes": path.stat().st_size}
-            try:
-                fset = load_fingerprints(path)
-            except OMLInputError as exc:
-                info["problem"] = str(exc)
-            else:
-                info.update(count=len(fset), strategy=fset.strategy, created=fset.created,
-                            source_format=fset.source_format,
-                            committable=all(fp.salt for fp in fset.fingerprints))
-            sets.append(FingerprintSetInfo(**info))
-        return FingerprintSetList(folder=str(where), sets=sets, truncated=len(files) > MAX_LISTED)
+        return listings.list_sets(ws, where, MAX_LISTED)
 
     _register(app, list_fingerprint_sets, name="list_fingerprint_sets", annotations=READ_ONLY,
               description=(
@@ -532,13 +505,9 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   "contents. Use it to find the set to fingerprint, verify or commit to."))
 
     def list_runs() -> RunList:
-        folders = {p for p in runs_dir.iterdir() if _is_run_folder(p)} if runs_dir.is_dir() else set()
-        for job in jobs.list(MAX_LISTED)[0]:  # runs started into a root outside OML_HOME/runs
-            if job.get("run_dir") and _is_run_folder(Path(job["run_dir"])):
-                folders.add(Path(job["run_dir"]))
-        ordered = sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
-        return RunList(runs=[run_summary(p) for p in ordered[:MAX_LISTED]],
-                       truncated=len(ordered) > MAX_LISTED)
+        # runs started into a root outside OML_HOME/runs are found through their jobs
+        run_dirs = [j["run_dir"] for j in jobs.list(MAX_LISTED)[0] if j.get("run_dir")]
+        return listings.list_runs(ws, runs_dir, run_dirs, MAX_LISTED)
 
     _register(app, list_runs, name="list_runs", annotations=READ_ONLY, description=(
         "List fingerprinting run folders (newest first): state, steps, whether complete, the "
@@ -553,7 +522,7 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         from oml_core.fingerprints import load_fingerprints
 
         path = ws.path(fingerprints, "fingerprints")
-        target = _new_file(ws.path(out, "out"), "out") if out else None
+        target = _new_file(ws.output(out, "out"), "out") if out else None
         manifest = load_fingerprints(path).manifest()
         if target:
             atomic_write_json(target, manifest)
@@ -573,8 +542,9 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
     def reveal_fingerprint(
             fingerprints: Annotated[str, Field(description="path of the set file")],
             fingerprint_id: Annotated[str, Field(description="id of the pair, e.g. fp-00003")],
-            confirm_reveal: Annotated[bool, Field(
-                description="must be true: the user explicitly asked to disclose this pair")] = False,
+            confirm_reveal: Annotated[StrictBool, Field(
+                description="must be JSON true: the user explicitly asked to disclose this "
+                            "pair")] = False,
             out: Annotated[str | None, Field(description="also write the reveal to this NEW "
                                                          "file")] = None,
     ) -> RevealResult:
@@ -585,7 +555,7 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         from oml_core.fingerprints import load_fingerprints
 
         path = ws.path(fingerprints, "fingerprints")
-        target = _new_file(ws.path(out, "out"), "out") if out else None
+        target = _new_file(ws.output(out, "out"), "out") if out else None
         reveal = load_fingerprints(path).reveal(fingerprint_id)
         if target:
             atomic_write_json(target, reveal)
@@ -607,16 +577,21 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   description="Summary of the run folder OML_HOME/runs/<name>: state, steps, "
                               "verification headline (no secrets)")
     def run_summary_resource(name: str) -> str:
-        path = (runs_dir / name).resolve() if _NAME.fullmatch(name) else None
-        if path is None or path.parent != runs_dir.resolve() or not _is_run_folder(path):
-            raise ResourceError(f"no run {name!r} in {runs_dir}; list runs with list_runs")
-        return run_summary(path).model_dump_json(indent=2)
+        missing = ResourceError(f"no run {name!r:.120} in {runs_dir}; list runs with list_runs")
+        try:
+            where = listings.confined_folder(ws, runs_dir, "runs folder")
+        except OMLInputError as exc:
+            raise ResourceError(str(exc)) from None
+        path = (where / name).resolve() if _NAME.fullmatch(name) else None
+        if path is None or path.parent != where or not listings.is_run_folder(path):
+            raise missing
+        return listings.run_summary(ws, path).model_dump_json(indent=2)
 
     @app.resource("oml://jobs/{job_id}/log", mime_type="text/plain",
                   description=f"The last {LOG_TAIL_BYTES // 1024} KiB of a job's worker log")
     def job_log_resource(job_id: str) -> str:
         try:
-            return read_tail(jobs.log_path(job_id), LOG_TAIL_BYTES)
+            return jobs.log_tail(job_id, LOG_TAIL_BYTES)
         except OMLInputError as exc:
             raise ResourceError(str(exc)) from None
 

@@ -23,8 +23,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from oml_core.files import atomic_write_json
-from oml_mcp.jobs import last_line
+from oml_mcp.jobs import read_log_line
+from oml_mcp.state_files import open_folder, state_exists, write_state_json
 
 log = logging.getLogger("oml_mcp.worker")
 CANCEL_EXIT_CODES = (143, -signal.SIGTERM, 130, -signal.SIGINT)
@@ -43,6 +43,13 @@ def _parse_output(text: str) -> dict | None:
 
 
 def run(job_dir: Path, command: list[str]) -> int:
+    # The folder is opened once, refusing a link, and the result is written relative to it:
+    # a job folder swapped for a link while the command runs cannot redirect the result.
+    with open_folder(job_dir) as folder:
+        return _run(folder, job_dir, command)
+
+
+def _run(folder: int, job_dir: Path, command: list[str]) -> int:
     stop = {"requested": False}
 
     def note_stop(signum, _frame):
@@ -64,16 +71,16 @@ def run(job_dir: Path, command: list[str]) -> int:
     else:
         output = child.stdout.read().decode("utf-8", errors="replace")
         code = child.wait()
-    cancelled = stop["requested"] or (job_dir / "cancel_requested").exists()
+    cancelled = stop["requested"] or state_exists(folder, "cancel_requested")
     if code == 0:
         state, reason = "completed", None
     elif cancelled or code in CANCEL_EXIT_CODES:
         state, reason = "cancelled", "cancelled; the run folder is incomplete"
     else:
         state = "failed"
-        reason = last_line(job_dir / "worker.log") or f"the command exited with code {code}"
+        reason = read_log_line(folder, job_dir) or f"the command exited with code {code}"
     log.info("worker: command ended with exit code %s (%s)", code, state)
-    atomic_write_json(job_dir / "result.json", {
+    write_state_json(folder, "result.json", {
         "state": state, "exit_code": code, "reason": reason,
         "ended": datetime.now(UTC).isoformat(timespec="seconds"),
         "output": _parse_output(output), "recorded_by": "worker"})

@@ -82,3 +82,32 @@ def npm_tool(package: str, version: str, binary: str) -> Path:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(f"npm install {package}@{version} failed: {tail}")
     return path
+
+
+def call_tool(app, tool: str, args: dict | None = None, progress=None):
+    """One tool call through the SDK's in-process client."""
+    import anyio
+    import mcp
+
+    async def go():
+        async with mcp.Client(app) as client:
+            return await client.call_tool(tool, args or {}, progress_callback=progress)
+    return anyio.run(go)
+
+
+def read_resource(app, uri: str) -> str:
+    """The text of one resource; an MCPError (unknown or refused) is raised to the caller."""
+    import anyio
+    import mcp
+    from mcp.shared.exceptions import MCPError
+
+    async def go():
+        async with mcp.Client(app) as client:
+            try:
+                return (await client.read_resource(uri)).contents[0].text
+            except MCPError as exc:  # raised outside, not wrapped in the client's task group
+                return exc
+    answer = anyio.run(go)
+    if isinstance(answer, MCPError):
+        raise answer
+    return answer
