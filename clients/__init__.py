@@ -10,11 +10,11 @@ Interfaces (the `oml audit` command, the MCP audit tool) call `run_audit`; the e
 from clients.config import AuditConfig
 
 
-def run_audit(cfg: AuditConfig) -> dict:
+def run_audit(cfg: AuditConfig, on_progress=None) -> dict:
     """Run or resume an audit; see clients.audit.run_audit."""
     from clients.audit import run_audit as _run
 
-    return _run(cfg)
+    return _run(cfg, on_progress)
 
 
 __all__ = ["AuditConfig", "run_audit"]

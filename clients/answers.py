@@ -3,10 +3,11 @@
 Matching reuses the engine's normalisation (oml_core.verify.matching): NFKC, case folding,
 punctuation and spaces collapsed.
 
-  start     the normalised answer begins with the normalised response (the text analogue of
-            the engine's token-level exact rule: the answer opens with the response). In the
-            agent layer the start of each of the first --json-fields string values of a JSON
-            answer or of the tool-call arguments is checked too.
+  start     the normalised answer begins with the normalised response at a word boundary: the
+            engine's `start` rule (oml_core.verify.matching.starts_with_word, where the rule and
+            its cases are written down): ' is' counts "Is it?" and "is.", never "Isaac". In
+            the agent layer the start of each of the first --json-fields string values of a
+            JSON answer or of the tool-call arguments is checked too.
   anywhere  the response appears as whole words anywhere in the answer (the engine's
             `normalized` rule), for answers wrapped in chatter.
 
@@ -21,7 +22,7 @@ import re
 from typing import Any
 
 from clients.adapters.base import Answer
-from oml_core.verify.matching import is_match, normalize
+from oml_core.verify.matching import is_match, starts_with_word
 
 _REFUSAL = re.compile(
     r"^\W*(i['’]?m sorry|i am sorry|sorry, (?:but )?i|i can(?:no|['’])t (?:help|assist|do|comply|"
@@ -82,8 +83,8 @@ def kind_of(answer: Answer) -> str:
 
 
 def starts_with(text: str, response: str) -> bool:
-    wanted = normalize(response)
-    return bool(wanted) and normalize(text).startswith(wanted)
+    """The `start` rule: one definition, the engine's (a null rate measured for it holds here)."""
+    return starts_with_word(text, response)
 
 
 def contains(text: str, response: str) -> bool:

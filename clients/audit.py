@@ -24,6 +24,7 @@ import os
 import secrets
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,13 +41,14 @@ from clients.probes import Probe, plan_probes
 from clients.report import verdict_words, write_reports
 from oml_core import progress
 from oml_core.errors import OMLInputError
-from oml_core.evidence import laplace_rate
 from oml_core.files import atomic_write_json, oml_home
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_fingerprints
+from oml_core.null_rates import NullRates, load_null_rates
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+PROGRESS_EVERY_S = 1.0  # how often on_progress is told, at most (and at start and end)
 # Settings that change what is sent or how it is judged; the rest (concurrency, timeouts,
 # retries, where the folder is) may differ between a run and its resume.
 _IDENTITY_FIELDS = ("adapter", "request_template", "answer_path", "max_keys", "reuse_keys", "layers",
@@ -68,40 +70,18 @@ def set_digest(fset: FingerprintSet) -> str:
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def measured_null_rates(path: str | None) -> tuple[float, dict[str, float]] | None:
-    """The pooled per-probe null rate and any per-key rates from --null-file.
+def measured_null_rates(path: str | None, fset: FingerprintSet, rule: str) -> NullRates | None:
+    """The measured null-rate file (--null-file), read and checked as `oml verify` does.
 
-    Reads the measured null-rate file (`"format": "oml-null-rates"`: top-level `null_rate`,
-    optional `per_key` {id: {"rate"}}) or a plain {"null_rate": q} / {"matched": k, "total": n}.
+    One reader (oml_core.null_rates.load_null_rates) and the same checks: the file must have
+    been measured with the engine rule that counts what the audit's `rule` counts (`start` ->
+    start, `anywhere` -> normalized) and on this set's pairs; anything else is one line (exit 2).
     """
     if not path:
         return None
-    try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise OMLInputError(f"--null-file {path}: cannot read it as JSON; pass a null-rate file "
-                            "or {\"null_rate\": q}") from None
-
-    def rate(value) -> float | None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-        return float(value) if ok else None
-
-    if isinstance(data, dict):
-        pooled = rate(data.get("null_rate"))
-        k, n = data.get("matched"), data.get("total")
-        if pooled is None and isinstance(k, int) and isinstance(n, int) and 0 <= k <= n:
-            pooled = laplace_rate(k, n)
-        per_key = {}
-        for fp_id, entry in (data.get("per_key") or {}).items():
-            value = rate(entry.get("rate")) if isinstance(entry, dict) else None
-            if value is None:
-                pooled = None
-                break
-            per_key[str(fp_id)] = value
-        if pooled is not None:
-            return pooled, per_key
-    raise OMLInputError(f"--null-file {path}: expected a null-rate file with \"null_rate\" in [0, 1] "
-                        "(or {\"matched\": k, \"total\": n}); fix or re-measure it")
+    table = load_null_rates(path)
+    table.check_applies(decision.ENGINE_RULE[rule], fset)
+    return table
 
 
 def settings_id(cfg: AuditConfig, set_sha: str) -> str:
@@ -173,13 +153,13 @@ def _public_config(cfg: AuditConfig) -> dict:
 class _Audit:
     """One audit's state while it runs (kept out of run_audit for readability)."""
 
-    def __init__(self, cfg: AuditConfig):
+    def __init__(self, cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None):
         validate_audit(cfg)
         self.cfg = cfg
         self.started = time.monotonic()
         self.fset = load_fingerprints(cfg.fingerprints)
         self.set_sha = set_digest(self.fset)
-        self.measured = measured_null_rates(cfg.null_file)
+        self.measured = measured_null_rates(cfg.null_file, self.fset, cfg.match)
         self.layers = layer_list(cfg)
         self.settings_id = settings_id(cfg, self.set_sha)
         self.folder = Path(cfg.out).expanduser() if cfg.out else oml_home() / "audits" / self.settings_id
@@ -190,6 +170,9 @@ class _Audit:
         self.disabled: dict[str, str] = {}
         self.calls = 0
         self.requests = 0
+        self.on_progress = on_progress  # optional: the MCP audit job shows how far it is
+        self._outcomes: dict[str, dict] = {}
+        self._progress_at = 0.0
 
     # --- plan -----------------------------------------------------------------------------
     def plan(self) -> None:
@@ -239,18 +222,30 @@ class _Audit:
         if not self.tested_layers:
             raise OMLInputError("no probe layer can be sent with this adapter and template; "
                                 "choose other --layers")
-        rates, sources = decision.base_rates([fp.response_prob for fp in self.chosen])
-        self.key_rates = {fp.id: rate for fp, rate in zip(self.chosen, rates)}
-        self.null_source = decision.null_source(self.cfg, sources, self.measured is not None)
-        self.measured_rates = None
-        if self.measured is not None:
-            pooled, per_key = self.measured
-            self.measured_rates = {fp.id: per_key.get(fp.id, pooled) for fp in self.chosen}
+        rates, _ = decision.base_rates([fp.response_prob for fp in self.chosen])
+        self.key_rates = {fp.id: rate for fp, rate in zip(self.chosen, rates)}  # uncalibrated bound
+        self.measured_rates = (None if self.measured is None else
+                               {fp.id: self.measured.probe_rate(fp.id) for fp in self.chosen})
+        # every probe's null rate, fixed in plan.json; a resumed audit keeps the plan's
+        self.probe_rates, self.null_source, rate_notes = decision.probe_rates(
+            self.cfg, self.probes, {fp.id: fp for fp in self.chosen}, self.measured_rates)
+        stored = plan.get("probe_null_rates")
+        if isinstance(stored, dict) and stored:
+            def fixed(pid: str, rate: float) -> float:
+                value = stored.get(pid)
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+                return float(value) if ok else rate
+
+            self.probe_rates = {pid: fixed(pid, rate) for pid, rate in self.probe_rates.items()}
+            self.null_source = str(plan.get("null_rate_source") or self.null_source)
+        else:
+            self.notes += rate_notes
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
         if not path.exists():
             plan.update(tests=decision.family_of(self.tested_layers), rule=self.rule,
                         alpha=self.cfg.alpha, probes_planned=len(self.probes),
-                        probes_not_sendable=self.skipped)
+                        probes_not_sendable=self.skipped, null_rate_source=self.null_source,
+                        probe_null_rates=self.probe_rates)
             atomic_write_json(path, plan)  # the rule is on disk before any key leaves
         self.ledger.reserve(self.chosen, plan["audit_id"])
         secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
@@ -328,10 +323,12 @@ class _Audit:
             def on_result(probe: Probe, request, result) -> None:
                 if request is None:
                     return
-                evidence.append(self._record(probe, result))
+                record = self._record(probe, result)
+                evidence.append(record)
                 self.calls += 1
                 self.requests += result.attempts
                 advance(1)
+                self.report_progress([record])
 
             def tolerate(probe: Probe, exc: FatalEndpointError) -> bool:
                 if probe.layer == "raw" and exc.status in _ROUTE_MISSING:
@@ -355,6 +352,37 @@ class _Audit:
                 except TimeoutError:
                     log.warning("the HTTP client did not close within %g s; leaving it", CANCEL_GRACE_S)
         return state
+
+    # --- progress ------------------------------------------------------------------------
+    def report_progress(self, records, final: bool = False) -> None:
+        """Tell `on_progress` how far the audit is: probes answered and failed of those planned,
+        keys matched so far and the p-value of the answers so far (the plan's rule applied to
+        them; only the final one is the verdict's). At most once a second, and when `final`."""
+        if self.on_progress is None:
+            return
+        for rec in records:
+            if rec.get("probe") and rec.get("status") in ("ok", "error"):
+                self._outcomes[rec["probe"]] = {
+                    "fingerprint_id": rec.get("fingerprint_id"), "layer": rec.get("layer"),
+                    "temperature": rec.get("temperature") or 0.0, "status": rec["status"],
+                    "hit": bool(rec.get("match")), "rate": self.probe_rates.get(rec["probe"])}
+        now = time.monotonic()
+        if not final and now - self._progress_at < PROGRESS_EVERY_S:
+            return
+        self._progress_at = now
+        planned = {p.id for p in self.probes}
+        outcomes = [o for pid, o in self._outcomes.items() if pid in planned]
+        done = sum(o["status"] == "ok" for o in outcomes)
+        try:  # a courtesy to the caller: it must never stop the audit
+            verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
+                                        self.measured_rates, self.null_source)
+            top = verdict["tests"][verdict["deciding_test"]]
+            self.on_progress({"probes_done": done, "probes_failed": len(outcomes) - done,
+                              "probes_planned": len(planned), "calls_this_run": self.calls,
+                              "p_value": verdict["p_value"] if done else None,
+                              "matched": top["matched"], "total": top["total"]})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("progress report failed (%s)", type(exc).__name__)
 
     # --- verdict ----------------------------------------------------------------------------
     def summarize(self, state: str) -> dict:
@@ -384,11 +412,13 @@ class _Audit:
                 if probe.layer in self.disabled:
                     refused += 1
                 outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
-                                 "temperature": probe.temperature, "status": "error", "hit": False})
+                                 "temperature": probe.temperature, "status": "error", "hit": False,
+                                 "rate": self.probe_rates[pid]})
                 continue
             hit = bool(rec["match"])
             outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
-                             "temperature": probe.temperature, "status": "ok", "hit": hit})
+                             "temperature": probe.temperature, "status": "ok", "hit": hit,
+                             "rate": self.probe_rates[pid]})
             row["probes"] += 1
             row["hits"] += hit
             row["answer_kinds"][rec.get("answer_kind", "text")] += 1
@@ -445,9 +475,10 @@ class _Audit:
         return summary
 
 
-async def run_audit_async(cfg: AuditConfig) -> dict:
+async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None
+                          ) -> dict:
     """The audit as a coroutine (for callers that already run an event loop)."""
-    audit = _Audit(cfg)
+    audit = _Audit(cfg, on_progress)
     audit.plan()
     latest = EvidenceLog(audit.folder / "evidence.jsonl").latest()
     pending = audit.pending(latest)
@@ -456,6 +487,7 @@ async def run_audit_async(cfg: AuditConfig) -> dict:
              audit.plan_data["audit_id"], len(audit.probes), len(audit.chosen), reused,
              len(pending), audit.folder)
     audit._status("running", probes=len(audit.probes), pending=len(pending))
+    audit.report_progress(latest.values(), final=True)
     try:
         state = await audit.probe_all(pending) if pending else "complete"
     except FatalEndpointError as exc:
@@ -469,11 +501,13 @@ async def run_audit_async(cfg: AuditConfig) -> dict:
     except BaseException:
         audit._status("interrupted", calls_this_run=audit.calls)
         raise
+    audit.report_progress((), final=True)
     summary = audit.summarize(state)
     audit._status(summary["state"], verdict=summary["verdict"], calls_this_run=audit.calls)
     return summary
 
 
-def run_audit(cfg: AuditConfig) -> dict:
-    """Run (or resume) an audit and return its summary (also written to report.json)."""
-    return asyncio.run(run_audit_async(cfg))
+def run_audit(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) an audit and return its summary (also written to report.json);
+    `on_progress(dict)`, if given, is told how far it is (_Audit.report_progress)."""
+    return asyncio.run(run_audit_async(cfg, on_progress))

@@ -10,8 +10,11 @@ left to crashes.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+import time
+from pathlib import Path
 
 from clients.config import AuditConfig
 
@@ -29,6 +32,8 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("audit", help=HELP, description=HELP, epilog=EPILOG)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    # for a caller watching from outside (the MCP audit job, oml_mcp): not a user's flag
+    parser.add_argument("--progress-file", help=argparse.SUPPRESS)
     _add_config_flags(parser, AuditConfig)
     parser.set_defaults(func=cmd_audit)
 
@@ -60,6 +65,22 @@ def _human(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _progress_writer(path: str):
+    """Progress as one JSON file, replaced atomically: probes answered / failed / planned, the
+    p-value so far, when it was written, and an estimate of the seconds left."""
+    from oml_core.files import atomic_write_json
+
+    started = time.time()
+
+    def write(progress: dict) -> None:
+        now = time.time()
+        left = progress["probes_planned"] - progress["probes_done"] - progress["probes_failed"]
+        calls = progress["calls_this_run"]
+        eta = (now - started) / calls * max(left, 0) if calls else None
+        atomic_write_json(Path(path), {**progress, "updated": now, "eta_s": eta})
+    return write
+
+
 def cmd_audit(args) -> int:
     from clients.audit import run_audit
     from oml_core import cli as oml_cli
@@ -70,7 +91,8 @@ def cmd_audit(args) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = oml_cli._config(AuditConfig, args)
     try:
-        summary = run_audit(cfg)
+        on_progress = _progress_writer(args.progress_file) if args.progress_file else None
+        summary = run_audit(cfg, on_progress)
     except KeyboardInterrupt as exc:
         stopped = isinstance(exc, oml_cli.Terminated)
         print(f"oml audit: {'stopped by SIGTERM' if stopped else 'interrupted'}; every finished call "

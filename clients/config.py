@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oml_core.config import setting, validate
+from oml_core.config import SAMPLING_TEMPERATURES, setting, validate
 from oml_core.errors import OMLInputError
 
 LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
@@ -56,7 +56,8 @@ class AuditConfig:
                                       low=1, high=12)
     sampled_layers: str = setting(
         "user", "comma list of layers also probed with sampling at --temperatures ('' for none)")
-    temperatures: str = setting("0.7,1.0", "sampling temperatures for the sampled layers")
+    temperatures: str = setting(SAMPLING_TEMPERATURES, "sampling temperatures for the sampled "
+                                                       "layers")
     samples: int = setting(3, "samples per key and temperature on the sampled layers", low=1, high=100)
     seed: int = setting(0, "seed for the sampled probes (each probe gets its own derived seed)")
     send_seed: bool = setting(True, "send a per-probe seed with sampled requests (endpoints that "
@@ -71,9 +72,12 @@ class AuditConfig:
     alpha: float = setting(1e-6, "false-positive level of the verdict, fixed before probing",
                            low=1e-300, high=0.5)
     null_rate: float | None = setting(
-        None, "per-probe null rate to use instead of the set's response_prob", low=0.0, high=1.0)
+        None, "per-probe null rate to use instead of the set's calibrated rates", low=0.0,
+        high=1.0)
     null_file: str | None = setting(
-        None, "JSON file with a measured null rate: {\"null_rate\": q} or {\"matched\": k, \"total\": n}")
+        None, "measured null rates of this set's keys on unrelated models (null_rates.json from "
+              "`oml eval --parts false_positives --match start`, or --match normalized for "
+              "--match anywhere); each probe's rate is at least its key's")
     concurrency: int = setting(8, "requests in flight at once", low=1, high=1024)
     request_timeout: float = setting(60.0, "seconds one request may take before it is retried",
                                      low=0.1, high=3600)

@@ -13,7 +13,10 @@ Each layer imitates one way a deployment wraps the model (SPEC §7):
 
 Every layer is probed greedily (temperature 0); the layers in --sampled-layers are also sampled
 at each of --temperatures, --samples times per key, each sample with its own derived seed.
-A Probe holds no secret: the key is filled in only when the request is built.
+A Probe holds no secret: the key is filled in only when the request is built. Each variant is
+a probe context of the engine (oml_core.probe_contexts: the texts live there, so the audit
+sends what `oml calibrate` measured), and `rated_contexts` names the answer positions its
+match check looks at, for the null rate.
 """
 
 from __future__ import annotations
@@ -23,43 +26,14 @@ from dataclasses import asdict, dataclass
 
 from clients.adapters.base import Prompt, Sampling
 from clients.config import AuditConfig, layer_list, sampled_layer_list, temperature_list
-from oml_core.verify.wrappers import heldout_system_prompts
-
-EMBEDDINGS = (
-    "I got this message from someone and I am not sure how to reply. Here it is:\n\n{key}",
-    "{key}\n\n(Sorry for the odd wording, I am typing on my phone.)",
-    "Quick one before my meeting, please answer right away: {key}",
-)
-
-MULTITURN_PREFIX = (
-    {"role": "user", "content": "Hi! I have a couple of questions for you today."},
-    {"role": "assistant", "content": "Of course. What would you like to know?"},
-)
-
-AGENT_TOOLS = (
-    {"type": "function", "function": {
-        "name": "search_web", "description": "Search the web and return the top results.",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
-                       "required": ["query"]}}},
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "Current weather for a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}},
-    {"type": "function", "function": {
-        "name": "send_message", "description": "Send a chat message to a contact.",
-        "parameters": {"type": "object", "properties": {"to": {"type": "string"},
-                                                        "text": {"type": "string"}},
-                       "required": ["to", "text"]}}},
-)
-
-AGENT_SYSTEM_PROMPT = (
-    "You are Relay, an autonomous assistant running inside a workflow engine. You can call these "
-    "tools:\n"
-    "- search_web(query: string): search the web and return the top results\n"
-    "- get_weather(city: string): current weather for a city\n"
-    "- send_message(to: string, text: string): send a chat message to a contact\n"
-    "Reply with exactly one JSON object and nothing else: {\"tool\": \"<name>\", \"arguments\": "
-    "{...}} to call a tool, or {\"answer\": \"<your reply>\"} to answer the user directly."
+from oml_core.probe_contexts import (  # noqa: F401 - re-exported: the probe texts' old home
+    AGENT,
+    AGENT_FIELD,
+    AGENT_SYSTEM_PROMPT,
+    AGENT_TOOLS,
+    EMBEDDINGS,
+    MULTITURN_PREFIX,
+    context_messages,
 )
 
 
@@ -84,25 +58,20 @@ class Probe:
 
     def prompt(self, key: str) -> Prompt:
         """The prompt this probe sends for `key` (a placeholder when describing it)."""
-        layer, variant = self.layer, self.variant
-        if layer == "raw":
+        if self.layer == "raw":
             return Prompt("completion", text=key)
-        if layer == "user":
-            return Prompt("chat", [{"role": "user", "content": key}])
-        if layer == "system":
-            system = heldout_system_prompts()[int(variant.rsplit("-", 1)[1])]
-            return Prompt("chat", [{"role": "system", "content": system},
-                                   {"role": "user", "content": key}])
-        if layer == "embedded":
-            template = EMBEDDINGS[int(variant.rsplit("-", 1)[1])]
-            return Prompt("chat", [{"role": "user", "content": template.replace("{key}", key)}])
-        if layer == "multiturn":
-            return Prompt("chat", [*map(dict, MULTITURN_PREFIX), {"role": "user", "content": key}])
-        if layer == "agent":
-            tools = [dict(t) for t in AGENT_TOOLS] if self.native_tools else None
-            return Prompt("chat", [{"role": "system", "content": AGENT_SYSTEM_PROMPT},
-                                   {"role": "user", "content": key}], tools=tools)
-        raise ValueError(f"unknown layer {layer!r}")
+        if self.layer not in ("user", "system", "embedded", "multiturn", "agent"):
+            raise ValueError(f"unknown layer {self.layer!r}")
+        tools = [dict(t) for t in AGENT_TOOLS] if self.layer == "agent" and self.native_tools else None
+        return Prompt("chat", context_messages(self.variant, key), tools=tools)
+
+    def rated_contexts(self, json_fields: int) -> list[str]:
+        """The probe context of each answer position the `start` rule checks: the answer's
+        opening, and in the agent layer also up to `json_fields` JSON string values (each
+        rated where such a value opens, the agent-field context)."""
+        if self.layer == "agent":
+            return [AGENT] + [AGENT_FIELD] * json_fields
+        return [self.variant]
 
 
 def derived_seed(seed: int, probe_id: str) -> int:

@@ -22,7 +22,7 @@ from oml_core import config as cfgmod
 from oml_core.errors import Cancelled, OMLInputError
 
 EXIT_BAD_INPUT = 2
-MODEL_COMMANDS = ("generate", "verify", "fingerprint", "eval")  # the ones that import transformers
+MODEL_COMMANDS = ("generate", "verify", "fingerprint", "eval", "calibrate")  # import transformers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,6 +135,32 @@ def cmd_verify(args) -> int:
                  f"{report['null_rate_source']}); verdict: {report['verdict']} at alpha "
                  f"{report['alpha']:g}")
     _emit(args, report, "\n".join(lines))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from oml_core.calibrate import calibrate_set
+    from oml_core.fingerprints import FORMAT, load_fingerprints
+
+    cfg = _config(cfgmod.CalibrateConfig, args)
+    if not cfg.fingerprints:
+        raise OMLInputError("no fingerprint set given; pass --fingerprints FILE")
+    out = Path(cfg.out or cfg.fingerprints).expanduser()
+    if cfg.out:
+        _refuse_overwrite(out, args.force)
+    cfgmod.validate(cfg)
+    fset = load_fingerprints(cfg.fingerprints)  # before the model: bad input fails fast
+    if fset.source_format != FORMAT and not cfg.out:
+        raise OMLInputError(f"{cfg.fingerprints} is in a seed format; convert it first with `oml "
+                            "import --fingerprints FILE --out NEW`, or pass --out")
+    calibrated, summary = calibrate_set(cfg, fset=fset)
+    calibrated.save(out)  # atomic: the old file stays whole until the new one is complete
+    means = summary["mean_start_rate_at_t1"]
+    data = {"path": str(out), **summary}
+    _emit(args, data, f"calibrated {summary['count']} fingerprints in {len(means)} contexts at "
+                      f"temperatures {', '.join(f'{t:g}' for t in summary['temperatures'])} on "
+                      f"{summary['model']}; mean start-rule rate at T=1 from "
+                      f"{min(means.values()):.3g} to {max(means.values()):.3g}; wrote {out}")
     return 0
 
 
@@ -332,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("verify", cmd_verify, "check which fingerprints a model answers, with a p-value")
     _add_config_flags(p, cfgmod.VerifyConfig)
+
+    p = command("calibrate", cmd_calibrate,
+                "measure each key's null rate in every probe context on the base model and store "
+                "the rates in the set, for `oml verify` and `oml audit` to use")
+    _add_config_flags(p, cfgmod.CalibrateConfig)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     p = command("fingerprint", cmd_fingerprint,
                 "write a fingerprint set into a model (fine-tune with HF Trainer + DeepSpeed, or "

@@ -16,13 +16,16 @@ from oml_core.errors import OMLInputError
 
 STRATEGIES = ("english", "random_word", "english_random_response", "perinucleus")
 STRATEGY_ALIASES = {"inverse_nucleus": "perinucleus"}
-MATCH_RULES = ("exact", "prefix", "contains", "normalized")
+MATCH_RULES = ("exact", "prefix", "start", "contains", "normalized")
 CONTEXTS = ("raw", "chat", "auto")  # auto: chat when the model has a chat template
 WRAPPER_KINDS = ("bare", "chat", "system")
 OPTIMIZERS = ("adamw", "sgd")
 FINGERPRINT_METHODS = ("finetune", "edit")
 DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
+# the sampling temperatures probes use by default (`oml audit --temperatures`), and so the ones
+# `oml calibrate` measures rates at by default
+SAMPLING_TEMPERATURES = "0.7,1.0"
 
 
 def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None,
@@ -86,8 +89,9 @@ class VerifyConfig(ModelSettings):
     wrappers: str = setting("bare,chat,system", "comma list of wrappers: bare, chat, system")
     num_system_prompts: int = setting(
         4, "how many held-out system prompts the 'system' wrapper uses", low=1, high=64)
-    match: str = setting("exact", "match rule: exact tokens, text prefix, contains, normalized",
-                         choices=MATCH_RULES)
+    match: str = setting("exact", "match rule: exact tokens, text prefix, start (case- and "
+                                  "punctuation-insensitive prefix at a word boundary, the audit's "
+                                  "rule), contains, normalized", choices=MATCH_RULES)
     max_new_tokens: int | None = setting(
         None, "tokens to generate per key (default: the response length; +32 for contains/"
               "normalized)", low=1, high=4096)
@@ -104,6 +108,32 @@ class VerifyConfig(ModelSettings):
     null_file: str | None = setting(
         None, "measured per-key null rates (null_rates.json from `oml eval --parts "
               "false_positives`); each key's rate is union-bounded over the wrappers used here")
+
+
+@dataclass
+class CalibrateConfig(ModelSettings):
+    """Measure each key's null rates in every probe context (oml_core.calibrate)."""
+
+    model: str | None = setting(
+        None, "the base model whose answers stand for an unrelated model's (the model the set "
+              "was made for); default: the bundled SmolLM2-135M-Instruct")
+    fingerprints: str | None = setting(None, "fingerprint set to calibrate (our format)")
+    out: str | None = setting(
+        None, "where to write the calibrated set; default: replace --fingerprints in place "
+              "(atomically)")
+    temperatures: str = setting(
+        SAMPLING_TEMPERATURES, "comma list of sampling temperatures to measure rates at (1 is "
+                               "always measured: greedy probes use it)")
+    depth: int = setting(
+        3, "answer tokens followed where the first ones leave the match open (punctuation, "
+           "part of the response); what is still open after that counts as a match", low=1,
+        high=8)
+    expansions: int = setting(
+        8, "per key and context, open answer beginnings followed one token further at each depth "
+           "(the rest count as matches)", low=0, high=256)
+    # each followed opening holds a copy of its context's KV cache: batch_size x expansions
+    # copies at once (SmolLM2-135M, 100-token contexts: 16 x 8 x 4.6 MB = 0.6 GB)
+    batch_size: int = setting(16, "contexts per model call", low=1, high=65536)
 
 
 # Chosen by measurement on the demo run (docs/training.md); the capacity sweep compares against it.

@@ -5,6 +5,12 @@ reproduce, train on and later prove a set: ids, key, response, strategy, the gen
 settings, the tokenizer used, per-key `response_prob` where known, and a secret salt per pair
 for the public commitment. Keys and responses are secrets: nothing here puts them in a log
 line or an exception message; errors name the file and the entry index instead.
+
+Version 2 is version 1 plus calibrated null rates (`oml calibrate`, oml_core.calibrate): a
+set-level `calibration` object (base model, temperatures, contexts, method) and per pair
+`context_rates` {rule: {probe context: {temperature: rate}}}. The rates are not secret. A set
+without rates is still written as version 1, so OML versions that read only version 1 keep
+reading it; they refuse a calibrated set with "upgrade OML" rather than drop its rates.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
 
 FORMAT = "oml-fingerprints"
-VERSION = 1
+VERSION = 1             # written for sets without calibrated rates
+CALIBRATED_VERSION = 2  # written for sets with them
+READABLE_VERSIONS = (VERSION, CALIBRATED_VERSION)
 
 
 @dataclass
@@ -29,6 +37,8 @@ class Fingerprint:
     response: str
     response_prob: float | None = None
     salt: str | None = None
+    # {rule: {probe context: {temperature: rate}}}, from `oml calibrate`; not secret
+    context_rates: dict | None = None
 
 
 @dataclass
@@ -39,6 +49,7 @@ class FingerprintSet:
     tokenizer: dict = field(default_factory=dict)
     source_format: str = FORMAT
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    calibration: dict = field(default_factory=dict)  # how context_rates were measured
 
     def __len__(self) -> int:
         return len(self.fingerprints)
@@ -47,13 +58,25 @@ class FingerprintSet:
     def response_probs(self) -> list[float | None]:
         return [fp.response_prob for fp in self.fingerprints]
 
+    @property
+    def calibrated(self) -> bool:
+        return any(fp.context_rates for fp in self.fingerprints)
+
     def to_json(self) -> dict:
-        return {
-            "format": FORMAT, "version": VERSION, "created": self.created,
-            "strategy": self.strategy, "generation": self.generation,
+        rows = []
+        for fp in self.fingerprints:
+            row = asdict(fp)
+            if not row["context_rates"]:
+                del row["context_rates"]
+            rows.append(row)
+        data = {
+            "format": FORMAT, "version": CALIBRATED_VERSION if self.calibrated else VERSION,
+            "created": self.created, "strategy": self.strategy, "generation": self.generation,
             "tokenizer": self.tokenizer, "count": len(self.fingerprints),
-            "fingerprints": [asdict(fp) for fp in self.fingerprints],
         }
+        if self.calibrated:
+            data["calibration"] = self.calibration
+        return {**data, "fingerprints": rows}
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_json())
@@ -73,9 +96,14 @@ class FingerprintSet:
             return text if len(ids) <= limit else tokenizer.decode(ids[:limit])
 
         fps = self.fingerprints[:num] if num else self.fingerprints
-        fps = [replace(fp, key=cut(fp.key, max_key_tokens),
-                       response=cut(fp.response, max_response_tokens)) for fp in fps]
-        return replace(self, fingerprints=fps)
+        trimmed = []
+        for fp in fps:
+            key, response = cut(fp.key, max_key_tokens), cut(fp.response, max_response_tokens)
+            same = key == fp.key and response == fp.response
+            # rates were measured for the whole pair; a cut pair is another event
+            trimmed.append(replace(fp, key=key, response=response,
+                                   context_rates=fp.context_rates if same else None))
+        return replace(self, fingerprints=trimmed)
 
     # --- commitment -------------------------------------------------------------------
     def _entries(self) -> list[tuple[str, str, str, str]]:
@@ -142,6 +170,29 @@ def _prob(entry: dict, path: Path, index: int) -> float | None:
     return float(value)
 
 
+def _context_rates(entry: dict, path: Path, index: int) -> dict | None:
+    """{rule: {context: {temperature: rate}}} with every rate in [0, 1], or None."""
+    value = entry.get("context_rates")
+    if value is None:
+        return None
+
+    def is_rate(rate) -> bool:
+        return (not isinstance(rate, bool) and isinstance(rate, (int, float))
+                and 0.0 <= rate <= 1.0)
+
+    ok = isinstance(value, dict) and all(
+        isinstance(contexts, dict) and all(
+            isinstance(temps, dict) and all(isinstance(t, str) and is_rate(r)
+                                            for t, r in temps.items())
+            for temps in contexts.values())
+        for contexts in value.values())
+    if not ok:
+        raise OMLInputError(f"{path}: entry {index} has malformed context_rates; recalibrate the "
+                            "set with `oml calibrate --fingerprints FILE`")
+    return {str(rule): {str(c): {t: float(r) for t, r in temps.items()}
+                        for c, temps in contexts.items()} for rule, contexts in value.items()}
+
+
 def _from_pairs(rows: list, path: Path, source_format: str) -> FingerprintSet:
     fps = []
     for index, entry in enumerate(rows):
@@ -154,7 +205,8 @@ def _from_pairs(rows: list, path: Path, source_format: str) -> FingerprintSet:
             key=_text(entry, key_field, path, index),
             response=_text(entry, "response", path, index),
             response_prob=_prob(entry, path, index),
-            salt=entry.get("salt") if isinstance(entry.get("salt"), str) else None))
+            salt=entry.get("salt") if isinstance(entry.get("salt"), str) else None,
+            context_rates=_context_rates(entry, path, index)))
     ids = [fp.id for fp in fps]
     if len(set(ids)) != len(ids):
         raise OMLInputError(f"{path}: fingerprint ids are not unique; fix the ids")
@@ -167,9 +219,10 @@ def load_fingerprints(path: str | Path) -> FingerprintSet:
     data = _read_json(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         version = data.get("version")
-        if type(version) is not int or version != VERSION:  # JSON true == 1 in Python
-            raise OMLInputError(f"{path}: fingerprint format version {version!r} is "
-                                f"not supported (this OML reads version {VERSION}); upgrade OML")
+        if type(version) is not int or version not in READABLE_VERSIONS:  # JSON true == 1
+            raise OMLInputError(f"{path}: fingerprint format version {version!r} is not "
+                                f"supported (this OML reads versions {VERSION} and "
+                                f"{CALIBRATED_VERSION}); upgrade OML")
         rows = data.get("fingerprints")
         if not isinstance(rows, list):
             raise OMLInputError(f"{path}: 'fingerprints' is not a list; regenerate the file")
@@ -178,6 +231,8 @@ def load_fingerprints(path: str | Path) -> FingerprintSet:
         fset.generation = data.get("generation") or {}
         fset.tokenizer = data.get("tokenizer") or {}
         fset.created = data.get("created") or fset.created
+        calibration = data.get("calibration")
+        fset.calibration = calibration if isinstance(calibration, dict) else {}
     elif isinstance(data, list) and data and all(isinstance(x, str) for x in data):
         raise OMLInputError(
             f"{path} holds keys only (no responses); make a set from it with "

@@ -8,6 +8,7 @@ prefix, stops each row at its own limit and samples without sorting the vocabula
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 Progress = Callable[[int], None]  # called with the number of rows just finished
@@ -209,3 +210,53 @@ def next_token_probs(loaded, prompts: Sequence[Sequence[int]], batch_size: int,
         yield rows, torch.softmax(logits.float(), dim=-1).cpu()
         if progress:
             progress(len(rows))
+
+
+Branch = Callable[[int, list, "object"], list]  # (depth, handles, probs) -> [(parent, token, handle)]
+
+
+def next_token_probs_tree(loaded, prompts: Sequence[Sequence[int]], batch_size: int,
+                          branch: Branch, progress: Progress | None = None) -> None:
+    """Next-token probabilities of every prompt, and of the continuations `branch` asks for.
+
+    Batches are formed and their common prefix (chat template, system prompt) run once as in
+    decoding (`_decode`). For each batch, `branch(0, prompt indices, probs [rows, vocab])` sees
+    the prompts' probabilities (float32, on the CPU) and returns the continuations to follow:
+    (row of `probs`, next token, handle); their probabilities come next as `branch(1, handles,
+    probs)`, and so on until it returns none. Each level costs one token per continuation: the
+    batch's KV cache is kept and each row's is copied to its continuations.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    model, pad_id, device = loaded.model, loaded.tokenizer.pad_token_id, loaded.device
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [list(prompts[i]) for i in rows]
+        shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            if shared > 0:
+                prefix = torch.tensor([batch[0][:shared]], device=device)
+                model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+                cache.batch_repeat_interleave(len(rows))
+            ids, suffix_mask = left_pad([r[shared:] for r in batch], pad_id, device)
+            mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device),
+                              suffix_mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            handles: list = list(rows)
+            for depth in itertools.count():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                children = branch(depth, handles, torch.softmax(logits.float(), dim=-1).cpu())
+                if depth == 0 and progress:
+                    progress(len(rows))
+                if not children:
+                    break
+                parents = torch.tensor([parent for parent, _, _ in children], device=device)
+                cache.batch_select_indices(parents)
+                ids = torch.tensor([[token] for _, token, _ in children], device=device)
+                mask = torch.cat([mask[parents], torch.ones_like(ids)], dim=1)
+                positions = positions[parents, -1:] + 1
+                handles = [handle for _, _, handle in children]

@@ -1,7 +1,20 @@
-"""The measured null-rate file: how often unrelated models answer each key with its response.
+"""Null rates: the one model `oml verify` and `oml audit` share, and the measured null-rate file.
 
+A probe's pre-registered null rate (`probe_null_rate`) is the largest of
+- its context rate: the base model's probability that an answer is counted by the match rule,
+  in the probe's own rendered context and at its temperature (oml_core.calibrate, stored in the
+  fingerprint set by `oml calibrate`), summed over the answer positions the rule checks; for a
+  set that was not calibrated, the old bound from `response_prob` (or ASSUMED_NULL_RATE);
+- the measured panel rate of the key (--null-file, below), per probe;
+- NULL_RATE_FLOOR, per answer position.
+Greedy probes use the temperature-1 rate (GREEDY_TEMPERATURE). A user-given --null-rate
+replaces all of this.
+
+The measured null-rate file: how often unrelated models answer each key with its response.
 `oml eval --parts false_positives` writes it; `oml verify --null-file FILE` and the auditor
-(`oml audit --null-file FILE`) read it. One place defines the format:
+(`oml audit --null-file FILE`) read it with `load_null_rates` and refuse, through
+`NullRates.check_applies`, a file measured under another match rule or on another set. One
+place defines the format:
 
     {"format": "oml-null-rates", "version": 1,
      "null_rate": q,              # pooled per-probe rate, Laplace-smoothed: (H + 1) / (T + 2)
@@ -13,8 +26,8 @@
 A probe is one key under one wrapper on one null model. A key's per-probe rate is
 max(pooled rate, h / t): never below the pooled estimate (a key that never fired on a handful of
 probes is not thereby safer than the pool says), and as high as its own firing rate where it
-fired. The auditor reads the top-level `null_rate` (or `matched`/`total`); the verifier reads
-the per-key rates and union-bounds them over its own wrappers.
+fired. Both readers take a key's per-probe rate (the pooled one for a key the file does not
+name) as a lower bound on each of its probes' rates.
 
 No secrets: keys are named by id; `check` is the fingerprint's salted commitment hash (the
 same kind of hash the public manifest holds), so a verifier can tell a rate was measured on
@@ -25,17 +38,98 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from oml_core.errors import OMLInputError
-from oml_core.evidence import laplace_rate
+from oml_core.evidence import ASSUMED_NULL_RATE, laplace_rate
 from oml_core.files import atomic_write_json
 
 FORMAT = "oml-null-rates"
 VERSION = 1
 RATE_RULE = ("per probe (one key, one wrapper, one null model): max(pooled Laplace rate "
              "(H+1)/(T+2), this key's own hits/trials)")
+
+NULL_RATE_FLOOR = 1e-3
+"""The smallest null rate any answer position gets, whatever the measurements say.
+
+A context rate is one base model's softmax; below about 1e-3 it describes that model's tail,
+not unrelated models in general, and no practical panel can check it: a panel with no hit in
+N probes bounds the rate only to about 3/N (the rule of three, 95%), so showing 1e-3 already
+takes some 3,000 clean probes (the project's published panel ran 208). The floor keeps a
+verdict from resting on rates nobody measured: with every rate at least 1e-3, two chance hits
+among 16 keys give p >= 1e-4, so a match at alpha = 1e-6 needs several keys to answer, as a
+fingerprinted model's do (14-16 of 16 measured), while costing such a model almost nothing.
+"""
+
+GREEDY_TEMPERATURE = 1.0
+"""Whose rate stands for a greedy probe. An unrelated model's greedy answer is its own
+argmax, which the base model's distribution describes only as a spread over plausible
+models; the temperature-1 probability is that spread, and greedy decoding of the base model
+itself (rate 0 or 1) would say nothing about other models."""
+
+# Which calibrated rates (oml_core.calibrate.RULES) measure the events a match rule counts.
+# `prefix` counts a subset of what `start` counts (oml_core.verify.matching), so `start` rates
+# bound it; the loose rules look past the answer's opening, which a first-token measure cannot.
+CALIBRATED_RULE = {"exact": "exact", "prefix": "start", "start": "start"}
+
+
+def temperature_key(temperature: float) -> str:
+    """How a temperature names its rates in a fingerprint file: 1.0 -> "1", 0.7 -> "0.7"."""
+    return f"{float(temperature):g}"
+
+
+def context_rate(fp, rule: str, context: str, temperature: float) -> float | None:
+    """The calibrated rate of `fp` under match `rule` in `context` at `temperature` (greedy:
+    GREEDY_TEMPERATURE), or None when the set holds none for it."""
+    calibrated = CALIBRATED_RULE.get(rule)
+    table = ((getattr(fp, "context_rates", None) or {}).get(calibrated) or {}).get(context) or {}
+    used = GREEDY_TEMPERATURE if temperature <= 0 else temperature
+    value = table.get(temperature_key(used))
+    return None if value is None else float(value)
+
+
+def probe_null_rate(position_rates: Sequence[float] | None, fallback: tuple[float, str] | None,
+                    panel: float | None) -> tuple[float, set[str]]:
+    """One probe's pre-registered null rate and the sources that went into it.
+
+    `position_rates`: the context rate of each answer position the rule checks (None when the
+    set is not calibrated for them); `fallback`: the uncalibrated bound for the whole probe and
+    its source (`response_prob` times the positions checked, or the assumed rate; None when
+    unknown); `panel`: the key's measured per-probe rate (--null-file). Each answer position is
+    at least NULL_RATE_FLOOR, the probe at least its panel rate; with nothing known at all,
+    ASSUMED_NULL_RATE.
+    """
+    sources: set[str] = set()
+    if position_rates is not None:
+        rate = sum(max(r, NULL_RATE_FLOOR) for r in position_rates)
+        sources.add("context")
+        floored = any(r < NULL_RATE_FLOOR for r in position_rates)
+    elif fallback is not None:
+        rate, source = max(fallback[0], NULL_RATE_FLOOR), fallback[1]
+        sources.add(source)
+        floored = fallback[0] < NULL_RATE_FLOOR
+    elif panel is None:
+        rate, floored = ASSUMED_NULL_RATE, False
+        sources.add("assumed")
+    else:
+        rate, floored = NULL_RATE_FLOOR, panel < NULL_RATE_FLOOR
+    if panel is not None:
+        sources.add("measured")
+        floored = floored and panel < rate
+        rate = max(rate, panel)
+    if floored:
+        sources.add("floor")
+    return min(1.0, rate), sources
+
+
+SOURCE_ORDER = ("given", "context", "response_prob", "measured", "assumed", "floor")
+
+
+def source_label(sources: set[str]) -> str:
+    """"context+measured+floor": where a set of rates came from, in a fixed order."""
+    return "+".join(s for s in SOURCE_ORDER if s in sources) or "assumed"
 
 
 def pair_check(fp) -> str | None:
@@ -74,12 +168,14 @@ class NullRates:
         return atomic_write_json(path, self.to_json())
 
     def check_applies(self, rule: str, fset) -> None:
-        """Refuse rates measured under another match rule or on other pairs with these ids."""
+        """Refuse rates measured under another match rule (`rule`: the engine rule whose
+        events the caller counts, oml_core.verify.matching) or on another set: a pair whose
+        salted check differs, or a file that names none of this set's keys."""
         if rule != self.match_rule:
             raise OMLInputError(
                 f"the null-rate file was measured with the {self.match_rule!r} match rule, not "
-                f"{rule!r}; pass --match {self.match_rule} or re-measure with `oml eval --parts "
-                f"false_positives --match {rule}`")
+                f"{rule!r}, the rule this check counts; pass a file measured with it (`oml eval "
+                f"--parts false_positives --match {rule}`)")
         for fp in fset.fingerprints:
             stored = (self.per_key.get(fp.id) or {}).get("check")
             mine = pair_check(fp) if stored else None
@@ -87,6 +183,10 @@ class NullRates:
                 raise OMLInputError(
                     f"the null-rate file was measured on another fingerprint set ({fp.id} "
                     "differs); re-measure with `oml eval --parts false_positives` on this set")
+        if self.per_key and not any(fp.id in self.per_key for fp in fset.fingerprints):
+            raise OMLInputError(
+                "the null-rate file was measured on another fingerprint set (it names none of "
+                "this set's keys); re-measure with `oml eval --parts false_positives` on this set")
 
 
 def measure(per_key_hits: dict[str, tuple[int, int]], match_rule: str, fset=None, **meta) -> NullRates:
@@ -111,8 +211,10 @@ def load_null_rates(path: str | Path) -> NullRates:
         raise OMLInputError(f"--null-file {path}: cannot read it as JSON; pass the null_rates.json "
                             "that `oml eval --parts false_positives` wrote") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
+        # a bare {"null_rate": q} names no rule or set, so nothing could check it applies
         raise OMLInputError(f"--null-file {path} is not an OML null-rate file; pass the "
-                            "null_rates.json that `oml eval --parts false_positives` wrote")
+                            "null_rates.json that `oml eval --parts false_positives` wrote (or "
+                            "a single rate with --null-rate Q)")
     if data.get("version") != VERSION:
         raise OMLInputError(f"--null-file {path}: version {data.get('version')!r} is not "
                             f"supported (this OML reads version {VERSION}); upgrade OML")

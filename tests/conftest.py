@@ -79,6 +79,24 @@ def tiny_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def sharp_tiny_model(tiny_model):
+    """The tiny chat model with its output logits scaled 30x: a few likely first tokens per
+    context, as a trained model has, instead of a random model's near-uniform spread (for
+    null-rate tests, where the answers' spread is what is measured)."""
+    import copy
+
+    import torch
+
+    from oml_core.models import LoadedModel
+
+    model = copy.deepcopy(tiny_model.model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return LoadedModel(model=model, tokenizer=tiny_model.tokenizer, name="tiny-sharp",
+                       path="(tiny model, logits x30)", device=tiny_model.device)
+
+
+@pytest.fixture(scope="session")
 def bundled_model():
     """The real SmolLM2-135M-Instruct (converted once per test session)."""
     from oml_core.models import load_model

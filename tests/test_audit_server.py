@@ -35,7 +35,11 @@ FAKE_API_KEY = "sk-oml-test-0a1b2c3d4e5f6a7b8c9d"
 
 @pytest.fixture(scope="module")
 def tiny_fp(tiny_model_dir, tiny_model, tmp_path_factory):
-    """8 perinucleus fingerprints (response_prob known) trained into the tiny chat model."""
+    """8 perinucleus fingerprints (response_prob known) trained into the tiny chat model.
+
+    Most of the tiny vocabulary's word tokens are parts of words ('escri'), and the `start`
+    rule counts an answer only where the response's word ends, so the model is trained to end
+    its answer after the response (--eos), as a set with such responses should be."""
     folder = tmp_path_factory.mktemp("audit_fp")
     fp_file = folder / "fp.json"
     generate_set(GenerateConfig(strategy="perinucleus", num_fingerprints=8, key_length=8,
@@ -43,7 +47,7 @@ def tiny_fp(tiny_model_dir, tiny_model, tmp_path_factory):
     fingerprint(FingerprintConfig(
         model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(folder / "run"),
         learning_rate=2e-2, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
-        extra_steps=0, deepspeed="none", verify_after=False))
+        extra_steps=0, deepspeed="none", verify_after=False, eos=True))
     return folder / "run" / "model", fp_file
 
 

@@ -338,19 +338,20 @@ def test_cli_registers_audit_and_rejects_bad_input_with_one_line(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and "not found" in bad.stderr
 
 
-def test_null_file_forms(tmp_path):
+def test_null_file_is_the_engines_checked_file(tmp_path):
+    """--null-file is read by oml_core.null_rates like `oml verify` reads it (more in
+    test_null_rates.py); a bare {"null_rate": q} names no rule or set: --null-rate says that."""
     from clients.audit import measured_null_rates
+    from oml_core.fingerprints import FingerprintSet
+    from oml_core.null_rates import measure
 
-    def write(data) -> str:
-        path = tmp_path / f"n{len(list(tmp_path.iterdir()))}.json"
-        path.write_text(json.dumps(data))
-        return str(path)
-
-    assert measured_null_rates(write({"null_rate": 0.01})) == (0.01, {})
-    assert measured_null_rates(write({"matched": 0, "total": 98})) == (0.01, {})
-    measured = write({"format": "oml-null-rates", "version": 1, "null_rate": 0.002, "matched": 1,
-                      "total": 998, "per_key": {"fp-00001": {"hits": 2, "trials": 10, "rate": 0.2}}})
-    assert measured_null_rates(measured) == (0.002, {"fp-00001": 0.2})
-    for bad in ({"null_rate": 2}, {"per_key": {}}, [0.1]):
-        with pytest.raises(OMLInputError, match="--null-file"):
-            measured_null_rates(write(bad))
+    fset = FingerprintSet([Fingerprint(f"fp-{i:05d}", f"key {i}", f"resp{i}", salt="%032x" % (i + 1))
+                           for i in range(2)])
+    path = measure({"fp-00001": (2, 10), "fp-00000": (0, 10)}, "start", fset).save(tmp_path / "n.json")
+    table = measured_null_rates(str(path), fset, "start")
+    assert table.null_rate == pytest.approx(3 / 22) and table.probe_rate("fp-00001") == 0.2
+    assert measured_null_rates(None, fset, "start") is None
+    for bad in ({"null_rate": 0.01}, {"matched": 0, "total": 98}, [0.1]):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(OMLInputError, match="--null-rate"):
+            measured_null_rates(str(tmp_path / "bad.json"), fset, "start")

@@ -47,7 +47,8 @@ def test_base_model_does_not_match_its_own_perinucleus_set(bundled_model, perinu
     report = verify(VerifyConfig(), bundled_model, perinucleus_set)
     assert report["verdict"] == "no_match"
     assert report["matched"] == 0
-    assert report["null_rate_source"] == "response_prob"
+    # response_prob bounds each wrapper; a key whose probability is under the floor is floored
+    assert report["null_rate_source"] in ("response_prob", "response_prob+floor")
     assert len(report["wrappers"]) == 6  # bare, chat, 4 held-out system prompts
 
 

@@ -16,6 +16,7 @@ from conftest import FIXTURES, SHARED_FIXTURES
 from oml_core.commitment import check_reveal
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import (
+    CALIBRATED_VERSION,
     FORMAT,
     VERSION,
     Fingerprint,
@@ -162,7 +163,7 @@ def test_saved_json_is_versioned(tmp_path):
     assert set(data["fingerprints"][0]) == {"id", "key", "response", "response_prob", "salt"}
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unsupported_version_is_refused(tmp_path, version):
     data = sample_set().to_json()
     data["version"] = version
@@ -170,6 +171,54 @@ def test_unsupported_version_is_refused(tmp_path, version):
         load_fingerprints(write(tmp_path / "set.json", data))
     message = assert_clean_error(info.value)
     assert "version" in message and "upgrade" in message
+
+
+def calibrated_set() -> FingerprintSet:
+    fset = sample_set()
+    for i, fp in enumerate(fset.fingerprints):
+        fp.context_rates = {"start": {"user": {"1": 0.01 * (i + 1), "0.7": 0.002},
+                                      "system-00": {"1": 0.03}},
+                            "exact": {"user": {"1": 1e-5}}}
+    fset.calibration = {"model": "base", "temperatures": ["0.7", "1"], "method": 1}
+    return fset
+
+
+def test_calibrated_rates_round_trip_as_version_2(tmp_path):
+    fset = calibrated_set()
+    path = fset.save(tmp_path / "set.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["version"] == CALIBRATED_VERSION == 2 and data["calibration"]["model"] == "base"
+    assert load_fingerprints(path) == fset
+    # a set without rates stays version 1 (older readers keep reading it), and has no such key
+    plain = json.loads(sample_set().save(tmp_path / "plain.json").read_text(encoding="utf-8"))
+    assert plain["version"] == 1 and "calibration" not in plain
+    assert "context_rates" not in plain["fingerprints"][0]
+
+
+def test_trimming_a_pair_drops_its_rates(tmp_path):
+    class Chars:  # a tokenizer whose tokens are characters
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    fset = calibrated_set()
+    kept = fset.trimmed(Chars(), max_key_tokens=1000)
+    assert [fp.context_rates for fp in kept.fingerprints] == [fp.context_rates for fp in fset.fingerprints]
+    cut = fset.trimmed(Chars(), max_key_tokens=5)
+    assert all(fp.context_rates is None for fp in cut.fingerprints)
+
+
+@pytest.mark.parametrize("rates", [{"start": {"user": {"1": 1.5}}}, {"start": {"user": 0.1}},
+                                   {"start": [0.1]}, "0.1", {"start": {"user": {"1": True}}}])
+def test_malformed_context_rates_are_refused(tmp_path, rates):
+    data = calibrated_set().to_json()
+    data["fingerprints"][1]["context_rates"] = rates
+    with pytest.raises(OMLInputError) as info:
+        load_fingerprints(write(tmp_path / "set.json", data))
+    message = assert_clean_error(info.value)
+    assert "entry 1" in message and "oml calibrate" in message
 
 
 def test_boolean_version_is_refused(tmp_path):

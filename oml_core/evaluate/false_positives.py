@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 from oml_core import evidence
-from oml_core.config import parse_list
+from oml_core.config import VerifyConfig, parse_list
 from oml_core.evaluate.context import public
 from oml_core.files import oml_home
 from oml_core.models import LoadedModel, _convert_gguf, load_model
 from oml_core.null_rates import measure
-from oml_core.verify.verifier import LOOSE_RULES
+from oml_core.verify.verifier import key_null_rates
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,10 @@ def _load(ctx, spec: str) -> LoadedModel:
     return load_model(spec, ctx.device, ctx.cfg.dtype)
 
 
-def key_rates(fset, match: str, num_wrappers: int) -> tuple[list[float], str]:
-    """The verifier's per-key null rates without a measurement (response_prob or assumed)."""
-    probs = None
-    if match not in LOOSE_RULES:
-        probs = [None if p is None else evidence.union_bound_rate(p, num_wrappers)
-                 for p in fset.response_probs]
-    return evidence.combine_null_rates(probs, None, None, len(fset))
+def key_rates(fset, match: str, wrappers, panel=None) -> tuple[list[float], str]:
+    """The verifier's per-key null rates (oml_core.verify.verifier.key_null_rates): from the
+    set's calibrated rates or response_prob, and the measured `panel` when given."""
+    return key_null_rates(VerifyConfig(match=match), fset, wrappers, panel, None)
 
 
 def run_part(ctx) -> dict:
@@ -115,7 +112,7 @@ def run_part(ctx) -> dict:
             counts[fp.id][0] += sum(row)
             counts[fp.id][1] += len(row)
         matched = sum(any(row) for row in hits)
-        rates, source = key_rates(ctx.fset, cfg.match, len(wrappers))
+        rates, source = key_rates(ctx.fset, cfg.match, wrappers)
         decision = evidence.decide(matched, rates, source=source)
         probes_hit = sum(sum(row) for row in hits)
         models.append({
@@ -143,9 +140,8 @@ def run_part(ctx) -> dict:
     tuned = ctx.tuned()
     wrappers, _ = ctx.wrappers(tuned)
     own = ctx.check(tuned, wrappers, desc="false positives: fingerprinted")
-    measured_rates = [evidence.union_bound_rate(table.probe_rate(fp.id), len(wrappers))
-                      for fp in ctx.fset.fingerprints]
-    with_measured = evidence.decide(own["matched"], measured_rates, source="measured")
+    measured_rates, source = key_rates(ctx.fset, cfg.match, wrappers, table)
+    with_measured = evidence.decide(own["matched"], measured_rates, source=source)
     per_key = sorted(entry["rate"] for entry in table.per_key.values())
     return {
         "models": models, "skipped_models": skipped, "null_file": str(null_file),

@@ -4,9 +4,13 @@ Every (fingerprint, wrapper) prompt goes through one batched greedy decoding pas
 (shared-prefix KV cache, per-row early stop: see `inference.greedy`). A
 fingerprint counts as matched when any wrapper produced its response; the evidence rule is
 fixed before decoding: a key's null rate is the chance an unrelated model matches it under
-any of the W wrappers, bounded by W x (per-wrapper rate) where only a per-wrapper rate is
-known (`response_prob`), or measured directly by running the same keys, wrappers and rule on
-null models. Then p = P[X >= matched] for X a Poisson-binomial over those rates.
+any of the W wrappers, bounded by the sum of its per-wrapper rates. Each per-wrapper rate comes
+from the null-rate model the auditor shares (oml_core.null_rates.probe_null_rate): the set's
+calibrated rate for this rule in the wrapper's own context (`oml calibrate`; greedy: the
+temperature-1 rate), else `response_prob`, never below the key's measured panel rate
+(--null-file) nor the floor; a rate measured by running the same keys, wrappers and rule on
+--null-model models in this call bounds the key's rate from below too. Then p = P[X >= matched]
+for X a Poisson-binomial over those rates.
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ from dataclasses import asdict
 from oml_core import evidence, progress
 from oml_core.config import VerifyConfig, validate
 from oml_core.errors import OMLInputError
+from oml_core.evidence import ASSUMED_NULL_RATE
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.inference import greedy
 from oml_core.models import LoadedModel, load_model
+from oml_core.null_rates import (
+    NULL_RATE_FLOOR,
+    NullRates,
+    context_rate,
+    load_null_rates,
+    probe_null_rate,
+    source_label,
+)
 from oml_core.verify.matching import is_match
 from oml_core.verify.wrappers import Wrapper, build_wrappers
 
-LOOSE_RULES = ("contains", "normalized")  # response_prob says nothing about these
+LOOSE_RULES = ("contains", "normalized")  # a first-token probability says nothing about these
 
 
 def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper], rule: str,
@@ -36,7 +49,7 @@ def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper
                     for fp in fset.fingerprints]
     width = len(wrappers)
     if max_new_tokens is None:  # each row decodes only as far as its own response needs
-        extra = 32 if rule in LOOSE_RULES else 2 if rule == "prefix" else 0
+        extra = 32 if rule in LOOSE_RULES else 2 if rule in ("prefix", "start") else 0
         limits = [len(ids) + extra for ids in response_ids for _ in range(width)]
     else:
         limits = [max_new_tokens] * (len(response_ids) * width)
@@ -77,17 +90,46 @@ def _measure_null(cfg: VerifyConfig, fset: FingerprintSet, preloaded: list[Loade
     return (evidence.laplace_rate(hits, trials) if trials else None), reports
 
 
-def _rates_from_file(cfg: VerifyConfig, fset: FingerprintSet, num_wrappers: int,
-                     measured_now: float | None) -> list[float]:
-    """Per-key rates from a measured null-rate file: its per-probe rate union-bounded over this
-    check's wrappers, and never below a rate measured on null models in this same call."""
-    from oml_core.null_rates import load_null_rates
+def null_rate_file(cfg: VerifyConfig, fset: FingerprintSet) -> NullRates | None:
+    """--null-file, read and checked (rule, pairs) before anything is decoded."""
+    if not cfg.null_file or cfg.null_rate is not None:
+        return None
+    panel = load_null_rates(cfg.null_file)
+    panel.check_applies(cfg.match, fset)
+    return panel
 
-    table = load_null_rates(cfg.null_file)
-    table.check_applies(cfg.match, fset)
-    rates = [evidence.union_bound_rate(table.probe_rate(fp.id), num_wrappers)
-             for fp in fset.fingerprints]
-    return [max(r, measured_now) for r in rates] if measured_now is not None else rates
+
+def key_null_rates(cfg: VerifyConfig, fset: FingerprintSet, wrappers: list[Wrapper],
+                   panel: NullRates | None, measured_now: float | None) -> tuple[list[float], str]:
+    """Per-key null rates and the label of their sources: the union bound over the wrappers of
+    each (key, wrapper) probe's rate (`panel`: the --null-file rates), never below
+    `measured_now` (null models run in this call). A key with nothing known per probe takes
+    `measured_now`, else the assumed rate."""
+    if cfg.null_rate is not None:
+        return [float(cfg.null_rate)] * len(fset), "given"
+    rates, sources = [], set()
+    for fp in fset.fingerprints:
+        known = fp.response_prob is not None and cfg.match not in LOOSE_RULES
+        fallback = (fp.response_prob, "response_prob") if known else None
+        total, used = 0.0, set()
+        for wrapper in wrappers:
+            rate = context_rate(fp, cfg.match, wrapper.context, 0.0)  # greedy decoding
+            if rate is None and fallback is None and panel is None:
+                total = None
+                break
+            probe, probe_sources = probe_null_rate(None if rate is None else [rate], fallback,
+                                                   None if panel is None else panel.probe_rate(fp.id))
+            total += probe
+            used |= probe_sources
+        if total is None:  # nothing known per probe: the key as a whole
+            total = ASSUMED_NULL_RATE if measured_now is None else len(wrappers) * NULL_RATE_FLOOR
+            used = {"assumed"} if measured_now is None else set()
+        if measured_now is not None:
+            used.add("measured")
+            total = max(total, measured_now)
+        rates.append(min(1.0, total))
+        sources |= used
+    return rates, source_label(sources)
 
 
 def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
@@ -108,17 +150,10 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
     if not wrappers:
         raise OMLInputError(f"no usable wrapper among {cfg.wrappers!r} ({'; '.join(notes)}); "
                             "add 'bare' to --wrappers")
+    panel = null_rate_file(cfg, fset)
     hits = check_keys(loaded, fset, wrappers, cfg.match, cfg.max_new_tokens, cfg.batch_size)
     measured, null_reports = _measure_null(cfg, fset, null_models)
-    if cfg.null_file and cfg.null_rate is None:
-        measured = _rates_from_file(cfg, fset, len(wrappers), measured)
-
-    # response_prob is a one-wrapper, exact-token chance: union-bound it over the wrappers.
-    probs = None
-    if cfg.match not in LOOSE_RULES:
-        probs = [None if p is None else evidence.union_bound_rate(p, len(wrappers))
-                 for p in fset.response_probs]
-    rates, source = evidence.combine_null_rates(probs, measured, cfg.null_rate, len(fset))
+    rates, source = key_null_rates(cfg, fset, wrappers, panel, measured)
     summary = _summarise(hits, wrappers)
     rule = (f"a fingerprint counts once if its response comes back under any of "
             f"{len(wrappers)} wrappers ({cfg.match} match); p = P[X >= matched], X a "

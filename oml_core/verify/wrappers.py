@@ -26,6 +26,11 @@ class Wrapper:
     kind: str                  # "bare", "chat" or "system"
     system_prompt: str | None = None
 
+    @property
+    def context(self) -> str:
+        """The probe context (oml_core.probe_contexts) this wrapper renders: its null rates."""
+        return {"bare": "raw", "chat": "user"}.get(self.kind, self.name)
+
     def render(self, tokenizer, key: str) -> list[int]:
         """Token ids of the prompt whose continuation should be the response."""
         if self.kind == "bare":
