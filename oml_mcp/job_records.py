@@ -68,3 +68,19 @@ def run_progress(data: object, created_ts: float) -> dict:
               "loss": _is_number, "eta_s": _is_number}
     return {k: data.get(k) if _optional(data.get(k), check) else None
             for k, check in checks.items()}
+
+
+def audit_progress(data: object, created_ts: float) -> dict:
+    """How far an audit job is, from the progress.json `oml audit --progress-file` writes in
+    its folder: probes answered of those planned (as step / total_steps) and the p-value of
+    the answers so far, keeping only well-typed values."""
+    if not isinstance(data, dict) or not _is_number(data.get("updated")):
+        return {}
+    if data["updated"] < created_ts:
+        return {}  # left by an earlier run of the same audit
+    done, planned = data.get("probes_done"), data.get("probes_planned")
+    p_value, eta = data.get("p_value"), data.get("eta_s")
+    return {"state": "probing", "step": done if _is_int(done) else None,
+            "total_steps": planned if _is_int(planned) else None, "loss": None,
+            "eta_s": eta if _is_number(eta) else None,
+            "p_value": p_value if _is_number(p_value) and 0 <= p_value <= 1 else None}

@@ -40,6 +40,7 @@ from oml_core.errors import OMLInputError
 from oml_mcp.job_records import (
     FINAL_STATES,
     REASON_CHARS,
+    audit_progress,
     record_problem,
     run_progress,
     valid_result,
@@ -157,8 +158,9 @@ class JobStore:
 
     # start
     def start(self, kind: str, command: list[str], *, args: dict, run_dir: str | None,
-              env: dict[str, str], cwd: Path) -> dict:
-        """Start `command` (argv of the real work) under the worker wrapper; return its status."""
+              env: dict[str, str], cwd: Path, completed_codes: tuple[int, ...] = (0,)) -> dict:
+        """Start `command` (argv of the real work) under the worker wrapper; return its status.
+        `completed_codes`: its exit codes that mean it finished (see the worker)."""
         with contextlib.suppress(FileExistsError):  # a link there is refused just below
             self.root.mkdir(parents=True)
         job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -173,7 +175,7 @@ class JobStore:
                 write_state_json(fd, "job.json", record)
                 log_fd = create_log(fd, "worker.log")
                 try:
-                    proc = subprocess.Popen([*worker_command(folder), *command],
+                    proc = subprocess.Popen([*worker_command(folder, completed_codes), *command],
                                             stdin=subprocess.DEVNULL, stdout=log_fd,
                                             stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                             start_new_session=True, close_fds=True)
@@ -230,13 +232,16 @@ class JobStore:
         return result
 
     def _run_status(self, record: dict) -> dict:
-        """Progress from the run folder the job writes, if that folder is in the workspace."""
+        """Progress from the folder the job writes (a run's status.json, an audit's
+        progress.json), if that folder is in the workspace."""
         if not record["run_dir"]:
             return {}
-        path = Path(record["run_dir"]) / "status.json"
+        name, reader = (("progress.json", audit_progress) if record["kind"] == "audit"
+                        else ("status.json", run_progress))
+        path = Path(record["run_dir"]) / name
         if not path.is_absolute() or not self._inside(path):
             return {}
-        return run_progress(read_regular_json(path), record["created_ts"])
+        return reader(read_regular_json(path), record["created_ts"])
 
     def status(self, job_id: str) -> dict:
         with self._job_folder(job_id) as (fd, record):
@@ -247,7 +252,7 @@ class JobStore:
             if run_status:
                 status.update(phase=run_status["state"], step=run_status["step"],
                               total_steps=run_status["total_steps"], loss=run_status["loss"],
-                              eta_s=run_status["eta_s"])
+                              eta_s=run_status["eta_s"], p_value=run_status.get("p_value"))
             result = self._result(fd, record)
         if result is None:  # training has begun once the run reports a phase past "starting"
             phase = run_status.get("state")
@@ -331,9 +336,11 @@ class JobStore:
             if sent:
                 self._wait_group_gone(pid, 10.0)
         status = self.status(job_id)
+        kept = ("the audit folder keeps every answer so far (start_audit with the same settings "
+                "resumes it)" if record["kind"] == "audit" else "the run folder stays "
+                "incomplete (starting the same run again restarts it)")
         return {"job_id": job_id, "state": status["state"], "was_running": True, "signal": sent,
-                "message": f"job {job_id} stopped ({status['state']}); the run folder stays "
-                           "incomplete (starting the same run again restarts it)"}
+                "message": f"job {job_id} stopped ({status['state']}); {kept}"}
 
     @staticmethod
     def _signal_worker(pid: int, sig: signal.Signals) -> str | None:

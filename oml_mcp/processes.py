@@ -18,11 +18,14 @@ from pathlib import Path
 WORKER_MODULE = "oml_mcp.worker"
 
 
-def worker_command(job_dir: Path) -> list[str]:
+def worker_command(job_dir: Path, completed_codes: tuple[int, ...] = (0,)) -> list[str]:
     """The wrapper's argv up to the `--` before the job's command; its job-dir is the marker
-    `is_job_worker` looks for. (-P: the working folder, OML_HOME, is writable by tools and
-    must not shadow our packages.)"""
-    return [sys.executable, "-P", "-m", WORKER_MODULE, "--job-dir", str(job_dir), "--"]
+    `is_job_worker` looks for. `completed_codes`: the command's exit codes that mean it
+    finished its work (an audit's 3, inconclusive, is a finished audit). (-P: the working
+    folder, OML_HOME, is writable by tools and must not shadow our packages.)"""
+    codes = [] if completed_codes == (0,) else [
+        "--completed-codes", ",".join(map(str, completed_codes))]
+    return [sys.executable, "-P", "-m", WORKER_MODULE, "--job-dir", str(job_dir), *codes, "--"]
 
 
 def _is_pid(value: object) -> bool:

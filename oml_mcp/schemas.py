@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, StrictBool
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def _mcp_help(text: str) -> str:
+def mcp_help(text: str) -> str:
     """CLI help says `--key-length`; a tool caller knows that setting as `key_length`."""
     return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), text)
 
@@ -49,7 +49,7 @@ def config_parameters(config_cls, *, required: tuple[str, ...] = (),
         if meta.get("choices"):
             kind = Literal[tuple(meta["choices"])]
             kind = kind | None if optional else kind
-        description = _mcp_help(meta.get("help", ""))
+        description = mcp_help(meta.get("help", ""))
         if f.name in notes:
             description = f"{description}; {notes[f.name]}" if description else notes[f.name]
         constraints: dict[str, Any] = {}
@@ -141,11 +141,15 @@ class JobStatus(BaseModel):
     ended: str | None = None
     run_dir: str | None = Field(None, description="the run folder the job writes")
     phase: str | None = Field(None, description="the trainer's own state from the run folder's "
-                                                "status file (starting, running, completed, ...)")
-    step: int | None = None
-    total_steps: int | None = None
+                                                "status file (starting, running, completed, ...); "
+                                                "'probing' for an audit")
+    step: int | None = Field(None, description="training step; for an audit, probes answered")
+    total_steps: int | None = Field(None, description="for an audit, probes planned")
     loss: float | None = None
-    eta_s: float | None = Field(None, description="estimated seconds left in training")
+    eta_s: float | None = Field(None, description="estimated seconds left in training (or "
+                                                  "probing)")
+    p_value: float | None = Field(None, description="audit only: the p-value of the answers so "
+                                                    "far (the verdict is audit_result's)")
     exit_code: int | None = None
     reason: str | None = Field(None, description="why the job failed or was cancelled")
     pid: int | None = None
@@ -271,3 +275,111 @@ class RevealResult(BaseModel):
     proof: list[ProofStep]
     root: str
     written_to: str | None = None
+
+
+# --- audits -----------------------------------------------------------------------------------
+
+
+class AuditPlan(BaseModel):
+    """What an audit will send and spend, computed before anything is sent."""
+
+    endpoint: str = Field(description="scheme://host:port/path (no credentials or query)")
+    model: str
+    fingerprints: str
+    folder: str = Field(description="the audit folder (evidence.jsonl, plan.json, reports)")
+    audit_id: str | None = Field(None, description="the audit's id when the folder already holds "
+                                                   "it (a resume); a new audit gets one when it "
+                                                   "starts")
+    resumes: bool = Field(description="the folder holds this audit: only unanswered probes are "
+                                      "sent, with the keys it already spent")
+    keys: int = Field(description="fingerprint keys the endpoint will see (spent for good)")
+    key_budget: int
+    keys_passed_over: int = Field(description="keys skipped because the ledger says this "
+                                              "endpoint has already seen them")
+    reuse_keys: bool
+    layers: list[str] = Field(description="probe layers that can be sent with this adapter")
+    probes_by_layer: dict[str, int]
+    probes_planned: int = Field(description="one call each")
+    probes_not_sendable: int
+    probes_answered: int = Field(description="already answered in the folder (not sent again)")
+    calls_to_send: int
+    max_requests: int = Field(description="calls_to_send x (1 + max_retries): the worst case")
+    estimated_prompt_tokens: int = Field(description="rough: about 4 characters a token")
+    max_completion_tokens: int = Field(description="calls_to_send x max_tokens")
+    estimated_tokens: int
+    api_key_env: str = Field(description="the server's environment variable whose value is sent "
+                                         "as the API key (the value is never shown)")
+    api_key_set: bool = Field(description="whether that variable is set in the server's "
+                                          "environment (without it no key is sent)")
+    ledger: str = Field(description="the endpoint's key ledger (keyed hashes only)")
+
+
+class AuditStarted(BaseModel):
+    plan: AuditPlan
+    job: JobStatus | None = Field(description="the background audit job; null with plan_only")
+    next_step: str = Field(description="what to do next")
+
+
+class AuditInfo(BaseModel):
+    audit_id: str
+    folder: str
+    endpoint: str | None = None
+    model: str | None = None
+    created: str | None = None
+    state: str | None = Field(None, description="from the folder's status.json: running, "
+                                                "complete, incomplete, interrupted, aborted")
+    verdict: str | None = Field(None, description="match, no_match or inconclusive, once finished")
+    p_value: float | None = None
+    matched: int | None = None
+    total: int | None = None
+    keys: int | None = None
+    probes_planned: int | None = None
+    probes_done: int | None = None
+    finished: str | None = None
+    job_id: str | None = Field(None, description="the job writing it now, if one is")
+    report_uri: str | None = Field(None, description="MCP resource with report.md, once written")
+
+
+class AuditList(BaseModel):
+    audits: list[AuditInfo]
+    truncated: bool
+    problems: list[str] = Field(default_factory=list, exclude_if=_empty, description=(
+        "audit folders not read (a link out of the workspace, an unreadable plan), one line "
+        "each; left out when there are none"))
+
+
+class AuditLayer(BaseModel):
+    matched: int | None = Field(None, description="keys that came back in this layer")
+    total: int | None = Field(None, description="keys with at least one valid answer here")
+    hits: int | None = Field(None, description="probes that matched")
+    probes: int | None = Field(None, description="probes answered")
+    errors: int | None = None
+    p_value: float | None = None
+
+
+class AuditResult(BaseModel):
+    audit_id: str
+    folder: str
+    state: str | None = Field(None, description="complete, or incomplete (pending probes: "
+                                                "start_audit with the same settings resumes)")
+    verdict: str = Field(description="match, no_match, or inconclusive (no valid answer: the "
+                                     "endpoint was not tested)")
+    p_value: float | None = Field(None, description="Bonferroni-corrected over the tests")
+    alpha: float | None = None
+    matched: int | None = Field(None, description="keys that came back (deciding test)")
+    total: int | None = None
+    deciding_test: str | None = None
+    layers: dict[str, AuditLayer]
+    endpoint: str | None = None
+    model: str | None = None
+    keys_probed: int | None = None
+    probes_planned: int | None = None
+    probes_done: int | None = None
+    probes_failed: int | None = None
+    pending: int | None = None
+    errors_by_kind: dict[str, int] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    verdict_words: str | None = Field(None, description="the verdict in plain words")
+    finished: str | None = None
+    reports: dict[str, str] = Field(default_factory=dict, description="report files in the folder")
+    report_uri: str

@@ -2,10 +2,11 @@
 
 Each tool (1) checks its arguments (schemas from the engine's configs, paths confined to the
 workspace), (2) calls one engine function, in-process for short work (generate, verify; with
-progress notifications) or as a detached job for fine-tuning, and (3) returns a small summary
-that never holds a fingerprint key or response, except `reveal_fingerprint` when explicitly
-confirmed. User mistakes become `is_error` results naming the problem; unexpected failures
-become a generic message with the exception type while the traceback goes to stderr.
+progress notifications) or as a detached job for fine-tuning, evaluation and endpoint audits
+(oml_mcp.audit_tools), and (3) returns a small summary that never holds a fingerprint key or
+response, except `reveal_fingerprint` when explicitly confirmed. User mistakes become
+`is_error` results naming the problem; unexpected failures become a generic message with
+the exception type while the traceback goes to stderr.
 """
 
 import dataclasses
@@ -42,6 +43,7 @@ from oml_core.config import (
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
 from oml_mcp import listings
+from oml_mcp.audit_tools import add_audit_tools
 from oml_mcp.jobs import JobStore
 from oml_mcp.paths import Workspace
 from oml_mcp.schemas import (
@@ -73,8 +75,12 @@ OML fingerprints LLMs: secret (key, response) pairs are fine-tuned into a model 
 checked to prove the model is yours. Typical flow: generate_fingerprints (makes a secret set
 file) -> start_fingerprinting (returns a job id at once; training takes minutes to hours) ->
 poll job_status every 10-60 s until completed -> job_result -> verify_model on the run's
-model/ folder. show_commitment gives the public commitment to publish. Keys and responses are
-secret: no tool returns them except reveal_fingerprint, only when the user explicitly asks.
+model/ folder. show_commitment gives the public commitment to publish. To audit a remote
+endpoint: start_audit with plan_only=true shows the keys and calls it would spend; show that
+plan to the user, then start_audit (a job: poll job_status) -> audit_result. The API key is
+never an argument: api_key_env names the server's variable (OPENAI_API_KEY or OML_AUDIT_*).
+Keys and responses are secret: no tool returns them except reveal_fingerprint, only when the
+user explicitly asks.
 Relative paths are inside OML_HOME; other paths must be inside the configured roots."""
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -318,9 +324,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     # -- background jobs -----------------------------------------------------------------------
     def start_job(kind: str, config_cls, cfg, writes: Path, argv: list[str],
-                  skip: tuple[str, ...]) -> dict:
+                  skip: tuple[str, ...], completed_codes: tuple[int, ...] = (0,)) -> dict:
         """Start `oml ARGV [settings that differ from the defaults] --json` as a detached job
-        that writes folder `writes` (one job per folder at a time)."""
+        that writes folder `writes` (one job per folder at a time); `completed_codes`: the
+        command's exit codes that mean it finished its work."""
         busy = jobs.active_run_dirs().get(str(writes))
         if busy:
             raise OMLInputError(f"job {busy} is already writing {writes}; wait for it, cancel "
@@ -331,7 +338,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                "PYTHONUNBUFFERED": "1"}
         defaults = config_defaults(config_cls)
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]}
-        return jobs.start(kind, command, args=settings, run_dir=str(writes), env=env, cwd=ws.home)
+        return jobs.start(kind, command, args=settings, run_dir=str(writes), env=env, cwd=ws.home,
+                          completed_codes=completed_codes)
 
     # -- fingerprinting job --------------------------------------------------------------------
     def start_fingerprinting(**values) -> JobStarted:
@@ -450,13 +458,15 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
                   "cached, so a cancelled or failed evaluation resumes where it stopped."))
 
     def job_status(job_id: Annotated[str, Field(description="id from start_fingerprinting, "
-                                                           "start_evaluation or list_jobs")]) -> JobStatus:
+                                                           "start_evaluation, start_audit or "
+                                                           "list_jobs")]) -> JobStatus:
         return JobStatus(**jobs.status(job_id))
 
     _register(app, job_status, name="job_status", annotations=READ_ONLY, description=(
         "State of one background job: starting, running (with step, total_steps, loss and eta_s "
-        "from training), or the final completed/failed/cancelled with the reason. Cheap; poll "
-        "it every 10-60 s while a job runs. A job whose worker died is reported failed."))
+        "from training; for an audit, probes answered/planned and the p-value so far), or the "
+        "final completed/failed/cancelled with the reason. Cheap; poll it every 10-60 s while a "
+        "job runs. A job whose worker died is reported failed."))
 
     def list_jobs(limit: Annotated[int, Field(description="at most this many, newest first",
                                               ge=1, le=MAX_LISTED)] = 20) -> JobList:
@@ -487,7 +497,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         description=(
             "Stop a running background job and all its processes (SIGTERM, then SIGKILL after "
             "the grace period). The run folder stays incomplete; starting the same run again "
-            "restarts it from the beginning. Only when the user wants the job stopped."))
+            "restarts it from the beginning (an audit keeps its answers: start_audit with the "
+            "same settings resumes it). Only when the user wants the job stopped."))
 
     # -- listings ------------------------------------------------------------------------------
     def list_fingerprint_sets(folder: Annotated[str | None, Field(
@@ -506,7 +517,8 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
 
     def list_runs() -> RunList:
         # runs started into a root outside OML_HOME/runs are found through their jobs
-        run_dirs = [j["run_dir"] for j in jobs.list(MAX_LISTED)[0] if j.get("run_dir")]
+        run_dirs = [j["run_dir"] for j in jobs.list(MAX_LISTED)[0]
+                    if j.get("run_dir") and j["kind"] != "audit"]
         return listings.list_runs(ws, runs_dir, run_dirs, MAX_LISTED)
 
     _register(app, list_runs, name="list_runs", annotations=READ_ONLY, description=(
@@ -571,6 +583,10 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
             "the published commitment root, e.g. to prove ownership in a dispute. Only when the "
             "user explicitly asks to reveal; requires confirm_reveal=true. The other pairs stay "
             "secret."))
+
+    # -- endpoint audits (oml_mcp.audit_tools) --------------------------------------------------
+    add_audit_tools(app, ws, jobs, register=_register, start_job=start_job,
+                    max_listed=MAX_LISTED, read_only=READ_ONLY)
 
     # -- resources -----------------------------------------------------------------------------
     @app.resource("oml://runs/{name}/summary", mime_type="application/json",

@@ -1,11 +1,12 @@
 """The worker wrapper: run one command for a job and record how it ended.
 
-    python -m oml_mcp.worker --job-dir DIR -- COMMAND...
+    python -m oml_mcp.worker --job-dir DIR [--completed-codes 0,3] -- COMMAND...
 
 The server starts this in a new session with stdout/stderr on DIR/worker.log. It runs the
 command (an `oml ... --json` call) with the same log as stderr, captures the command's stdout
 (its JSON summary), and when the command ends writes DIR/result.json atomically: state,
-exit code, end time, the last log line as the reason on failure, and the summary. Without
+exit code, end time, the last log line as the reason on failure, and the summary (an exit code
+in --completed-codes, default 0, means the command finished its work). Without
 this wrapper a command that crashed or was killed would leave nothing saying so.
 
 A cancel sends SIGTERM to the whole process group: the command stops at its next training
@@ -42,14 +43,14 @@ def _parse_output(text: str) -> dict | None:
     return data if isinstance(data, dict) else {"value": data}
 
 
-def run(job_dir: Path, command: list[str]) -> int:
+def run(job_dir: Path, command: list[str], completed_codes: tuple[int, ...] = (0,)) -> int:
     # The folder is opened once, refusing a link, and the result is written relative to it:
     # a job folder swapped for a link while the command runs cannot redirect the result.
     with open_folder(job_dir) as folder:
-        return _run(folder, job_dir, command)
+        return _run(folder, job_dir, command, completed_codes)
 
 
-def _run(folder: int, job_dir: Path, command: list[str]) -> int:
+def _run(folder: int, job_dir: Path, command: list[str], completed_codes: tuple[int, ...]) -> int:
     stop = {"requested": False}
 
     def note_stop(signum, _frame):
@@ -72,7 +73,7 @@ def _run(folder: int, job_dir: Path, command: list[str]) -> int:
         output = child.stdout.read().decode("utf-8", errors="replace")
         code = child.wait()
     cancelled = stop["requested"] or state_exists(folder, "cancel_requested")
-    if code == 0:
+    if code in completed_codes:
         state, reason = "completed", None
     elif cancelled or code in CANCEL_EXIT_CODES:
         state, reason = "cancelled", "cancelled; the run folder is incomplete"
@@ -90,13 +91,19 @@ def _run(folder: int, job_dir: Path, command: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oml_mcp.worker")
     parser.add_argument("--job-dir", required=True, type=Path)
+    parser.add_argument("--completed-codes", default="0", help="comma list of the command's exit "
+                        "codes that mean it finished its work (default 0)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    return run(args.job_dir, command)
+    try:
+        completed = tuple(int(code) for code in args.completed_codes.split(","))
+    except ValueError:
+        parser.error("--completed-codes: use a comma list of integers")
+    return run(args.job_dir, command, completed)
 
 
 if __name__ == "__main__":

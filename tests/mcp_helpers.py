@@ -17,7 +17,8 @@ SLOW_JOB = {"learning_rate": 1e-5, "augment": False, "benign_fraction": 0.0, "ma
 FINAL = ("completed", "failed", "cancelled")
 TOOLS = {"generate_fingerprints", "start_fingerprinting", "verify_model", "job_status",
          "list_jobs", "job_result", "cancel_job", "list_fingerprint_sets", "list_runs",
-         "show_commitment", "reveal_fingerprint", "start_evaluation"}
+         "show_commitment", "reveal_fingerprint", "start_evaluation", "start_audit",
+         "list_audits", "audit_result"}
 
 
 def secrets_of(path: str | Path) -> list[str]:

@@ -133,14 +133,14 @@ def test_tools_are_listed_with_schemas_from_the_engine_configs(app):
             return (await client.list_tools()).tools, await client.list_resource_templates()
     tools, templates = anyio.run(go)
     by_name = {t.name: t for t in tools}
-    assert set(by_name) == TOOLS  # no audit tool until the endpoint client exists
+    assert set(by_name) == TOOLS
     for tool in tools:
         assert tool.description and tool.output_schema and tool.annotations, tool.name
     read_only = {n for n, t in by_name.items() if t.annotations.read_only_hint}
     assert read_only == {"job_status", "list_jobs", "job_result", "list_fingerprint_sets",
-                         "list_runs"}
+                         "list_runs", "list_audits", "audit_result"}
     destructive = {n for n, t in by_name.items() if t.annotations.destructive_hint}
-    assert destructive == {"cancel_job", "reveal_fingerprint"}
+    assert destructive == {"cancel_job", "reveal_fingerprint", "start_audit"}  # audits spend keys
 
     # defaults, ranges and choices come from the config dataclasses, not retyped
     import dataclasses
@@ -159,7 +159,8 @@ def test_tools_are_listed_with_schemas_from_the_engine_configs(app):
     assert strategy["enum"] == list(strategy_field.metadata["choices"])
     assert strategy["default"] == strategy_field.default
     uris = {t.uri_template for t in templates.resource_templates}
-    assert uris == {"oml://runs/{name}/summary", "oml://jobs/{job_id}/log"}
+    assert uris == {"oml://runs/{name}/summary", "oml://jobs/{job_id}/log",
+                    "oml://audits/{audit_id}/report"}
 
 
 # --- generate ---------------------------------------------------------------------------------
