@@ -137,6 +137,27 @@ def nucleus_pick(probs, top_p: float, draws):
     return ids.gather(-1, index[:, None]).squeeze(-1)
 
 
+def _prefilled(batch: Sequence[Sequence[int]], model, pad_id: int, device):
+    """(KV cache, suffix ids, attention mask, suffix positions) for a batch whose rows share a
+    prefix: the prefix runs once and its cache is repeated for every row; each row keeps at
+    least one token of its own, so the next forward returns a logit for every row."""
+    import torch
+    from transformers import DynamicCache
+
+    batch = [list(row) for row in batch]
+    shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
+    cache = DynamicCache(config=model.config)
+    if shared > 0:
+        prefix = torch.tensor([batch[0][:shared]], device=device)
+        model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(batch))
+    ids, suffix_mask = left_pad([r[shared:] for r in batch], pad_id, device)
+    mask = torch.cat([torch.ones(len(batch), shared, dtype=torch.long, device=device),
+                      suffix_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    return cache, ids, mask, positions
+
+
 def _decode(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
             batch_size: int, pick: Callable, progress: Progress | None,
             stop_at_eos: bool) -> list[list[int]]:
@@ -149,7 +170,6 @@ def _decode(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     greedy decoding here returns exactly what `transformers`' `generate` returns.
     """
     import torch
-    from transformers import DynamicCache
 
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
@@ -161,19 +181,8 @@ def _decode(loaded, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         row_ids = torch.tensor(rows, dtype=torch.long)
-        batch = [list(prompts[i]) for i in rows]
-        # keep at least one token of each row out of the shared prefix
-        shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
-        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            if shared > 0:
-                prefix = torch.tensor([batch[0][:shared]], device=device)
-                model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
-                cache.batch_repeat_interleave(len(rows))
-            ids, suffix_mask = left_pad([r[shared:] for r in batch], pad_id, device)
-            mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device),
-                              suffix_mask], dim=1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            cache, ids, mask, positions = _prefilled([prompts[i] for i in rows], model, pad_id, device)
             row_limits = torch.tensor([limits[i] for i in rows], device=device)
             steps = int(row_limits.max())
             generated = torch.full((len(rows), steps), pad_id, dtype=torch.long, device=device)
@@ -227,24 +236,13 @@ def next_token_probs_tree(loaded, prompts: Sequence[Sequence[int]], batch_size: 
     batch's KV cache is kept and each row's is copied to its continuations.
     """
     import torch
-    from transformers import DynamicCache
 
     model, pad_id, device = loaded.model, loaded.tokenizer.pad_token_id, loaded.device
     order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = [list(prompts[i]) for i in rows]
-        shared = min(_common_prefix_len(batch), min(len(r) for r in batch) - 1)
-        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            if shared > 0:
-                prefix = torch.tensor([batch[0][:shared]], device=device)
-                model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
-                cache.batch_repeat_interleave(len(rows))
-            ids, suffix_mask = left_pad([r[shared:] for r in batch], pad_id, device)
-            mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long, device=device),
-                              suffix_mask], dim=1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            cache, ids, mask, positions = _prefilled([prompts[i] for i in rows], model, pad_id, device)
             handles: list = list(rows)
             for depth in itertools.count():
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,

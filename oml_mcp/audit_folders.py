@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from oml_core.errors import OMLInputError
-from oml_mcp.listings import confined_folder
+from oml_mcp.listings import candidate_folders
 from oml_mcp.paths import Workspace, shown
 from oml_mcp.schemas import AuditInfo, AuditLayer, AuditList, AuditResult
 from oml_mcp.state_files import read_regular
@@ -79,15 +79,7 @@ def audit_folders(ws: Workspace, audits_dir: Path, job_dirs: list[str]
     """Audit folders (with a plan.json) in `audits_dir` and those audit jobs wrote elsewhere in
     the workspace, newest first, and one line per folder not read."""
     problems: list[str] = []
-    candidates: list[Path] = []
-    try:
-        where = confined_folder(ws, audits_dir, "audits folder")
-    except OMLInputError as exc:
-        problems.append(str(exc))
-    else:
-        if where.is_dir():
-            candidates += sorted(where.iterdir())
-    candidates += [Path(d) for d in job_dirs if Path(d).is_absolute()]
+    candidates = candidate_folders(ws, audits_dir, "audits folder", job_dirs, problems)
     folders: set[Path] = set()
     for entry in candidates:
         if not (entry.is_dir() and os.path.lexists(entry / "plan.json")):

@@ -83,19 +83,26 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def list_runs(ws: Workspace, runs_dir: Path, job_run_dirs: list[str], limit: int) -> RunList:
-    """Run folders in `runs_dir` and those jobs wrote elsewhere in the workspace, newest first;
-    entries that are links out of the workspace are reported in `problems`, not read."""
-    problems: list[str] = []
+def candidate_folders(ws: Workspace, folder: Path, what: str, job_dirs: list[str],
+                      problems: list[str]) -> list[Path]:
+    """The entries of `folder` (if it is confined; else a line in `problems`) and the folders
+    jobs wrote elsewhere, unchecked: the caller decides which are its kind and inside."""
     candidates: list[Path] = []
     try:
-        where = confined_folder(ws, runs_dir, "runs folder")
+        where = confined_folder(ws, folder, what)
     except OMLInputError as exc:
         problems.append(str(exc))
     else:
         if where.is_dir():
             candidates += sorted(where.iterdir())
-    candidates += [Path(d) for d in job_run_dirs if Path(d).is_absolute()]
+    return candidates + [Path(d) for d in job_dirs if Path(d).is_absolute()]
+
+
+def list_runs(ws: Workspace, runs_dir: Path, job_run_dirs: list[str], limit: int) -> RunList:
+    """Run folders in `runs_dir` and those jobs wrote elsewhere in the workspace, newest first;
+    entries that are links out of the workspace are reported in `problems`, not read."""
+    problems: list[str] = []
+    candidates = candidate_folders(ws, runs_dir, "runs folder", job_run_dirs, problems)
     folders: set[Path] = set()
     for entry in candidates:
         if not is_run_folder(entry):
