@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("audit", help=HELP, description=HELP, epilog=EPILOG)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     # for a caller watching from outside (the MCP audit job, oml_mcp): not a user's flag
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print the plan (keys to spend, calls, estimated tokens) and send nothing")
     parser.add_argument("--progress-file", help=argparse.SUPPRESS)
     _add_config_flags(parser, AuditConfig)
     parser.set_defaults(func=cmd_audit)
@@ -65,6 +67,17 @@ def _human(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _human_plan(plan: dict) -> str:
+    resumed = f" (resumes {plan['audit_id']}: {plan['probes_answered']} answered)" if plan["resumes"] else ""
+    lines = [f"plan for {plan['endpoint']}{resumed}: {plan['keys']} keys of the budget "
+             f"{plan['key_budget']} ({plan['keys_passed_over']} passed over as already spent), "
+             f"{plan['calls_to_send']} calls to send (at most {plan['max_requests']} requests with "
+             f"retries), about {plan['estimated_tokens']} tokens"]
+    lines += [f"  {layer:<10} {count:>5} probes" for layer, count in plan["probes_by_layer"].items()]
+    lines.append(f"nothing was sent; the audit folder would be {plan['folder']}")
+    return "\n".join(lines)
+
+
 def _progress_writer(path: str):
     """Progress as one JSON file, replaced atomically: probes answered / failed / planned, the
     p-value so far, when it was written, and an estimate of the seconds left."""
@@ -90,6 +103,12 @@ def cmd_audit(args) -> int:
     for noisy in ("httpx", "httpx2", "openai", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = oml_cli._config(AuditConfig, args)
+    if args.plan_only:
+        from clients.audit_preview import preview_audit
+
+        plan = preview_audit(cfg)
+        oml_cli._emit(args, plan, _human_plan(plan))
+        return 0
     try:
         on_progress = _progress_writer(args.progress_file) if args.progress_file else None
         summary = run_audit(cfg, on_progress)

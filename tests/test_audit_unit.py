@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from audit_helpers import BIN
+from audit_helpers import BIN, audit_command
 
 from clients.adapters.base import (
     Adapter,
@@ -355,3 +356,29 @@ def test_null_file_is_the_engines_checked_file(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(OMLInputError, match="--null-rate"):
             measured_null_rates(str(tmp_path / "bad.json"), fset, "start")
+
+
+def test_plan_only_prints_the_plan_and_sends_nothing(tmp_path):
+    from oml_core.fingerprints import FingerprintSet
+
+    fset = FingerprintSet([Fingerprint(f"fp-{i:05d}", f"secretkey{i} words", f"resp{i}",
+                                       salt="%032x" % (i + 1)) for i in range(5)])
+    path = tmp_path / "set.json"
+    fset.save(path)
+    home, out = tmp_path / "home", tmp_path / "audit"
+    env = {**os.environ, "OML_HOME": str(home), "OML_PROGRESS": "0"}
+    # port 9 (discard) on loopback: nothing listens, so any request would fail the run
+    args = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--fingerprints", path,
+            "--max-keys", 3, "--out", out, "--layers", "user,system", "--sampled-layers", ""]
+    shown = subprocess.run(audit_command(*args, "--plan-only", "--json"), check=False,
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert shown.returncode == 0, shown.stderr
+    plan = json.loads(shown.stdout)
+    assert plan["keys"] == 3 and plan["calls_to_send"] == 3 * (1 + 4)  # user + 4 system prompts
+    assert plan["probes_by_layer"] == {"user": 3, "system": 12} and not plan["resumes"]
+    assert "secretkey" not in shown.stdout + shown.stderr
+    assert not out.exists()  # no plan, no evidence
+    assert not list((home / "ledgers").glob("*.json"))  # no key reserved (the salt may be made)
+    human = subprocess.run(audit_command(*args, "--plan-only"), check=False, capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert human.returncode == 0 and "15 calls to send" in human.stdout and "nothing was sent" in human.stdout
