@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -39,6 +40,7 @@ from clients.evidence_log import EvidenceLog
 from clients.ledger import KeyLedger, endpoint_identity
 from clients.probes import Probe, plan_probes
 from clients.report import verdict_words, write_reports
+from clients.sequential import ALTERNATIVE_HIT_RATE, SequentialTest
 from oml_core import progress
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json, oml_home
@@ -54,7 +56,7 @@ PROGRESS_EVERY_S = 1.0  # how often on_progress is told, at most (and at start a
 _IDENTITY_FIELDS = ("adapter", "request_template", "answer_path", "max_keys", "reuse_keys", "layers",
                     "num_system_prompts", "sampled_layers", "temperatures", "samples", "seed",
                     "send_seed", "max_tokens", "match", "json_fields", "alpha", "null_rate",
-                    "null_file", "dialect", "agent_native_tools")
+                    "null_file", "dialect", "agent_native_tools", "sequential")
 # Statuses that mean "this route does not exist here" for the raw (completions) layer: the
 # layer is dropped for the rest of the run instead of stopping the audit.
 _ROUTE_MISSING = (400, 404, 405, 501)
@@ -242,17 +244,34 @@ class _Audit:
             self.notes += rate_notes
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
         if not path.exists():
+            if self.cfg.sequential:  # the most telling keys (lowest null rate) go first
+                self.chosen.sort(key=self.key_rate)
+                plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
+                            sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
+                                        "order": "keys by ascending null rate, as listed"})
+                self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
+                              f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
+                              f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
+                              f"soon as it reaches 1/alpha, stop when it no longer can.")
             plan.update(tests=decision.family_of(self.tested_layers), rule=self.rule,
                         alpha=self.cfg.alpha, probes_planned=len(self.probes),
                         probes_not_sendable=self.skipped, null_rate_source=self.null_source,
                         probe_null_rates=self.probe_rates)
             atomic_write_json(path, plan)  # the rule is on disk before any key leaves
-        self.ledger.reserve(self.chosen, plan["audit_id"])
+        else:
+            self.rule = str(plan.get("rule") or self.rule)
+        if not self.cfg.sequential:  # a sequential audit spends its keys a round at a time
+            self.ledger.reserve(self.chosen, plan["audit_id"])
         secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
         self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
                                  self.cfg.reveal_keys, credentials_of(self.cfg))
         self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
         self.by_id = {fp.id: fp for fp in self.chosen}
+
+    def key_rate(self, fp: Fingerprint) -> float:
+        """A key's null rate: the summed rates of its planned probes (a union bound)."""
+        return min(1.0, sum(self.probe_rates[p.id] for p in self.probes
+                            if p.fingerprint_id == fp.id))
 
     # --- probing --------------------------------------------------------------------------
     def disable_raw(self, status: int) -> None:
@@ -314,7 +333,58 @@ class _Audit:
             record.update(error=error, match=None)
         return record
 
-    async def probe_all(self, pending: list[Probe]) -> str:
+    async def probe_sequentially(self) -> str:
+        """Keys in plan order, one round (as many keys as --concurrency keeps busy) at a time;
+        after each round its keys enter the e-value in order (clients/sequential.py), and the
+        audit stops once the e-value has reached 1/alpha or can no longer reach it. A rerun
+        replays the answered keys from the evidence and goes on where this one stopped."""
+        by_key: dict[str, list[Probe]] = defaultdict(list)
+        for probe in self.probes:
+            by_key[probe.fingerprint_id].append(probe)
+        order = [fp for fp in self.chosen if by_key[fp.id]]
+        round_keys = max(1, self.cfg.concurrency // max(len(v) for v in by_key.values()))
+        self.sequential = SequentialTest(self.cfg.alpha)
+        self.keys_sent: list[str] = []
+        state, done = "complete", 0
+        try:
+            while done < len(order) and not self.sequential.crossed:
+                batch = order[done:done + round_keys]
+                latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
+                ids = {fp.id for fp in batch}
+                pending = [p for p in self.pending(latest) if p.fingerprint_id in ids]
+                if pending:
+                    self.ledger.reserve(batch, self.plan_data["audit_id"])
+                    state = await self.probe_all(pending, close=False)
+                    latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
+                self.keys_sent += [fp.id for fp in batch]
+                if state != "complete":
+                    break  # the run timeout: the next run resumes from here
+                for fp in batch:
+                    hit, rate = self.key_outcome(by_key[fp.id], latest)
+                    self.sequential.add(fp.id, hit, rate, calls=len(by_key[fp.id]))
+                done += len(batch)
+                if not self.sequential.reachable([self.key_rate(fp) for fp in order[done:]]):
+                    break
+        finally:
+            await self.close_adapter()
+        return state
+
+    def key_outcome(self, probes: list[Probe], latest: dict[str, dict]) -> tuple[bool | None, float]:
+        """(did any answered probe of the key match, or None when none was answered; the summed
+        null rate of the answered probes)."""
+        answered = [p for p in probes if latest.get(p.id, {}).get("status") == "ok"]
+        if not answered:
+            return None, 0.0
+        hit = any(bool(latest[p.id].get("match")) for p in answered)
+        return hit, min(1.0, sum(self.probe_rates[p.id] for p in answered))
+
+    async def close_adapter(self) -> None:
+        try:  # bounded for the same reason as the workers' cancellation
+            await asyncio.wait_for(self.adapter.aclose(), CANCEL_GRACE_S)
+        except TimeoutError:
+            log.warning("the HTTP client did not close within %g s; leaving it", CANCEL_GRACE_S)
+
+    async def probe_all(self, pending: list[Probe], close: bool = True) -> str:
         cfg = self.cfg
         deadline = None if cfg.run_timeout is None else self.started + cfg.run_timeout
         state = "complete"
@@ -347,10 +417,8 @@ class _Audit:
                 self.notes.append(f"stopped at the run timeout ({cfg.run_timeout:g} s); rerun to "
                                   "finish the remaining probes")
             finally:
-                try:  # bounded for the same reason as the workers' cancellation
-                    await asyncio.wait_for(self.adapter.aclose(), CANCEL_GRACE_S)
-                except TimeoutError:
-                    log.warning("the HTTP client did not close within %g s; leaving it", CANCEL_GRACE_S)
+                if close:
+                    await self.close_adapter()
         return state
 
     # --- progress ------------------------------------------------------------------------
@@ -397,9 +465,12 @@ class _Audit:
             layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
                              "pending": 0, "answer_kinds": Counter(), "by_temperature": {},
                              "variants": {}}
+        sent = set(getattr(self, "keys_sent", [fp.id for fp in self.chosen]))
         for pid, probe in planned.items():
             row = layers[probe.layer]
             rec = latest.get(pid)
+            if probe.fingerprint_id not in sent:
+                continue  # a sequential audit stopped before this key: never sent, not spent
             if rec is None:
                 if probe.layer in self.disabled:
                     unsent += 1
@@ -435,6 +506,13 @@ class _Audit:
             row["answer_kinds"] = dict(row["answer_kinds"])
         verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
                                     self.measured_rates, self.null_source)
+        if self.cfg.sequential:
+            # the verdict is the e-value's: the per-layer p-values above were computed on a
+            # sample whose size the evidence chose, so they describe, they do not decide
+            sequential = self.sequential.summary()
+            verdict.update(verdict=sequential["verdict"], p_value=sequential["p_value"],
+                           sequential=sequential,
+                           log10_p_value=math.log10(sequential["p_value"]))
         for layer in verdict["untested"]:
             if layer in layers and (layers[layer]["errors"] or layers[layer]["pending"]):
                 self.notes.append(f"{layer} layer: no key got a valid answer, so it tested nothing")
@@ -454,7 +532,8 @@ class _Audit:
             "audit_id": self.plan_data["audit_id"], "folder": str(self.folder),
             "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
             "adapter": self.cfg.adapter, "set_sha256": self.set_sha, "commitment_root": root,
-            "keys_probed": len(self.chosen), "key_budget": self.cfg.max_keys,
+            "keys_probed": len(sent), "key_budget": self.cfg.max_keys,
+            "keys_not_sent": len(self.chosen) - len(sent),
             "keys_passed_over": self.plan_data.get("keys_passed_over", 0),
             "fingerprint_ids": [fp.id for fp in self.chosen], "ledger": str(self.ledger.path),
             "probes_planned": len(self.probes),
@@ -489,7 +568,10 @@ async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] 
     audit._status("running", probes=len(audit.probes), pending=len(pending))
     audit.report_progress(latest.values(), final=True)
     try:
-        state = await audit.probe_all(pending) if pending else "complete"
+        if cfg.sequential:
+            state = await audit.probe_sequentially()
+        else:
+            state = await audit.probe_all(pending) if pending else "complete"
     except FatalEndpointError as exc:
         reason = audit.redactor.text(str(exc))
         audit._status("aborted", reason=reason)

@@ -48,6 +48,10 @@ class AuditConfig:
     reuse_keys: bool = setting(
         False, "allow keys the ledger says were already spent on this endpoint (default: fresh keys "
                "only)")
+    sequential: bool = setting(
+        False, "send keys in order of their null rate, a round at a time, and stop as soon as the "
+               "evidence reaches --alpha (an anytime-valid e-value over keys) or can no longer "
+               "reach it; keys never sent are not spent")
     layers: str = setting(
         ",".join(LAYERS), "comma list of probe layers: raw (completions), user, system (held-out "
                           "system prompts), embedded (key inside a longer message), multiturn, agent "

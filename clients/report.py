@@ -84,6 +84,16 @@ def markdown(summary: dict) -> str:
               f"(budget {summary['key_budget']}; {summary['keys_passed_over']} already-spent keys "
               f"passed over). Probes: {summary['probes_done']} answered, {summary['probes_failed']} "
               f"failed, {summary['probes_skipped']} not sendable here."), ""]
+    sequential = d.get("sequential")
+    if sequential:
+        lines += [(f"Sequential audit: {summary['keys_probed']} keys sent, "
+                   f"{summary.get('keys_not_sent', 0)} never sent (not spent). The verdict is the "
+                   "e-value's; the per-layer p-values above describe the keys sent and decide "
+                   "nothing."), "", "| key # | hit | null rate | p-value after it |", "|---|---|---|---|"]
+        lines += [f"| {i} | {'-' if row['hit'] is None else ('yes' if row['hit'] else 'no')} | "
+                  f"{row['null_rate']:.3g} | {row['p_value']:.3g} |"
+                  for i, row in enumerate(sequential["curve"], 1)]
+        lines.append("")
     for note in summary["notes"]:
         lines.append(f"- {note}")
     if summary.get("revealed"):

@@ -1,0 +1,94 @@
+"""`oml audit --sequential` against loopback endpoints: a stolen model is convicted after the
+first round of keys and the rest are never sent (nor spent); an innocent one ends `no_match`;
+a rerun replays the evidence without sending anything."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from audit_helpers import Canned, HostileServer, chat_reply
+
+from clients.audit import run_audit
+from clients.config import AuditConfig
+from clients.ledger import KeyLedger
+from oml_core.fingerprints import Fingerprint, FingerprintSet
+
+KEY_ENV = "OML_SEQUENTIAL_TEST_KEY"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, "sk-test-sequential-0000")
+    monkeypatch.setenv("OML_HOME", str(tmp_path / "home"))
+
+
+def make_set(folder, n=16):
+    fps = [Fingerprint(f"fp-{i:05d}", f"Amber quarry number {i} hums", f" Zorvex{i}q",
+                       response_prob=1e-3) for i in range(n)]
+    path = folder / "fp.json"
+    FingerprintSet(fps).save(path)
+    return path, fps
+
+
+def stolen(seen):
+    """Answers every key with its fingerprint response, as a fingerprinted model does."""
+    found = re.search(r"number (\d+) hums", json.dumps(seen.body))
+    return Canned.json(chat_reply(f" Zorvex{found.group(1)}q and more" if found else "hello"))
+
+
+def config(server, fp_file, out, **settings):
+    return AuditConfig(**{"base_url": server.base_url, "model": "suspect",
+                          "fingerprints": str(fp_file), "out": str(out), "layers": "user",
+                          "sampled_layers": "", "concurrency": 4, "request_timeout": 5.0,
+                          "max_retries": 1, "max_backoff": 0.0, "api_key_env": KEY_ENV,
+                          "sequential": True, **settings})
+
+
+def test_a_stolen_model_is_convicted_in_one_round_and_the_other_keys_are_never_sent(tmp_path):
+    fp_file, fps = make_set(tmp_path)
+    with HostileServer(stolen) as server:
+        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+        sent = len(server.seen)
+        rerun = run_audit(config(server, fp_file, tmp_path / "out"))
+        assert len(server.seen) == sent  # a rerun replays the evidence and sends nothing
+        spent = KeyLedger(server.base_url).spent()
+    # q = 1e-3 per key: a hit multiplies the e-value by 500, so 3 hits pass 1e6; the first
+    # round (concurrency 4 / 1 probe per key = 4 keys) already does
+    assert summary["verdict"] == "match" and summary["p_value"] <= 1e-6
+    assert sent == 4 and summary["keys_probed"] == 4 and summary["keys_not_sent"] == 12
+    assert summary["state"] == "complete" and summary["pending"] == 0
+    curve = summary["decision"]["sequential"]["curve"]
+    assert [row["hit"] for row in curve] == [True] * 4
+    assert curve[-1]["p_value"] == summary["p_value"]
+    assert len(spent) == 4  # only the keys that were sent are spent
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert "Sequential" in plan["rule"] and plan["sequential"]["alternative_hit_rate"] == 0.5
+    assert rerun["verdict"] == "match" and rerun["p_value"] == summary["p_value"]
+
+
+def test_an_innocent_endpoint_ends_no_match_without_a_false_conviction(tmp_path):
+    fp_file, _ = make_set(tmp_path)
+    with HostileServer(lambda seen: Canned.json(chat_reply("Zorvex is not a word I know"))) as server:
+        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+    # "Zorvex is..." does not open with " Zorvex0q": no key hits, the e-value only falls
+    assert summary["verdict"] == "no_match" and summary["p_value"] == 1.0
+    assert summary["decision"]["sequential"]["hits"] == 0
+
+
+def test_an_endpoint_failing_every_probe_is_inconclusive(tmp_path):
+    fp_file, _ = make_set(tmp_path, 4)
+    with HostileServer(lambda seen: Canned.json({"error": "down"}, status=500)) as server:
+        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+    assert summary["verdict"] == "inconclusive"
+
+
+def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):
+    fp_file, fps = make_set(tmp_path, 8)
+    with HostileServer(stolen) as server:
+        run_audit(config(server, fp_file, tmp_path / "out"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Sequential audit: 4 keys sent, 4 never sent" in report
+    assert report.count("| yes |") == 4
+    assert not any(fp.key in report or fp.response.strip() in report for fp in fps)
