@@ -1,0 +1,22 @@
+#!/bin/bash
+# sequential vs fixed-plan audit of a fingerprinted model behind transformers serve (docs/performance.md);
+# F / M: the run's fingerprint set and model folder (defaults: the paths this was measured with)
+set -u
+cd /work/main
+B=.venv/bin
+F=${F:-/tmp/oml-scratch/smol/run-edit/fingerprints.json}
+M=${M:-/tmp/oml-scratch/smol/run-edit/model}
+BASE=$HOME/.cache/oml/models/SmolLM2-135M-Instruct
+export OML_AUDIT_NONE=none OML_PROGRESS=0 HF_HUB_OFFLINE=1
+[ -f /tmp/seqm/cal.json ] || { /usr/bin/time -v $B/oml calibrate --fingerprints $F --out /tmp/seqm/cal.json 2>&1 | egrep "Elapsed|error|Error" ; }
+$B/transformers serve --host 127.0.0.1 --port 8431 --device cpu > /tmp/seqm/serve.log 2>&1 &
+SP=$!
+for i in $(seq 1 120); do curl -s http://127.0.0.1:8431/health >/dev/null && break; sleep 1; done
+run() { name=$1; shift; s=$(date +%s.%N); $B/oml audit --base-url http://127.0.0.1:8431/v1 --fingerprints /tmp/seqm/cal.json --reuse-keys --json --api-key-env OML_AUDIT_NONE --out /tmp/seqm/$name "$@" > /tmp/seqm/$name.json 2>/tmp/seqm/$name.err; rc=$?; e=$(date +%s.%N); python3 -c "
+import json;d=json.load(open('/tmp/seqm/$name.json'))
+print('$name', 'rc=$rc', d['verdict'], 'p=%.3g'%d['p_value'], 'keys', d['keys_probed'], 'calls', d['calls_this_run'], 'matched %s/%s'%(d['matched'],d['total']), 's=%.0f'%($e-$s))" 2>/dev/null || echo "$name rc=$rc failed: $(tail -2 /tmp/seqm/$name.err)"; }
+run seq-user-edit --model $M --sequential --layers user --sampled-layers ''
+run seq-user-sys-edit --model $M --sequential --layers user,system --num-system-prompts 2 --sampled-layers ''
+run seq-user-base --model $BASE --sequential --layers user --sampled-layers ''
+run fixed-edit --model $M
+kill $SP; wait $SP 2>/dev/null
