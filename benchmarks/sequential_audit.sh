@@ -2,7 +2,8 @@
 # sequential vs fixed-plan audit of a fingerprinted model behind transformers serve (docs/performance.md);
 # F / M: the run's fingerprint set and model folder (defaults: the paths this was measured with)
 set -u
-cd /work/main
+cd "$(dirname "$0")/.."
+mkdir -p /tmp/seqm
 B=.venv/bin
 F=${F:-/tmp/oml-scratch/smol/run-edit/fingerprints.json}
 M=${M:-/tmp/oml-scratch/smol/run-edit/model}
