@@ -174,6 +174,7 @@ class _Audit:
         self.requests = 0
         self.on_progress = on_progress  # optional: the MCP audit job shows how far it is
         self._outcomes: dict[str, dict] = {}
+        self.keys_sent: list[str] | None = None  # sequential: the keys sent so far
         self._progress_at = 0.0
 
     # --- plan -----------------------------------------------------------------------------
@@ -344,7 +345,7 @@ class _Audit:
         order = [fp for fp in self.chosen if by_key[fp.id]]
         round_keys = max(1, self.cfg.concurrency // max(len(v) for v in by_key.values()))
         self.sequential = SequentialTest(self.cfg.alpha)
-        self.keys_sent: list[str] = []
+        self.keys_sent = []
         state, done = "complete", 0
         try:
             while done < len(order) and not self.sequential.crossed:
@@ -465,7 +466,7 @@ class _Audit:
             layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
                              "pending": 0, "answer_kinds": Counter(), "by_temperature": {},
                              "variants": {}}
-        sent = set(getattr(self, "keys_sent", [fp.id for fp in self.chosen]))
+        sent = set(self.keys_sent if self.keys_sent is not None else (fp.id for fp in self.chosen))
         for pid, probe in planned.items():
             row = layers[probe.layer]
             rec = latest.get(pid)

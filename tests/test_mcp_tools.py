@@ -24,6 +24,7 @@ from mcp_helpers import (
     SLOW_JOB,
     TOOLS,
     assert_no_secrets,
+    read_resource as read,
     result_text,
     secrets_of,
     wait_until,
@@ -81,17 +82,6 @@ def err(app, tool: str, args: dict | None, *needles: str) -> str:
     return text
 
 
-def read(app, uri: str) -> str:
-    async def go():
-        async with mcp.Client(app) as client:
-            try:
-                return (await client.read_resource(uri)).contents[0].text
-            except MCPError as exc:  # raised outside, not wrapped in the client's task group
-                return exc
-    answer = anyio.run(go)
-    if isinstance(answer, MCPError):
-        raise answer
-    return answer
 
 
 def generate(app, model_dir, out: str, **settings) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from eval_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 from clients.adapters.base import Answer
 from clients.answers import match
@@ -43,16 +44,6 @@ ALPHA = 0.05
 ANSWER_TOKENS = 4  # enough for the rule to see the word boundary after a one-token response
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models and many small tensor operations: one thread is fastest, and far faster
-    than several when other work holds the CPU cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def allowed_false_matches(trials: int, alpha: float = ALPHA, miss: float = 1e-3) -> int:

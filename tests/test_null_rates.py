@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
+from eval_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 from clients.adapters.base import Answer
 from clients.answers import match
@@ -37,16 +38,6 @@ SECRET_KEY = "SECRETKEY-nullrates-5tq"
 SECRET_RESP = "SECRETRESP-nullrates-8wz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models and many small tensor operations: one thread is fastest, and far faster
-    than several when other work holds the CPU cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- the start rule's word boundary --------------------------------------------------------------
