@@ -16,8 +16,10 @@ for i in $(seq 1 120); do curl -s http://127.0.0.1:8431/health >/dev/null && bre
 run() { name=$1; shift; s=$(date +%s.%N); $B/oml audit --base-url http://127.0.0.1:8431/v1 --fingerprints /tmp/seqm/cal.json --reuse-keys --json --api-key-env OML_AUDIT_NONE --out /tmp/seqm/$name "$@" > /tmp/seqm/$name.json 2>/tmp/seqm/$name.err; rc=$?; e=$(date +%s.%N); python3 -c "
 import json;d=json.load(open('/tmp/seqm/$name.json'))
 print('$name', 'rc=$rc', d['verdict'], 'p=%.3g'%d['p_value'], 'keys', d['keys_probed'], 'calls', d['calls_this_run'], 'matched %s/%s'%(d['matched'],d['total']), 's=%.0f'%($e-$s))" 2>/dev/null || echo "$name rc=$rc failed: $(tail -2 /tmp/seqm/$name.err)"; }
-run seq-user-edit --model $M --sequential --layers user --sampled-layers ''
-run seq-user-sys-edit --model $M --sequential --layers user,system --num-system-prompts 2 --sampled-layers ''
-run seq-user-base --model $BASE --sequential --layers user --sampled-layers ''
-run fixed-edit --model $M
+run seq-user-edit --model $M --layers user --sampled-layers ''
+run seq-user-sys-edit --model $M --layers user,system --num-system-prompts 2 --sampled-layers ''
+run seq-user-base --model $BASE --layers user --sampled-layers ''
+run fixed-edit --model $M --exhaustive
+run default-edit --model $M
+run default-base --model $BASE
 kill $SP; wait $SP 2>/dev/null

@@ -38,7 +38,7 @@ from clients.answers import Redactor, kind_of, match
 from clients.config import AuditConfig, layer_list, validate_audit
 from clients.evidence_log import EvidenceLog
 from clients.ledger import KeyLedger, endpoint_identity
-from clients.probes import Probe, plan_probes
+from clients.probes import Probe, plan_probes, within_call_budget
 from clients.report import verdict_words, write_reports
 from clients.sequential import ALTERNATIVE_HIT_RATE, SequentialTest
 from oml_core import progress
@@ -56,7 +56,8 @@ PROGRESS_EVERY_S = 1.0  # how often on_progress is told, at most (and at start a
 _IDENTITY_FIELDS = ("adapter", "request_template", "answer_path", "max_keys", "reuse_keys", "layers",
                     "num_system_prompts", "sampled_layers", "temperatures", "samples", "seed",
                     "send_seed", "max_tokens", "match", "json_fields", "alpha", "null_rate",
-                    "null_file", "dialect", "agent_native_tools", "sequential")
+                    "null_file", "dialect", "agent_native_tools", "exhaustive", "probes_per_key",
+                    "max_calls")
 # Statuses that mean "this route does not exist here" for the raw (completions) layer: the
 # layer is dropped for the rest of the run instead of stopping the audit.
 _ROUTE_MISSING = (400, 404, 405, 501)
@@ -219,6 +220,14 @@ class _Audit:
         for (layer, sampled, reason), count in sorted(skipped.items()):
             self.notes.append(f"{layer} layer{' (sampled)' if sampled else ''}: {count} probe(s) not "
                               f"sent: {reason}")
+        if self.cfg.exhaustive:  # (a sequential audit keeps to the budget as it goes)
+            budgeted = within_call_budget(self.cfg, self.probes)
+            if len(budgeted) < len(self.probes):
+                self.notes.append(f"{len(self.probes) - len(budgeted)} probe(s) beyond --max-calls "
+                                  f"{self.cfg.max_calls} not planned")
+                self.probes = budgeted
+                kept = {p.fingerprint_id for p in budgeted}  # keys left out are not spent
+                self.chosen = [fp for fp in self.chosen if fp.id in kept]
         self.skipped = sum(skipped.values())
         self.tested_layers = [layer for layer in self.layers
                               if any(p.layer == layer for p in self.probes)]
@@ -243,25 +252,28 @@ class _Audit:
             self.null_source = str(plan.get("null_rate_source") or self.null_source)
         else:
             self.notes += rate_notes
+        self._probe_rate_sums: dict[str, float] = defaultdict(float)
+        for probe in self.probes:
+            self._probe_rate_sums[probe.fingerprint_id] += self.probe_rates[probe.id]
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
         if not path.exists():
-            if self.cfg.sequential:  # the most telling keys (lowest null rate) go first
+            if not self.cfg.exhaustive:  # sequential: the most telling keys (lowest rate) first
                 self.chosen.sort(key=self.key_rate)
-                plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
-                            sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
+                plan.update(sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
                                         "order": "keys by ascending null rate, as listed"})
                 self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
                               f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
                               f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
                               f"soon as it reaches 1/alpha, stop when it no longer can.")
-            plan.update(tests=decision.family_of(self.tested_layers), rule=self.rule,
+            plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
+                        tests=decision.family_of(self.tested_layers), rule=self.rule,
                         alpha=self.cfg.alpha, probes_planned=len(self.probes),
                         probes_not_sendable=self.skipped, null_rate_source=self.null_source,
                         probe_null_rates=self.probe_rates)
             atomic_write_json(path, plan)  # the rule is on disk before any key leaves
         else:
             self.rule = str(plan.get("rule") or self.rule)
-        if not self.cfg.sequential:  # a sequential audit spends its keys a round at a time
+        if self.cfg.exhaustive:  # a sequential audit spends its keys a round at a time
             self.ledger.reserve(self.chosen, plan["audit_id"])
         secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
         self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
@@ -271,8 +283,7 @@ class _Audit:
 
     def key_rate(self, fp: Fingerprint) -> float:
         """A key's null rate: the summed rates of its planned probes (a union bound)."""
-        return min(1.0, sum(self.probe_rates[p.id] for p in self.probes
-                            if p.fingerprint_id == fp.id))
+        return min(1.0, self._probe_rate_sums[fp.id])
 
     # --- probing --------------------------------------------------------------------------
     def disable_raw(self, status: int) -> None:
@@ -337,7 +348,9 @@ class _Audit:
     async def probe_sequentially(self) -> str:
         """Keys in plan order, one round (as many keys as --concurrency keeps busy) at a time;
         after each round its keys enter the e-value in order (clients/sequential.py), and the
-        audit stops once the e-value has reached 1/alpha or can no longer reach it. A rerun
+        audit stops once the e-value has reached 1/alpha or can no longer reach it within the
+        keys and calls left, or after a round in which no key got a valid answer (an endpoint
+        that fails every request would otherwise be shown every key for nothing). A rerun
         replays the answered keys from the evidence and goes on where this one stopped."""
         by_key: dict[str, list[Probe]] = defaultdict(list)
         for probe in self.probes:
@@ -346,10 +359,14 @@ class _Audit:
         round_keys = max(1, self.cfg.concurrency // max(len(v) for v in by_key.values()))
         self.sequential = SequentialTest(self.cfg.alpha)
         self.keys_sent = []
-        state, done = "complete", 0
+        state, done, calls = "complete", 0, 0
         try:
             while done < len(order) and not self.sequential.crossed:
-                batch = order[done:done + round_keys]
+                batch = self.affordable(order[done:done + round_keys], by_key, calls)
+                if not batch:
+                    self.notes.append(f"stopped at the call budget (--max-calls "
+                                      f"{self.cfg.max_calls}); {len(order) - done} key(s) not sent")
+                    break
                 latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
                 ids = {fp.id for fp in batch}
                 pending = [p for p in self.pending(latest) if p.fingerprint_id in ids]
@@ -358,17 +375,41 @@ class _Audit:
                     state = await self.probe_all(pending, close=False)
                     latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
                 self.keys_sent += [fp.id for fp in batch]
+                calls += sum(len(by_key[fp.id]) for fp in batch)
                 if state != "complete":
                     break  # the run timeout: the next run resumes from here
-                for fp in batch:
-                    hit, rate = self.key_outcome(by_key[fp.id], latest)
+                outcomes = [self.key_outcome(by_key[fp.id], latest) for fp in batch]
+                for fp, (hit, rate) in zip(batch, outcomes):
                     self.sequential.add(fp.id, hit, rate, calls=len(by_key[fp.id]))
                 done += len(batch)
-                if not self.sequential.reachable([self.key_rate(fp) for fp in order[done:]]):
+                if all(hit is None for hit, _ in outcomes):
+                    self.notes.append(f"stopped after a round in which no key got a valid answer; "
+                                      f"{len(order) - done} key(s) not sent (fix the endpoint "
+                                      "settings and rerun to go on)")
+                    break
+                left = self.affordable(order[done:], by_key, calls)
+                if not self.sequential.reachable([self.key_rate(fp) for fp in left]):
+                    if len(left) < len(order) - done:
+                        self.notes.append(f"stopped: the calls left of the call budget (--max-calls "
+                                          f"{self.cfg.max_calls}) could no longer reach alpha; "
+                                          f"{len(order) - done} key(s) not sent")
                     break
         finally:
             await self.close_adapter()
         return state
+
+    def affordable(self, keys: list[Fingerprint], by_key: dict[str, list[Probe]],
+                   calls: int) -> list[Fingerprint]:
+        """The leading keys whose probes still fit the --max-calls budget after `calls`."""
+        if self.cfg.max_calls is None:
+            return keys
+        fitting, budget = [], self.cfg.max_calls - calls
+        for fp in keys:
+            budget -= len(by_key[fp.id])
+            if budget < 0:
+                break
+            fitting.append(fp)
+        return fitting
 
     def key_outcome(self, probes: list[Probe], latest: dict[str, dict]) -> tuple[bool | None, float]:
         """(did any answered probe of the key match, or None when none was answered; the summed
@@ -507,7 +548,7 @@ class _Audit:
             row["answer_kinds"] = dict(row["answer_kinds"])
         verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
                                     self.measured_rates, self.null_source)
-        if self.cfg.sequential:
+        if not self.cfg.exhaustive:
             # the verdict is the e-value's: the per-layer p-values above were computed on a
             # sample whose size the evidence chose, so they describe, they do not decide
             sequential = self.sequential.summary()
@@ -569,7 +610,7 @@ async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] 
     audit._status("running", probes=len(audit.probes), pending=len(pending))
     audit.report_progress(latest.values(), final=True)
     try:
-        if cfg.sequential:
+        if not cfg.exhaustive:
             state = await audit.probe_sequentially()
         else:
             state = await audit.probe_all(pending) if pending else "complete"

@@ -22,7 +22,7 @@ from clients.adapters import make_adapter
 from clients.audit import set_digest, settings_id
 from clients.config import AuditConfig, validate_audit
 from clients.ledger import KeyLedger, endpoint_identity
-from clients.probes import Probe, plan_probes
+from clients.probes import Probe, plan_probes, within_call_budget
 from oml_core.errors import OMLInputError
 from oml_core.files import oml_home
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
@@ -131,6 +131,10 @@ def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> dict:
         probes = [p for p in planned if not adapter.unsupported(p.prompt("?"), p.sampling)]
     finally:
         _close(adapter)
+    probes = within_call_budget(cfg, probes)
+    if plan is None:  # keys the budget leaves out are neither sent nor reserved
+        kept = {p.fingerprint_id for p in probes}
+        ids = [i for i in ids if i in kept]
     answered = _answered(folder) & {p.id for p in probes}
     to_send = [p for p in probes if p.id not in answered]
     prompt_tokens = sum(_prompt_tokens(p, by_id[p.fingerprint_id].key) for p in to_send)
@@ -139,7 +143,8 @@ def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> dict:
         "endpoint": endpoint_identity(cfg.base_url), "model": cfg.model,
         "fingerprints": str(cfg.fingerprints), "folder": str(folder),
         "audit_id": _typed_id(plan),
-        "resumes": plan is not None, "keys": len(ids), "key_budget": cfg.max_keys,
+        "resumes": plan is not None, "sequential": not cfg.exhaustive,
+        "keys": len(ids), "key_budget": cfg.max_keys, "call_budget": cfg.max_calls,
         "keys_passed_over": passed_over if isinstance(passed_over, int) else 0,
         "reuse_keys": cfg.reuse_keys, "layers": list(by_layer), "probes_by_layer": dict(by_layer),
         "probes_planned": len(probes), "probes_not_sendable": len(planned) - len(probes),

@@ -47,9 +47,9 @@ def _result(summary: dict) -> dict:
                      "p_value": tests[name]["p_value"]}
               for name, row in summary["layers"].items()}
     keep = ("verdict", "p_value", "matched", "total", "alpha", "state", "pending", "audit_id",
-            "folder", "endpoint", "model", "keys_probed", "probes_planned", "probes_done",
-            "probes_failed", "errors_by_kind", "probes_skipped", "calls_this_run",
-            "requests_this_run", "notes", "reports", "verdict_words")
+            "folder", "endpoint", "model", "keys_probed", "keys_not_sent", "probes_planned",
+            "probes_done", "probes_failed", "errors_by_kind", "probes_skipped", "calls_this_run",
+            "requests_this_run", "seconds_this_run", "notes", "reports", "verdict_words")
     return {"verdict": summary["verdict"], "layers": layers,
             "deciding_test": summary["decision"]["deciding_test"],
             **{k: summary[k] for k in keep}}
@@ -62,6 +62,10 @@ def _human(summary: dict) -> str:
         lines.append(f"  {name:<10} {row['matched']:>4}/{row['total']:<4} keys  "
                      f"{row['hits']:>5}/{row['probes']:<5} probes  errors {row['errors']}")
     lines += [f"  ({note})" for note in summary["notes"]]
+    if summary["decision"].get("sequential"):
+        lines.append(f"  sequential: {summary['keys_probed']} keys sent and spent, "
+                     f"{summary['keys_not_sent']} never sent; {summary['calls_this_run']} calls "
+                     "this run")
     lines.append(summary["verdict_words"])
     lines.append(f"reports: {summary['reports']['html']} (evidence: {summary['folder']}/evidence.jsonl)")
     return "\n".join(lines)
@@ -69,10 +73,14 @@ def _human(summary: dict) -> str:
 
 def _human_plan(plan: dict) -> str:
     resumed = f" (resumes {plan['audit_id']}: {plan['probes_answered']} answered)" if plan["resumes"] else ""
-    lines = [f"plan for {plan['endpoint']}{resumed}: {plan['keys']} keys of the budget "
+    most = "at most " if plan["sequential"] else ""
+    lines = [f"plan for {plan['endpoint']}{resumed}: {most}{plan['keys']} keys of the budget "
              f"{plan['key_budget']} ({plan['keys_passed_over']} passed over as already spent), "
-             f"{plan['calls_to_send']} calls to send (at most {plan['max_requests']} requests with "
-             f"retries), about {plan['estimated_tokens']} tokens"]
+             f"{most}{plan['calls_to_send']} calls to send (at most {plan['max_requests']} requests "
+             f"with retries), about {plan['estimated_tokens']} tokens"]
+    if plan["sequential"]:
+        lines.append("  sequential: keys go out a round at a time and the audit stops as soon as "
+                     "the evidence decides; keys never sent stay unspent")
     lines += [f"  {layer:<10} {count:>5} probes" for layer, count in plan["probes_by_layer"].items()]
     lines.append(f"nothing was sent; the audit folder would be {plan['folder']}")
     return "\n".join(lines)

@@ -48,10 +48,20 @@ class AuditConfig:
     reuse_keys: bool = setting(
         False, "allow keys the ledger says were already spent on this endpoint (default: fresh keys "
                "only)")
-    sequential: bool = setting(
-        False, "send keys in order of their null rate, a round at a time, and stop as soon as the "
-               "evidence reaches --alpha (an anytime-valid e-value over keys) or can no longer "
-               "reach it; keys never sent are not spent")
+    exhaustive: bool = setting(
+        False, "the fixed plan: every key in the budget through every probe of --layers and "
+               "--sampled-layers, decided once all are answered (default: the sequential audit, "
+               "which sends --probes-per-key probes per key in order of their null rate, a round "
+               "at a time, and stops as soon as the evidence reaches --alpha or can no longer "
+               "reach it; keys never sent are not spent)")
+    probes_per_key: int = setting(
+        3, "sequential audit: greedy probes per key, the user turn first, the others taken in "
+           "rotation from the variants of --layers so that every layer is tried within a few "
+           "keys", low=1, high=64)
+    max_calls: int | None = setting(
+        None, "call budget: send at most this many probes (each may be retried --max-retries "
+              "times); the sequential audit also stops once the calls left cannot reach --alpha",
+        low=1, high=10_000_000)
     layers: str = setting(
         ",".join(LAYERS), "comma list of probe layers: raw (completions), user, system (held-out "
                           "system prompts), embedded (key inside a longer message), multiturn, agent "
@@ -59,7 +69,8 @@ class AuditConfig:
     num_system_prompts: int = setting(4, "held-out system prompts used by the system layer",
                                       low=1, high=12)
     sampled_layers: str = setting(
-        "user", "comma list of layers also probed with sampling at --temperatures ('' for none)")
+        "user", "exhaustive plan: comma list of layers also probed with sampling at --temperatures "
+                "('' for none; the sequential audit probes greedily)")
     temperatures: str = setting(SAMPLING_TEMPERATURES, "sampling temperatures for the sampled "
                                                        "layers")
     samples: int = setting(3, "samples per key and temperature on the sampled layers", low=1, high=100)

@@ -22,6 +22,7 @@ match check looks at, for the null rate.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from clients.adapters.base import Prompt, Sampling
@@ -87,8 +88,39 @@ def _variants(layer: str, index: int, num_system_prompts: int) -> list[str]:
     return [layer]
 
 
+def _lean_pool(layers: list[str], index: int, num_system_prompts: int) -> list[tuple[str, str]]:
+    """The (layer, variant) slots a sequential audit draws one key's probes from: the user turn
+    first when it is a layer (the probe closest to training, so the most telling), then the
+    other layers' variants taken one layer at a time in turn (system-00, agent, multiturn,
+    embedded, raw, system-01, ...), so that consecutive keys try different wrappers; raw goes
+    late in each turn since many chat endpoints have no completions route."""
+    order = ("user", "system", "agent", "multiturn", "embedded", "raw")
+    queues = [[(layer, v) for v in _variants(layer, index, num_system_prompts)]
+              for layer in sorted(layers, key=order.index)]
+    head = queues.pop(0) if layers and queues[0][0][0] == "user" else []
+    pool = []
+    while any(queues):
+        pool += [queue.pop(0) for queue in queues if queue]
+    return head + pool
+
+
+def _lean_slots(layers: list[str], index: int, cfg: AuditConfig) -> list[tuple[str, str]]:
+    """Key `index`'s probes in a sequential audit: the pool's head, then --probes-per-key - 1
+    slots of the rest in rotation across keys (key 0 takes the first ones, key 1 the next)."""
+    pool = _lean_pool(layers, index, cfg.num_system_prompts)
+    fixed = 1 if pool and pool[0][0] == "user" else 0
+    head, rest = pool[:fixed], pool[fixed:]
+    take = min(cfg.probes_per_key - fixed, len(rest))
+    if take <= 0:
+        return head[:cfg.probes_per_key]
+    start = index * take
+    return head + [rest[(start + j) % len(rest)] for j in range(take)]
+
+
 def plan_probes(cfg: AuditConfig, fingerprint_ids: list[str]) -> list[Probe]:
-    """Every probe of the audit, greedy ones first (they carry most of the evidence)."""
+    """Every probe of the audit. The exhaustive plan: every variant of every layer for every
+    key, greedy ones first (they carry most of the evidence), then the sampled ones. The
+    sequential audit (the default): --probes-per-key greedy probes per key (_lean_slots)."""
     layers = layer_list(cfg)
     sampled = [layer for layer in sampled_layer_list(cfg) if layer in layers]
     temps = temperature_list(cfg)
@@ -102,6 +134,10 @@ def plan_probes(cfg: AuditConfig, fingerprint_ids: list[str]) -> list[Probe]:
                      cfg.agent_native_tools and layer == "agent")
 
     for index, fp_id in enumerate(fingerprint_ids):
+        if not cfg.exhaustive:
+            greedy += [probe(fp_id, layer, variant, 0.0, 0, None)
+                       for layer, variant in _lean_slots(layers, index, cfg)]
+            continue
         for layer in layers:
             for variant in _variants(layer, index, cfg.num_system_prompts):
                 greedy.append(probe(fp_id, layer, variant, 0.0, 0, None))
@@ -110,3 +146,20 @@ def plan_probes(cfg: AuditConfig, fingerprint_ids: list[str]) -> list[Probe]:
                                              cfg.seed if cfg.send_seed else None)
                                        for t in temps for s in range(cfg.samples)]
     return greedy + sampled_probes
+
+
+def within_call_budget(cfg: AuditConfig, probes: list[Probe]) -> list[Probe]:
+    """The probes --max-calls lets the audit send: the plan's first ones (exhaustive), or the
+    probes of as many whole keys as fit (sequential, which sends keys whole)."""
+    if cfg.max_calls is None or len(probes) <= cfg.max_calls:
+        return probes
+    if cfg.exhaustive:
+        return probes[:cfg.max_calls]
+    per_key = Counter(p.fingerprint_id for p in probes)
+    kept, used = set(), 0
+    for fp_id, count in per_key.items():
+        if used + count > cfg.max_calls:
+            break
+        kept.add(fp_id)
+        used += count
+    return [p for p in probes if p.fingerprint_id in kept]

@@ -292,8 +292,12 @@ class AuditPlan(BaseModel):
                                                    "starts")
     resumes: bool = Field(description="the folder holds this audit: only unanswered probes are "
                                       "sent, with the keys it already spent")
+    sequential: bool = Field(description="true (the default audit): keys, calls and tokens "
+                                         "are the most it may spend; it stops as soon as the "
+                                         "evidence decides, and keys it never sends stay unspent")
     keys: int = Field(description="fingerprint keys the endpoint will see (spent for good)")
     key_budget: int
+    call_budget: int | None = Field(description="max_calls: the most calls the audit may send")
     keys_passed_over: int = Field(description="keys skipped because the ledger says this "
                                               "endpoint has already seen them")
     reuse_keys: bool

@@ -37,7 +37,7 @@ def test_agent_layer_in_front_of_the_fingerprinted_bundled_model(demo_model, tmp
     # the key as the user turn, which the proxy wraps in its own system prompt and tools
     settings = {"fingerprints": str(fp_file), "dialect": "transformers", "layers": "user",
                 "sampled_layers": "", "max_tokens": 4, "concurrency": 2, "reuse_keys": True,
-                "request_timeout": 300.0}
+                "request_timeout": 300.0, "exhaustive": True}  # every key: how many come back
     with transformers_server(tmp_path, threads=2) as server, \
             Proxy(server.base_url.removesuffix("/v1"), transform=agent_layer) as proxy:
         hit = run_audit(AuditConfig(base_url=proxy.base_url, model=str(model),

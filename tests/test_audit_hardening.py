@@ -71,7 +71,7 @@ def audit_config(server, fp_file, out, adapter="openai", **settings) -> AuditCon
     base = {"base_url": server.base_url, "model": "suspect", "fingerprints": str(fp_file),
             "out": str(out), "layers": "user", "sampled_layers": "", "reuse_keys": True,
             "concurrency": 4, "request_timeout": 5.0, "max_retries": 1, "max_backoff": 0.0,
-            "api_key_env": KEY_ENV}
+            "api_key_env": KEY_ENV, "exhaustive": True}  # every key is sent: the transport is tested
     if adapter == "http":
         base.update(adapter="http", base_url=server.base_url + "/chat/completions",
                     request_template=TEMPLATE, header=["Authorization: Bearer $API_KEY"])

@@ -1,4 +1,4 @@
-"""`oml audit --sequential` against loopback endpoints: a stolen model is convicted after the
+"""The sequential audit (the default) against loopback endpoints: a stolen model is convicted after the
 first round of keys and the rest are never sent (nor spent); an innocent one ends `no_match`;
 a rerun replays the evidence without sending anything."""
 
@@ -43,7 +43,7 @@ def config(server, fp_file, out, **settings):
                           "fingerprints": str(fp_file), "out": str(out), "layers": "user",
                           "sampled_layers": "", "concurrency": 4, "request_timeout": 5.0,
                           "max_retries": 1, "max_backoff": 0.0, "api_key_env": KEY_ENV,
-                          "sequential": True, **settings})
+                          **settings})
 
 
 def test_a_stolen_model_is_convicted_in_one_round_and_the_other_keys_are_never_sent(tmp_path):
@@ -77,11 +77,33 @@ def test_an_innocent_endpoint_ends_no_match_without_a_false_conviction(tmp_path)
     assert summary["decision"]["sequential"]["hits"] == 0
 
 
-def test_an_endpoint_failing_every_probe_is_inconclusive(tmp_path):
-    fp_file, _ = make_set(tmp_path, 4)
+def test_an_endpoint_failing_every_probe_is_inconclusive_after_one_round_and_keeps_the_rest(
+        tmp_path):
+    fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json({"error": "down"}, status=500)) as server:
         summary = run_audit(config(server, fp_file, tmp_path / "out"))
-    assert summary["verdict"] == "inconclusive"
+        spent = KeyLedger(server.base_url).spent()
+    # one round of 4 keys (2 tries each) failed: the other 12 keys are neither shown nor spent
+    assert summary["verdict"] == "inconclusive" and summary["keys_probed"] == 4
+    assert len(server.seen) == 4 * 2 and len(spent) == 4
+    assert any("no key got a valid answer" in note for note in summary["notes"])
+
+
+def test_the_call_budget_stops_the_audit_and_limits_what_it_can_conclude(tmp_path):
+    fp_file, _ = make_set(tmp_path)
+    innocent = HostileServer(lambda seen: Canned.json(chat_reply("no idea")))
+    with innocent as server:
+        summary = run_audit(config(server, fp_file, tmp_path / "out", max_calls=6))
+    # after a round of 4 misses (e = 0.5^4) the 2 keys the budget leaves could lift it by
+    # 500^2 at most, short of 1e6: the futility rule counts the calls left, so it stops there
+    assert len(server.seen) == 4 and summary["keys_probed"] == 4
+    assert summary["verdict"] == "no_match" and summary["keys_not_sent"] == 12
+    with HostileServer(stolen) as server:
+        few = run_audit(config(server, fp_file, tmp_path / "few", max_calls=2))
+    # two hits (e = 500^2 = 2.5e5) cannot reach 1e6, and no call is left for a third key
+    assert len(server.seen) == 2 and few["verdict"] == "no_match"
+    assert few["p_value"] == pytest.approx(1 / 500 ** 2)
+    assert any("call budget" in note for note in few["notes"])
 
 
 def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):

@@ -61,7 +61,8 @@ def server(tmp_path_factory):
 def config(base_url, model, fp_file, out, **settings) -> AuditConfig:
     base = {"base_url": base_url, "model": str(model), "fingerprints": str(fp_file),
             "out": str(out), "dialect": "transformers", "max_tokens": 6, "num_system_prompts": 2,
-            "samples": 2, "reuse_keys": True, "concurrency": 4, "request_timeout": 30.0}
+            "samples": 2, "reuse_keys": True, "concurrency": 4, "request_timeout": 30.0,
+            "exhaustive": True}  # the fixed plan's mechanics; the sequential audit has its test
     return AuditConfig(**{**base, **settings})
 
 
@@ -145,7 +146,7 @@ def test_killed_audit_resumes_without_repeating_a_call(server, tiny_fp, tmp_path
     out = tmp_path / "killed"
     args = ["--base-url", None, "--model", model, "--fingerprints", fp_file, "--out", out,
             "--dialect", "transformers", "--max-tokens", "6", "--num-system-prompts", "2",
-            "--samples", "2", "--reuse-keys", "--concurrency", "2", "--json"]
+            "--samples", "2", "--reuse-keys", "--concurrency", "2", "--exhaustive", "--json"]
     finished_before_kill = 30
     with Proxy(server.base_url.removesuffix("/v1"), hold_after=finished_before_kill) as proxy:
         args[1] = proxy.base_url
@@ -272,7 +273,7 @@ def test_ctrl_c_and_the_run_timeout_leave_a_resumable_folder(server, tiny_fp, tm
     args = ["--base-url", None, "--model", model, "--fingerprints", fp_file, "--out", out,
             "--layers", "user,system", "--num-system-prompts", "2", "--sampled-layers", "",
             "--max-tokens", "6", "--samples", "2", "--dialect", "transformers", "--reuse-keys",
-            "--concurrency", "1", "--json"]
+            "--concurrency", "1", "--exhaustive", "--json"]
     with Proxy(server.base_url.removesuffix("/v1"), hold_after=5) as proxy:
         args[1] = proxy.base_url
         # a shell running the suite in the background (`make test &`, CI runners) starts it

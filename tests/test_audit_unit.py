@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -33,7 +34,7 @@ from clients.config import AuditConfig, validate_audit
 from clients.decision import evaluate, family_of
 from clients.evidence_log import EvidenceLog
 from clients.ledger import KeyLedger, endpoint_identity
-from clients.probes import plan_probes
+from clients.probes import plan_probes, within_call_budget
 from oml_core.errors import OMLInputError
 from oml_core.evidence import poisson_binomial_sf
 from oml_core.fingerprints import Fingerprint
@@ -283,8 +284,36 @@ def test_redactor_hides_keys_responses_and_the_api_key():
 
 
 # --- plan, template, config, CLI ---------------------------------------------------------------------
+def test_the_sequential_plan_sends_the_user_turn_and_rotates_the_other_layers_across_keys():
+    cfg = AuditConfig(num_system_prompts=4)  # the default: sequential, 3 probes per key
+    probes = plan_probes(cfg, [f"k{i}" for i in range(8)])
+    per_key = defaultdict(list)
+    for p in probes:
+        per_key[p.fingerprint_id].append(p)
+    assert all(len(v) == 3 and v[0].variant == "user" for v in per_key.values())
+    assert all(p.temperature == 0 for p in probes) and len({p.id for p in probes}) == len(probes)
+    # the two rotating slots of 4 keys cover every other layer (raw, 4 system prompts,
+    # embedded, multiturn, agent: 8 slots), so each layer is tried within the first keys
+    first_four = {p.layer for k in ("k0", "k1", "k2", "k3") for p in per_key[k]}
+    assert first_four == {"raw", "user", "system", "embedded", "multiturn", "agent"}
+    assert per_key["k0"][1].variant == "system-00"  # the closest wrapper after the user turn
+    one = plan_probes(AuditConfig(probes_per_key=1, layers="system,agent"), ["a", "b", "c"])
+    assert [p.variant for p in one] == ["system-00", "agent", "system-01"]
+    assert len(plan_probes(AuditConfig(probes_per_key=9, layers="user"), ["a"])) == 1
+
+
+def test_the_call_budget_keeps_whole_keys_in_a_sequential_plan_and_a_prefix_in_a_fixed_one():
+    ids = [f"k{i}" for i in range(4)]
+    lean = AuditConfig(max_calls=7)
+    kept = within_call_budget(lean, plan_probes(lean, ids))
+    assert len(kept) == 6 and {p.fingerprint_id for p in kept} == {"k0", "k1"}
+    fixed = AuditConfig(max_calls=7, exhaustive=True)
+    assert within_call_budget(fixed, plan_probes(fixed, ids)) == plan_probes(fixed, ids)[:7]
+
+
 def test_probe_plan_covers_every_layer_once_per_variant():
-    cfg = AuditConfig(num_system_prompts=3, samples=2, temperatures="0.7,1.0", max_tokens=8)
+    cfg = AuditConfig(num_system_prompts=3, samples=2, temperatures="0.7,1.0", max_tokens=8,
+                      exhaustive=True)
     probes = plan_probes(cfg, ["a", "b"])
     per_key = 1 + 1 + 3 + 1 + 1 + 1 + 2 * 2  # raw user system*3 embedded multiturn agent + sampled
     assert len(probes) == 2 * per_key and len({p.id for p in probes}) == len(probes)
@@ -374,11 +403,18 @@ def test_plan_only_prints_the_plan_and_sends_nothing(tmp_path):
                            capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stderr
     plan = json.loads(shown.stdout)
-    assert plan["keys"] == 3 and plan["calls_to_send"] == 3 * (1 + 4)  # user + 4 system prompts
-    assert plan["probes_by_layer"] == {"user": 3, "system": 12} and not plan["resumes"]
+    # sequential (the default): at most 3 probes per key, the user turn and two system prompts
+    assert plan["sequential"] and plan["keys"] == 3 and plan["calls_to_send"] == 3 * 3
+    assert plan["probes_by_layer"] == {"user": 3, "system": 6} and not plan["resumes"]
     assert "secretkey" not in shown.stdout + shown.stderr
     assert not out.exists()  # no plan, no evidence
     assert not list((home / "ledgers").glob("*.json"))  # no key reserved (the salt may be made)
     human = subprocess.run(audit_command(*args, "--plan-only"), check=False, capture_output=True,
                            text=True, timeout=120, env=env)
-    assert human.returncode == 0 and "15 calls to send" in human.stdout and "nothing was sent" in human.stdout
+    assert human.returncode == 0 and "at most 9 calls to send" in human.stdout
+    assert "nothing was sent" in human.stdout and "stops as soon as" in human.stdout
+    fixed = subprocess.run(audit_command(*args, "--exhaustive", "--max-calls", "7", "--plan-only",
+                                         "--json"), check=False, capture_output=True, text=True,
+                           timeout=120, env=env)
+    plan = json.loads(fixed.stdout)  # user + 4 system prompts a key, cut at 7 calls
+    assert not plan["sequential"] and plan["calls_to_send"] == 7 and plan["keys"] == 2

@@ -33,10 +33,12 @@ KEY_ENV = "OML_AUDIT_TEST_KEY"
 FAKE_API_KEY = "sk-oml-mcp-audit-7c6b5a4f3e2d1c0b"
 KEY_MARK = "amber lighthouse"   # in every key
 SET_SIZE = 4
-# user layer + 2 held-out system prompts, greedy only: 3 probes per key
+# user layer + 2 held-out system prompts, greedy only: 3 probes per key; the fixed plan, so
+# that every key is sent (the job mechanics are tested on all of them; the default, sequential
+# audit has its own tests below)
 SMALL = {"layers": "user,system", "num_system_prompts": 2, "sampled_layers": "",
          "api_key_env": KEY_ENV, "max_retries": 1, "max_backoff": 0.0, "request_timeout": 10.0,
-         "concurrency": 2, "header": []}
+         "concurrency": 2, "header": [], "exhaustive": True}
 PROBES = SET_SIZE * 3
 
 
@@ -200,6 +202,22 @@ def test_an_audit_job_runs_to_a_match_and_its_result_and_report_are_served(ws, f
     message = err(again, "start_audit", {**audit_args(server), "out": "audits/second",
                                          "plan_only": True}, "already spent", "reuse_keys")
     assert "--reuse-keys" not in message
+
+
+def test_the_default_audit_stops_once_the_evidence_decides_and_spends_only_the_keys_it_sent(
+        ws, fps):
+    app = build_server(ws)
+    with HostileServer(fingerprinted(fps)) as server:
+        started = ok(app, "start_audit", audit_args(server, exhaustive=False), fps)
+        assert started["plan"]["sequential"] and started["plan"]["calls_to_send"] == PROBES
+        done = wait_final(app, started["job"]["job_id"], fps)
+        spent = KeyLedger(server.base_url, ws.home / "ledgers").spent()
+    # q = 3e-3 a key (3 probes at 1e-3): a hit multiplies the e-value by ~167, so the third
+    # hit passes 1/alpha = 1e6; rounds of one key (concurrency 2 < 3 probes a key)
+    assert done["state"] == "completed" and done["p_value"] <= 1e-6
+    assert done["step"] == 9 and done["total_steps"] == PROBES
+    result = ok(app, "audit_result", {"audit_id": started["job"]["job_id"]}, fps)
+    assert result["verdict"] == "match" and result["keys_probed"] == 3 and len(spent) == 3
 
 
 def test_cancel_stops_the_job_and_the_same_call_resumes_it(ws, fps):
@@ -403,31 +421,41 @@ def test_audit_over_stdio_against_transformers_serve(tiny_model_dir, tiny_model,
         with open(errlog, "w") as sink, anyio.fail_after(300):
             async with mcp.Client(stdio_client(params, errlog=sink),
                                   read_timeout_seconds=120) as client:
-                args = {"base_url": base_url, "model": str(tmp_path / "run" / "model"),
-                        "fingerprints": "fingerprints/fp.json", "dialect": "transformers",
+                args = {"base_url": base_url, "fingerprints": "fingerprints/fp.json", "dialect": "transformers",
                         "layers": "user,system", "num_system_prompts": 1, "sampled_layers": "",
                         "max_tokens": 6, "concurrency": 2, "api_key_env": KEY_ENV,
                         "request_timeout": 60.0}
-                plan = await client.call_tool("start_audit", {**args, "plan_only": True})
+                plan = await client.call_tool("start_audit", {
+                    **args, "model": str(tmp_path / "run" / "model"), "plan_only": True})
                 assert not plan.is_error, result_text(plan)
-                started = await client.call_tool("start_audit", args)
-                assert not started.is_error, result_text(started)
-                job_id = started.structured_content["job"]["job_id"]
-                while True:
-                    status = (await client.call_tool("job_status", {"job_id": job_id}))
-                    if status.structured_content["state"] in FINAL:
-                        break
-                    await anyio.sleep(1.0)
-                result = await client.call_tool("audit_result", {"audit_id": job_id})
-                texts = [result_text(r) for r in (plan, started, status, result)]
-                return plan.structured_content["plan"], status.structured_content, \
-                    result.structured_content, texts
+                outcomes = []
+                # the fingerprinted model, then the base model it was made from (an innocent
+                # suspect) on the same server; the base's audit may show the same keys again
+                for model, extra in ((tmp_path / "run" / "model", {}),
+                                     (tiny_model_dir, {"reuse_keys": True})):
+                    started = await client.call_tool("start_audit", {**args, **extra,
+                                                                     "model": str(model)})
+                    assert not started.is_error, result_text(started)
+                    job_id = started.structured_content["job"]["job_id"]
+                    while True:
+                        status = (await client.call_tool("job_status", {"job_id": job_id}))
+                        if status.structured_content["state"] in FINAL:
+                            break
+                        await anyio.sleep(1.0)
+                    result = await client.call_tool("audit_result", {"audit_id": job_id})
+                    outcomes.append((status.structured_content, result.structured_content,
+                                     [result_text(r) for r in (started, status, result)]))
+                return plan.structured_content["plan"], outcomes, result_text(plan)
 
     with transformers_server(tmp_path) as server:
-        plan, status, result, texts = anyio.run(scenario, server.base_url)
-    assert plan["calls_to_send"] == 16 and plan["keys"] == 8
-    assert status["state"] == "completed" and status["step"] == status["total_steps"] == 16
-    assert result["verdict"] == "match" and result["layers"]["user"]["matched"] >= 6, result
+        plan, outcomes, plan_text = anyio.run(scenario, server.base_url)
+    assert plan["sequential"] and plan["calls_to_send"] == 16 and plan["keys"] == 8  # at most
+    (status, result, texts), (base_status, base_result, base_texts) = outcomes
+    assert status["state"] == "completed" and status["total_steps"] == 16
+    assert result["verdict"] == "match" and result["p_value"] <= 1e-6, result
+    assert status["step"] < 16 and result["keys_probed"] < 8  # stopped once it was decided
+    assert base_status["state"] == "completed" and base_result["verdict"] == "no_match", base_result
+    texts += [*base_texts, plan_text]
     for text in [*texts, errlog.read_text()]:
         for secret in hidden:
             assert secret not in text

@@ -113,7 +113,7 @@ def test_audit_rates_come_from_each_probes_context_and_temperature():
         "user": {"1": 0.02, "0.7": 0.01}, "system-00": {"1": 0.03}, "agent": {"1": 0.004},
         "agent-field": {"1": 0.05}})
     cfg = AuditConfig(layers="user,system,agent", num_system_prompts=1, sampled_layers="user",
-                      temperatures="0.7,1.3", samples=1, json_fields=2)
+                      temperatures="0.7,1.3", samples=1, json_fields=2, exhaustive=True)
     probes = {p.id: p for p in plan_probes(cfg, ["fp-0"])}
     rates, source, notes = probe_rates(cfg, list(probes.values()), {"fp-0": fp}, None)
     by = {(p.variant, p.temperature): rates[pid] for pid, p in probes.items()}
