@@ -176,6 +176,8 @@ class _Audit:
         self.on_progress = on_progress  # optional: the MCP audit job shows how far it is
         self._outcomes: dict[str, dict] = {}
         self.keys_sent: list[str] | None = None  # sequential: the keys sent so far
+        # the sequential audit's running e-value (None: the exhaustive plan)
+        self.sequential = None if cfg.exhaustive else SequentialTest(cfg.alpha)
         self._progress_at = 0.0
 
     # --- plan -----------------------------------------------------------------------------
@@ -357,7 +359,6 @@ class _Audit:
             by_key[probe.fingerprint_id].append(probe)
         order = [fp for fp in self.chosen if by_key[fp.id]]
         round_keys = max(1, self.cfg.concurrency // max(len(v) for v in by_key.values()))
-        self.sequential = SequentialTest(self.cfg.alpha)
         self.keys_sent = []
         state, done, calls = "complete", 0, 0
         try:
@@ -484,13 +485,19 @@ class _Audit:
         outcomes = [o for pid, o in self._outcomes.items() if pid in planned]
         done = sum(o["status"] == "ok" for o in outcomes)
         try:  # a courtesy to the caller: it must never stop the audit
-            verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
-                                        self.measured_rates, self.null_source)
-            top = verdict["tests"][verdict["deciding_test"]]
+            test = self.sequential
+            if test is not None:  # its own (anytime-valid) evidence, updated a round at a time
+                p_value = test.p_value if test.keys_tested else None
+                matched, total = test.hits, test.keys_tested
+            else:
+                verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
+                                            self.measured_rates, self.null_source)
+                top = verdict["tests"][verdict["deciding_test"]]
+                p_value = verdict["p_value"] if done else None
+                matched, total = top["matched"], top["total"]
             self.on_progress({"probes_done": done, "probes_failed": len(outcomes) - done,
                               "probes_planned": len(planned), "calls_this_run": self.calls,
-                              "p_value": verdict["p_value"] if done else None,
-                              "matched": top["matched"], "total": top["total"]})
+                              "p_value": p_value, "matched": matched, "total": total})
         except Exception as exc:  # noqa: BLE001
             log.warning("progress report failed (%s)", type(exc).__name__)
 

@@ -11,6 +11,7 @@ endpoint was not tested; that must never read as a clean result).
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 from oml_core.files import atomic_write_json, atomic_write_text
@@ -28,6 +29,9 @@ def verdict_words(summary: dict) -> str:
                 f"carrying these fingerprints nor that it does not. The errors are in "
                 f"evidence.jsonl; fix their cause and rerun the same command to retry the failed "
                 f"probes (the keys already sent stay recorded as spent).")
+    sequential = d.get("sequential")
+    if sequential:
+        return _sequential_words(summary, sequential, ep)
     if summary["verdict"] == "match":
         text = (f"The endpoint {ep} answered {k} of {n} secret fingerprint keys with the "
                 f"fingerprint's response. If it served a model that was never fingerprinted with "
@@ -48,6 +52,33 @@ def verdict_words(summary: dict) -> str:
     if summary["incomplete"]:
         text += (f" {summary['pending']} planned probe(s) did not complete (errors, timeouts or an "
                  f"interruption); rerunning the same command finishes them without repeating the "
+                 f"others.")
+    return text
+
+
+def _sequential_words(summary: dict, sequential: dict, ep: str) -> str:
+    hits, tested = sequential["hits"], sequential["keys_tested"]
+    unsent = summary.get("keys_not_sent", 0)
+    kept = f" The other {unsent} key(s) were never sent and stay unspent." if unsent else ""
+    if summary["verdict"] == "match":
+        text = (f"The endpoint {ep} answered {hits} of the {tested} secret fingerprint keys it was "
+                f"shown with the fingerprint's response. If it served a model that was never "
+                f"fingerprinted with this set, evidence this strong would appear at any point of "
+                f"the audit with probability at most {sequential['p_value']:.2g} (an anytime-valid "
+                f"bound: stopping once the evidence sufficed does not make it smaller), below the "
+                f"false-positive level {sequential['alpha']:g} fixed before probing. Conclusion: "
+                f"the endpoint serves a model carrying these fingerprints.{kept}")
+    else:
+        text = (f"The endpoint {ep} answered {hits} of the {tested} secret fingerprint keys it was "
+                f"shown with the fingerprint's response: not enough to claim a match at the "
+                f"false-positive level {sequential['alpha']:g} (anytime-valid p = "
+                f"{sequential['p_value']:.2g}), and the audit stopped once the keys and calls left "
+                f"could no longer get there.{kept} This does not prove the model is unrelated: "
+                f"fingerprints can be removed by further training or suppressed by the host; "
+                f"`--exhaustive` or a larger --max-keys probes further.")
+    if summary["incomplete"]:
+        text += (f" {summary['pending']} probe(s) did not complete (errors, timeouts or an "
+                 f"interruption); rerunning the same command goes on without repeating the "
                  f"others.")
     return text
 
@@ -129,12 +160,54 @@ def _svg_chart(summary: dict) -> str:
     return "".join(parts)
 
 
+def _svg_evidence_curve(sequential: dict) -> str:
+    """The sequential audit's anytime-valid p-value after each key (log scale), with the
+    false-positive level it had to reach: where the curve crosses the line, the audit stopped."""
+    curve = sequential["curve"]
+    if not curve:
+        return ""
+    width, height, left, top, bottom = 520, 220, 60, 12, 36
+    floor = min(min(row["p_value"] for row in curve), sequential["alpha"]) / 10
+    decades = max(1.0, -math.log10(floor))
+
+    def x(i: int) -> float:
+        return left + (width - left - 20) * i / max(len(curve), 1)
+
+    def y(p: float) -> float:
+        return top + (height - top - bottom) * (-math.log10(max(p, floor)) / decades)
+
+    points = [(x(0), y(1.0))] + [(x(i), y(row["p_value"])) for i, row in enumerate(curve, 1)]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'role="img" aria-label="p-value after each key">',
+             f'<line x1="{left}" y1="{y(sequential["alpha"]):.1f}" x2="{width - 20}" '
+             f'y2="{y(sequential["alpha"]):.1f}" stroke="#c0392b" stroke-dasharray="5 3"/>',
+             f'<text x="{width - 22}" y="{y(sequential["alpha"]) - 4:.1f}" text-anchor="end" '
+             f'font-size="11" fill="#c0392b">alpha {sequential["alpha"]:g}</text>',
+             '<polyline fill="none" stroke="#2c3e50" stroke-width="2" points="'
+             + " ".join(f"{px:.1f},{py:.1f}" for px, py in points) + '"/>']
+    for i, row in enumerate(curve, 1):
+        fill = "#c0392b" if row["hit"] else ("#bbb" if row["hit"] is None else "#2c3e50")
+        parts.append(f'<circle cx="{x(i):.1f}" cy="{y(row["p_value"]):.1f}" r="3.5" '
+                     f'fill="{fill}"/>')
+    for p in (1.0, *(10.0 ** -k for k in range(2, int(decades) + 1, 2))):
+        parts.append(f'<text x="{left - 6}" y="{y(p) + 4:.1f}" text-anchor="end" '
+                     f'font-size="11">{p:g}</text>')
+    parts.append(f'<text x="{left}" y="{height - 8}" font-size="11" fill="#555">keys in the '
+                 f'order sent ({len(curve)}); red: the response came back</text></svg>')
+    return "".join(parts)
+
+
 def html_page(summary: dict) -> str:
     color = {"match": "#c0392b", "inconclusive": "#b9770e"}.get(summary["verdict"], "#2c3e50")
     rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
             for row in table_rows(summary)]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in summary["notes"])
     d = summary["decision"]
+    curve, deciding = "", d["deciding_test"]
+    if d.get("sequential"):
+        deciding = "the sequential e-value over keys"
+        curve = ("<h3>The evidence after each key (anytime-valid p-value)</h3>"
+                 + _svg_evidence_curve(d["sequential"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Fingerprint audit: {html.escape(summary['verdict'])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
@@ -145,8 +218,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;fo
 <div class="verdict"><h2>Verdict: {html.escape(summary['verdict'])}</h2>
 <p>{html.escape(verdict_words(summary))}</p>
 <p class="small">p = {d['p_value']:.3g}, false-positive level {d['alpha']:g}, deciding test:
-{html.escape(d['deciding_test'])}</p></div>
-<h3>Keys that came back, per layer</h3>
+{html.escape(deciding)}</p></div>
+{curve}<h3>Keys that came back, per layer</h3>
 {_svg_chart(summary)}
 <table><tr><th>layer</th><th>keys matched</th><th>keys answered</th><th>probe hits / answers</th>
 <th>errors</th><th>answer kinds</th><th>p (uncorrected)</th></tr>{''.join(rows)}</table>

@@ -112,5 +112,9 @@ def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):
         run_audit(config(server, fp_file, tmp_path / "out"))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Sequential audit: 4 keys sent, 4 never sent" in report
+    assert "anytime-valid" in report and "4 key(s) were never sent" in report
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<circle") == 4 and "alpha 1e-06" in page  # one point per key sent
+    assert not any(fp.key in page or fp.response.strip() in page for fp in fps)
     assert report.count("| yes |") == 4
     assert not any(fp.key in report or fp.response.strip() in report for fp in fps)

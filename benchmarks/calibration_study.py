@@ -1,0 +1,233 @@
+"""Experiment: do the audit's pre-registered null rates hold on innocent endpoints?
+
+Ten (or --sets) key sets made as `make demo` makes its own (16 perinucleus keys of 16 tokens,
+one-token responses, the bundled model), each calibrated with `oml calibrate`, are audited
+with the default (sequential) audit against models that never saw them, served by a real
+`transformers serve` on loopback: the base model itself, Gemma-3-270M (unrelated) and a
+benign derivative of the base (a short fine-tune on ordinary chat, made by `oml eval`'s
+robustness part, the second parent of its TIES/DARE merges).
+
+Reported: the verdicts (a `match` here is a false conviction: there must be none), and per
+probe layer the empirical hit rate of the probes sent against the pre-registered rate of the
+same probes (the mean of plan.json's `probe_null_rates`), with a 95% Clopper-Pearson upper
+bound on the empirical rate; calibration.svg plots them. Resumable: sets, calibrations and
+audit folders already on disk are reused.
+
+    .venv/bin/python benchmarks/calibration_study.py --out runs/calibration-study \\
+        --derivative runs/demo/eval/benign-derivative/<key>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clients.audit import run_audit  # noqa: E402
+from clients.config import AuditConfig  # noqa: E402
+from oml_core.calibrate import calibrate_set  # noqa: E402
+from oml_core.config import CalibrateConfig, GenerateConfig  # noqa: E402
+from oml_core.generate import generate_set  # noqa: E402
+from oml_core.models import load_model, resolve_model  # noqa: E402
+
+NO_KEY_ENV = "OML_AUDIT_CALIBRATION_NONE"  # unset: no API key is sent to our own server
+
+
+def make_sets(out: Path, seeds: list[int]) -> list[Path]:
+    """Generate and calibrate each set once (the demo's generation settings)."""
+    paths = [out / "sets" / f"set-{seed}.json" for seed in seeds]
+    todo = [(seed, path) for seed, path in zip(seeds, paths) if not path.exists()]
+    if todo:
+        loaded = load_model(resolve_model(None), "cpu", "float32")
+        for seed, path in todo:
+            t0 = time.monotonic()
+            fset = generate_set(GenerateConfig(strategy="perinucleus", num_fingerprints=16,
+                                               key_length=16, response_length=1, seed=seed), loaded)
+            calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1"), loaded, fset)
+            calibrated.save(path)
+            print(f"set {seed}: generated and calibrated in {time.monotonic() - t0:.0f} s",
+                  flush=True)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/transformers"), "serve", "--host",
+                                 "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("transformers serve did not come up")
+
+
+def audit_probes(folder: Path) -> list[dict]:
+    """(layer, pre-registered rate, hit) of every answered probe of a finished audit."""
+    plan = json.loads((folder / "plan.json").read_text())
+    rates = plan["probe_null_rates"]
+    latest = {}
+    for line in (folder / "evidence.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        latest[record["probe"]] = record
+    return [{"layer": r["layer"], "rate": rates[pid], "hit": bool(r["match"])}
+            for pid, r in latest.items() if r["status"] == "ok"]
+
+
+def clopper_pearson_upper(hits: int, n: int, level: float = 0.95) -> float:
+    """One-sided upper confidence bound on a binomial rate (bisection on the tail)."""
+    if n == 0:
+        return 1.0
+    if hits == n:
+        return 1.0
+    target = 1.0 - level
+    lo, hi = hits / n, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        tail = sum(math.comb(n, k) * mid ** k * (1 - mid) ** (n - k) for k in range(hits + 1))
+        lo, hi = (mid, hi) if tail > target else (lo, mid)
+    return hi
+
+
+def svg_plot(rows: list[dict], path: Path) -> None:
+    """Empirical hit rate (with its 95% upper bound) against the pre-registered rate, per layer
+    and model, on log axes; points under the diagonal are conservative."""
+    w, h, pad = 520, 420, 60
+    lo, hi = -4.0, 0.0
+
+    def xy(pre: float, emp: float) -> tuple[float, float]:
+        fx = (math.log10(max(pre, 1e-4)) - lo) / (hi - lo)
+        fy = (math.log10(max(emp, 1e-4)) - lo) / (hi - lo)
+        return pad + fx * (w - 2 * pad), h - pad - fy * (h - 2 * pad)
+
+    colors = {"base": "#1f77b4", "gemma-3-270m": "#d62728", "derivative": "#2ca02c"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<rect width="{w}" height="{h}" fill="white"/>']
+    x0, y0 = xy(1e-4, 1e-4)
+    x1, y1 = xy(1.0, 1.0)
+    parts.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="#888" '
+                 'stroke-dasharray="4 3"/>')
+    for e in range(-4, 1):
+        gx, gy = xy(10.0 ** e, 10.0 ** e)
+        parts.append(f'<text x="{gx}" y="{h - pad + 16}" text-anchor="middle">1e{e}</text>')
+        parts.append(f'<text x="{pad - 6}" y="{gy + 4}" text-anchor="end">1e{e}</text>')
+    parts.append(f'<text x="{w / 2}" y="{h - 18}" text-anchor="middle">pre-registered rate '
+                 '(mean over the layer\'s probes)</text>')
+    parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" '
+                 'text-anchor="middle">empirical hit rate (bar: 95% upper bound; 0 drawn at 1e-4)'
+                 '</text>')
+    for row in rows:
+        color = colors.get(row["model"], "black")
+        px, py = xy(row["pre_registered"], row["empirical"])
+        _, uy = xy(row["pre_registered"], row["upper_95"])
+        parts.append(f'<line x1="{px}" y1="{py}" x2="{px}" y2="{uy}" stroke="{color}"/>')
+        parts.append(f'<circle cx="{px}" cy="{py}" r="3.5" fill="{color}"><title>{row["model"]} '
+                     f'{row["layer"]}: {row["hits"]}/{row["probes"]}</title></circle>')
+    for i, (name, color) in enumerate(colors.items()):
+        parts.append(f'<circle cx="{pad + 10}" cy="{pad + 14 * i}" r="4" fill="{color}"/>'
+                     f'<text x="{pad + 20}" y="{pad + 14 * i + 4}">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/calibration-study")
+    parser.add_argument("--sets", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=101)
+    parser.add_argument("--derivative", required=True, help="benign derivative model folder")
+    parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder (default: oml's)")
+    parser.add_argument("--models", default="base,gemma-3-270m,derivative")
+    args = parser.parse_args()
+    out = Path(args.out)
+    (out / "sets").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OML_PROGRESS", "0")
+    os.environ.pop(NO_KEY_ENV, None)
+    sets = make_sets(out, list(range(args.first_seed, args.first_seed + args.sets)))
+    from oml_core.evaluate.false_positives import gemma_model_dir
+
+    folders = {"base": resolve_model(None), "derivative": args.derivative,
+               "gemma-3-270m": args.gemma or str(gemma_model_dir())}
+    models = [m.strip() for m in args.models.split(",")]
+    proc, base_url = serve(out / "serve.log")
+    audits = []
+    try:
+        for model in models:
+            for path in sets:
+                folder = out / "audits" / f"{path.stem}-{model}"
+                t0 = time.monotonic()
+                summary = run_audit(AuditConfig(
+                    base_url=base_url, model=str(folders[model]), fingerprints=str(path),
+                    dialect="transformers", reuse_keys=True, api_key_env=NO_KEY_ENV,
+                    out=str(folder), request_timeout=300.0))
+                row = {"set": path.stem, "model": model, "verdict": summary["verdict"],
+                       "p_value": summary["p_value"], "keys": summary["keys_probed"],
+                       "calls": summary["probes_done"] + summary["probes_failed"],
+                       "hits": summary["decision"]["sequential"]["hits"],
+                       "seconds": round(time.monotonic() - t0, 1)}
+                audits.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    by = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
+    for row in audits:
+        for probe in audit_probes(out / "audits" / f"{row['set']}-{row['model']}"):
+            for model in (row["model"], "all"):
+                cell = by[(model, probe["layer"])]
+                cell["hits"] += probe["hit"]
+                cell["probes"] += 1
+                cell["rate_sum"] += probe["rate"]
+    layers = [{"model": model, "layer": layer, "probes": c["probes"], "hits": c["hits"],
+               "empirical": c["hits"] / c["probes"],
+               "upper_95": clopper_pearson_upper(c["hits"], c["probes"]),
+               "pre_registered": c["rate_sum"] / c["probes"],
+               "expected_hits": c["rate_sum"]}
+              for (model, layer), c in sorted(by.items())]
+    result = {"audits": audits, "layers": layers,
+              "false_matches": sum(a["verdict"] == "match" for a in audits),
+              "verdicts": {v: sum(a["verdict"] == v for a in audits)
+                           for v in ("match", "no_match", "inconclusive")}}
+    (out / "calibration.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    svg_plot([r for r in layers if r["model"] != "all"], out / "calibration.svg")
+    print(f"false matches: {result['false_matches']} of {len(audits)} audits")
+    for r in layers:
+        print(f"{r['model']:>13} {r['layer']:<10} {r['hits']:>4}/{r['probes']:<5} "
+              f"empirical {r['empirical']:.4f} (95% up {r['upper_95']:.4f})  pre-registered "
+              f"{r['pre_registered']:.4f}  expected hits {r['expected_hits']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
