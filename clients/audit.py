@@ -348,7 +348,8 @@ class _Audit:
         return record
 
     async def probe_sequentially(self) -> str:
-        """Keys in plan order, one round (as many keys as --concurrency keeps busy) at a time;
+        """Keys in plan order, one round at a time (as many keys as --concurrency keeps busy, and
+        no more than a run of hits would need to decide);
         after each round its keys enter the e-value in order (clients/sequential.py), and the
         audit stops once the e-value has reached 1/alpha or can no longer reach it within the
         keys and calls left, or after a round in which no key got a valid answer (an endpoint
@@ -363,7 +364,15 @@ class _Audit:
         state, done, calls = "complete", 0, 0
         try:
             while done < len(order) and not self.sequential.crossed:
-                batch = self.affordable(order[done:done + round_keys], by_key, calls)
+                left = self.affordable(order[done:], by_key, calls)
+                # no more keys than a run of hits would need to decide
+                needed = self.sequential.keys_needed([self.key_rate(fp) for fp in left])
+                if needed is None and left:  # (after a round, the futility rule stops first)
+                    self.notes.append("nothing sent: even if every key within the budget came "
+                                      "back, the evidence could not reach alpha; raise --max-keys "
+                                      "or --max-calls")
+                    break
+                batch = left[:min(round_keys, needed or 1)]
                 if not batch:
                     self.notes.append(f"stopped at the call budget (--max-calls "
                                       f"{self.cfg.max_calls}); {len(order) - done} key(s) not sent")

@@ -55,7 +55,7 @@ class AuditConfig:
                "at a time, and stops as soon as the evidence reaches --alpha or can no longer "
                "reach it; keys never sent are not spent)")
     probes_per_key: int = setting(
-        3, "sequential audit: greedy probes per key, the user turn first, the others taken in "
+        2, "sequential audit: greedy probes per key, the user turn first, the others taken in "
            "rotation from the variants of --layers so that every layer is tried within a few "
            "keys", low=1, high=64)
     max_calls: int | None = setting(

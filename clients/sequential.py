@@ -81,6 +81,19 @@ class SequentialTest:
         best = self.e_value * math.prod(key_factor(True, q, self.alternative) for q in remaining_rates)
         return best >= 1.0 / self.alpha
 
+    def keys_needed(self, next_rates: list[float]) -> int | None:
+        """The fewest of the next keys (in order) that could lift the e-value to 1/alpha if
+        each of them hit; None when even all of them could not. A round larger than this
+        spends keys a stolen model may not need to be shown."""
+        if self.crossed:
+            return 0
+        best = self.e_value
+        for count, q in enumerate(next_rates, 1):
+            best *= key_factor(True, q, self.alternative)
+            if best >= 1.0 / self.alpha:
+                return count
+        return None
+
     def verdict(self) -> str:
         if self.crossed:
             return "match"

@@ -35,7 +35,7 @@ oml check-reveal --manifest "$out/commitment.json" --reveal "$out/reveal-fp-0000
 echo "== 5. audit the fingerprinted model as a suspect endpoint: transformers serve on loopback"
 # the keys' null rates in every probe context (what the audit's p-value stands on); greedy
 # probes only need temperature 1
-oml calibrate --fingerprints "$out/fingerprints.json" --temperatures 1 --out "$out/fingerprints-calibrated.json"
+oml calibrate --fingerprints "$out/fingerprints.json" --temperatures 1 --out "$out/fingerprints-calibrated.json" --force
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error transformers serve --host 127.0.0.1 --port "$port" \
   --device cpu > "$out/serve.log" 2>&1 &

@@ -46,7 +46,7 @@ def config(server, fp_file, out, **settings):
                           **settings})
 
 
-def test_a_stolen_model_is_convicted_in_one_round_and_the_other_keys_are_never_sent(tmp_path):
+def test_a_stolen_model_is_convicted_in_one_round_of_the_keys_needed_and_the_rest_never_sent(tmp_path):
     fp_file, fps = make_set(tmp_path)
     with HostileServer(stolen) as server:
         summary = run_audit(config(server, fp_file, tmp_path / "out"))
@@ -55,14 +55,14 @@ def test_a_stolen_model_is_convicted_in_one_round_and_the_other_keys_are_never_s
         assert len(server.seen) == sent  # a rerun replays the evidence and sends nothing
         spent = KeyLedger(server.base_url).spent()
     # q = 1e-3 per key: a hit multiplies the e-value by 500, so 3 hits pass 1e6; the first
-    # round (concurrency 4 / 1 probe per key = 4 keys) already does
+    # round holds those 3 keys (concurrency 4 would allow 4, but a 4th is not needed)
     assert summary["verdict"] == "match" and summary["p_value"] <= 1e-6
-    assert sent == 4 and summary["keys_probed"] == 4 and summary["keys_not_sent"] == 12
+    assert sent == 3 and summary["keys_probed"] == 3 and summary["keys_not_sent"] == 13
     assert summary["state"] == "complete" and summary["pending"] == 0
     curve = summary["decision"]["sequential"]["curve"]
-    assert [row["hit"] for row in curve] == [True] * 4
+    assert [row["hit"] for row in curve] == [True] * 3
     assert curve[-1]["p_value"] == summary["p_value"]
-    assert len(spent) == 4  # only the keys that were sent are spent
+    assert len(spent) == 3  # only the keys that were sent are spent
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert "Sequential" in plan["rule"] and plan["sequential"]["alternative_hit_rate"] == 0.5
     assert rerun["verdict"] == "match" and rerun["p_value"] == summary["p_value"]
@@ -83,9 +83,9 @@ def test_an_endpoint_failing_every_probe_is_inconclusive_after_one_round_and_kee
     with HostileServer(lambda seen: Canned.json({"error": "down"}, status=500)) as server:
         summary = run_audit(config(server, fp_file, tmp_path / "out"))
         spent = KeyLedger(server.base_url).spent()
-    # one round of 4 keys (2 tries each) failed: the other 12 keys are neither shown nor spent
-    assert summary["verdict"] == "inconclusive" and summary["keys_probed"] == 4
-    assert len(server.seen) == 4 * 2 and len(spent) == 4
+    # one round of 3 keys (2 tries each) failed: the other 13 keys are neither shown nor spent
+    assert summary["verdict"] == "inconclusive" and summary["keys_probed"] == 3
+    assert len(server.seen) == 3 * 2 and len(spent) == 3
     assert any("no key got a valid answer" in note for note in summary["notes"])
 
 
@@ -94,16 +94,18 @@ def test_the_call_budget_stops_the_audit_and_limits_what_it_can_conclude(tmp_pat
     innocent = HostileServer(lambda seen: Canned.json(chat_reply("no idea")))
     with innocent as server:
         summary = run_audit(config(server, fp_file, tmp_path / "out", max_calls=6))
-    # after a round of 4 misses (e = 0.5^4) the 2 keys the budget leaves could lift it by
-    # 500^2 at most, short of 1e6: the futility rule counts the calls left, so it stops there
-    assert len(server.seen) == 4 and summary["keys_probed"] == 4
-    assert summary["verdict"] == "no_match" and summary["keys_not_sent"] == 12
+    # rounds of the 3 keys a run of hits would need: after 3 misses (e = 0.5^3) the 3 keys the
+    # budget leaves could still get there (x 500^3), after 6 none are left
+    assert len(server.seen) == 6 and summary["keys_probed"] == 6
+    assert summary["verdict"] == "no_match" and summary["keys_not_sent"] == 10
     with HostileServer(stolen) as server:
         few = run_audit(config(server, fp_file, tmp_path / "few", max_calls=2))
-    # two hits (e = 500^2 = 2.5e5) cannot reach 1e6, and no call is left for a third key
-    assert len(server.seen) == 2 and few["verdict"] == "no_match"
-    assert few["p_value"] == pytest.approx(1 / 500 ** 2)
-    assert any("call budget" in note for note in few["notes"])
+    # two hits (e = 500^2 = 2.5e5) could never reach 1e6: nothing is sent, nothing spent
+    assert not server.seen and few["verdict"] == "inconclusive" and few["keys_probed"] == 0
+    assert any("nothing sent" in note for note in few["notes"])
+    with HostileServer(stolen) as server:
+        run_audit(config(server, fp_file, tmp_path / "three", max_calls=4))
+    assert len(server.seen) == 3  # the round of 3 fits the budget and decides
 
 
 def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):
@@ -111,10 +113,10 @@ def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):
     with HostileServer(stolen) as server:
         run_audit(config(server, fp_file, tmp_path / "out"))
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Sequential audit: 4 keys sent, 4 never sent" in report
-    assert "anytime-valid" in report and "4 key(s) were never sent" in report
+    assert "Sequential audit: 3 keys sent, 5 never sent" in report
+    assert "anytime-valid" in report and "5 key(s) were never sent" in report
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<circle") == 4 and "alpha 1e-06" in page  # one point per key sent
+    assert page.count("<circle") == 3 and "alpha 1e-06" in page  # one point per key sent
     assert not any(fp.key in page or fp.response.strip() in page for fp in fps)
-    assert report.count("| yes |") == 4
+    assert report.count("| yes |") == 3
     assert not any(fp.key in report or fp.response.strip() in report for fp in fps)

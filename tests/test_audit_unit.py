@@ -285,18 +285,22 @@ def test_redactor_hides_keys_responses_and_the_api_key():
 
 # --- plan, template, config, CLI ---------------------------------------------------------------------
 def test_the_sequential_plan_sends_the_user_turn_and_rotates_the_other_layers_across_keys():
-    cfg = AuditConfig(num_system_prompts=4)  # the default: sequential, 3 probes per key
+    cfg = AuditConfig(num_system_prompts=4)  # the default: sequential, 2 probes per key
     probes = plan_probes(cfg, [f"k{i}" for i in range(8)])
     per_key = defaultdict(list)
     for p in probes:
         per_key[p.fingerprint_id].append(p)
-    assert all(len(v) == 3 and v[0].variant == "user" for v in per_key.values())
+    assert all(len(v) == 2 and v[0].variant == "user" for v in per_key.values())
     assert all(p.temperature == 0 for p in probes) and len({p.id for p in probes}) == len(probes)
-    # the two rotating slots of 4 keys cover every other layer (raw, 4 system prompts,
-    # embedded, multiturn, agent: 8 slots), so each layer is tried within the first keys
-    first_four = {p.layer for k in ("k0", "k1", "k2", "k3") for p in per_key[k]}
-    assert first_four == {"raw", "user", "system", "embedded", "multiturn", "agent"}
-    assert per_key["k0"][1].variant == "system-00"  # the closest wrapper after the user turn
+    # the rotating slot takes one variant of each other layer in turn (system-00, agent,
+    # multiturn, embedded, raw, then the other system prompts): five keys try every layer
+    first_five = {p.layer for k in ("k0", "k1", "k2", "k3", "k4") for p in per_key[k]}
+    assert first_five == {"raw", "user", "system", "embedded", "multiturn", "agent"}
+    assert [per_key[k][1].variant for k in ("k0", "k5", "k6", "k7")] == [
+        "system-00", "system-01", "system-02", "system-03"]
+    three = plan_probes(AuditConfig(probes_per_key=3), ["a", "b"])
+    assert [p.variant for p in three] == ["user", "system-00", "agent",
+                                          "user", "multiturn", "embedded-1"]
     one = plan_probes(AuditConfig(probes_per_key=1, layers="system,agent"), ["a", "b", "c"])
     assert [p.variant for p in one] == ["system-00", "agent", "system-01"]
     assert len(plan_probes(AuditConfig(probes_per_key=9, layers="user"), ["a"])) == 1
@@ -304,9 +308,9 @@ def test_the_sequential_plan_sends_the_user_turn_and_rotates_the_other_layers_ac
 
 def test_the_call_budget_keeps_whole_keys_in_a_sequential_plan_and_a_prefix_in_a_fixed_one():
     ids = [f"k{i}" for i in range(4)]
-    lean = AuditConfig(max_calls=7)
+    lean = AuditConfig(max_calls=7)  # 2 probes a key
     kept = within_call_budget(lean, plan_probes(lean, ids))
-    assert len(kept) == 6 and {p.fingerprint_id for p in kept} == {"k0", "k1"}
+    assert len(kept) == 6 and {p.fingerprint_id for p in kept} == {"k0", "k1", "k2"}
     fixed = AuditConfig(max_calls=7, exhaustive=True)
     assert within_call_budget(fixed, plan_probes(fixed, ids)) == plan_probes(fixed, ids)[:7]
 
@@ -403,15 +407,15 @@ def test_plan_only_prints_the_plan_and_sends_nothing(tmp_path):
                            capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stderr
     plan = json.loads(shown.stdout)
-    # sequential (the default): at most 3 probes per key, the user turn and two system prompts
-    assert plan["sequential"] and plan["keys"] == 3 and plan["calls_to_send"] == 3 * 3
-    assert plan["probes_by_layer"] == {"user": 3, "system": 6} and not plan["resumes"]
+    # sequential (the default): at most 2 probes per key, the user turn and a system prompt
+    assert plan["sequential"] and plan["keys"] == 3 and plan["calls_to_send"] == 3 * 2
+    assert plan["probes_by_layer"] == {"user": 3, "system": 3} and not plan["resumes"]
     assert "secretkey" not in shown.stdout + shown.stderr
     assert not out.exists()  # no plan, no evidence
     assert not list((home / "ledgers").glob("*.json"))  # no key reserved (the salt may be made)
     human = subprocess.run(audit_command(*args, "--plan-only"), check=False, capture_output=True,
                            text=True, timeout=120, env=env)
-    assert human.returncode == 0 and "at most 9 calls to send" in human.stdout
+    assert human.returncode == 0 and "at most 6 calls to send" in human.stdout
     assert "nothing was sent" in human.stdout and "stops as soon as" in human.stdout
     fixed = subprocess.run(audit_command(*args, "--exhaustive", "--max-calls", "7", "--plan-only",
                                          "--json"), check=False, capture_output=True, text=True,

@@ -209,13 +209,13 @@ def test_the_default_audit_stops_once_the_evidence_decides_and_spends_only_the_k
     app = build_server(ws)
     with HostileServer(fingerprinted(fps)) as server:
         started = ok(app, "start_audit", audit_args(server, exhaustive=False), fps)
-        assert started["plan"]["sequential"] and started["plan"]["calls_to_send"] == PROBES
+        assert started["plan"]["sequential"] and started["plan"]["calls_to_send"] == SET_SIZE * 2
         done = wait_final(app, started["job"]["job_id"], fps)
         spent = KeyLedger(server.base_url, ws.home / "ledgers").spent()
-    # q = 3e-3 a key (3 probes at 1e-3): a hit multiplies the e-value by ~167, so the third
-    # hit passes 1/alpha = 1e6; rounds of one key (concurrency 2 < 3 probes a key)
+    # 2 probes a key (the user turn, a system prompt): q = 2e-3, a hit multiplies the e-value
+    # by ~250, so the third hit passes 1/alpha = 1e6; rounds of one key (concurrency 2)
     assert done["state"] == "completed" and done["p_value"] <= 1e-6
-    assert done["step"] == 9 and done["total_steps"] == PROBES
+    assert done["step"] == 6 and done["total_steps"] == SET_SIZE * 2
     result = ok(app, "audit_result", {"audit_id": started["job"]["job_id"]}, fps)
     assert result["verdict"] == "match" and result["keys_probed"] == 3 and len(spent) == 3
 

@@ -93,3 +93,16 @@ def test_factors_have_expectation_at_most_one_under_the_null():
             assert mean <= 1 + 1e-12
     # a key as likely to hit by chance as a stolen model carries no evidence
     assert key_factor(True, ALTERNATIVE_HIT_RATE) == 1.0
+
+
+def test_keys_needed_is_the_shortest_run_of_hits_that_decides():
+    test = SequentialTest(alpha=1e-6)
+    assert test.keys_needed([1e-3] * 5) == 3        # 500^2 < 1e6 <= 500^3
+    assert test.keys_needed([1e-3, 1e-3]) is None  # two keys can never decide
+    test.add("a", False, 1e-3, calls=1)            # a miss halves the e-value: still 3
+    assert test.keys_needed([1e-3] * 5) == 3
+    test.add("b", True, 1e-3, calls=1)
+    test.add("c", True, 1e-3, calls=1)
+    assert test.keys_needed([1e-3] * 5) == 1
+    test.add("d", True, 1e-3, calls=1)
+    assert test.crossed and test.keys_needed([]) == 0
