@@ -39,8 +39,16 @@ class AuditConfig:
         None, "http adapter: JSON request body (inline or a file path) with placeholders $KEY (the "
               "user message), $SYSTEM, $MESSAGES, $MODEL, $TEMPERATURE, $MAX_TOKENS, $SEED")
     header: list = setting(  # noqa: RUF009 - setting() copies a fresh list per instance
-        [], "http adapter: extra request header 'Name: value' (repeatable); $API_KEY in a value is "
-            "replaced by the key from --api-key-env at send time")
+        [], "extra request header 'Name: value' (repeatable; both adapters); $API_KEY in a value "
+            "is replaced by the key from --api-key-env at send time")
+    user_agent: str | None = setting(
+        None, "User-Agent header of every request (default: the client library's own, "
+              "AsyncOpenAI/Python <version> or python-httpx/<version>); an endpoint that "
+              "recognises audit traffic could answer it from another model")
+    sdk_headers: bool = setting(
+        False, "openai adapter: keep the SDK's X-Stainless-* headers (OS, architecture, Python "
+               "version, retry count); off by default, since they describe the auditor's "
+               "machine and mark its traffic")
     answer_path: str = setting(
         "choices.0.message.content", "http adapter: dotted JSON path to the answer text in the reply")
     max_keys: int = setting(16, "key budget: probe at most this many keys (each probe reveals its key "
@@ -162,6 +170,10 @@ def validate_audit(cfg: AuditConfig) -> None:
     if not cfg.api_key_env.replace("_", "").isalnum():
         raise OMLInputError(f"--api-key-env {cfg.api_key_env!r} must be an environment variable "
                             "name (the key itself goes in that variable, never on the command line)")
+    if cfg.user_agent is not None and not (
+            0 < len(cfg.user_agent) <= 200 and cfg.user_agent.isascii()
+            and cfg.user_agent.isprintable()):
+        raise OMLInputError("--user-agent must be 1-200 printable ASCII characters")
     layer_list(cfg)
     sampled_layer_list(cfg)
     temperature_list(cfg)

@@ -428,6 +428,31 @@ def test_a_ledger_from_another_installation_is_refused(tmp_path):
         KeyLedger("http://h/v1", root=tmp_path / "mine").select(fps, 2, reuse=False)
 
 
+# --- 8. audit traffic does not describe the auditor's machine -------------------------------------------
+def test_requests_carry_no_sdk_telemetry_and_the_chosen_user_agent(tmp_path):
+    fp_file, _ = make_set(tmp_path)
+    with HostileServer(lambda seen: Canned.json(chat_reply())) as server:
+        run_audit(audit_config(server, fp_file, tmp_path / "plain", max_keys=1))
+        plain = server.seen[-1].headers
+        run_audit(audit_config(server, fp_file, tmp_path / "chosen", max_keys=1,
+                               user_agent="Mozilla/5.0 (X11; Linux x86_64)",
+                               header=["X-Team: t-$API_KEY"]))
+        chosen = server.seen[-1].headers
+        run_audit(audit_config(server, fp_file, tmp_path / "sdk", max_keys=1, sdk_headers=True))
+        telemetry = server.seen[-1].headers
+        run_audit(audit_config(server, fp_file, tmp_path / "http", "http", max_keys=1,
+                               user_agent="curl/8.5.0"))
+        templated = server.seen[-1].headers
+    assert not [h for h in plain if h.startswith("x-stainless")]
+    assert plain["user-agent"].startswith("AsyncOpenAI/Python")
+    assert chosen["user-agent"] == "Mozilla/5.0 (X11; Linux x86_64)"
+    assert chosen["x-team"] == f"t-{os.environ[KEY_ENV]}"  # --header works with the openai SDK
+    assert "x-stainless-os" in telemetry and "x-stainless-runtime-version" in telemetry
+    assert templated["user-agent"] == "curl/8.5.0"
+    with pytest.raises(OMLInputError, match="--user-agent"):
+        run_audit(audit_config(server, fp_file, tmp_path / "bad", user_agent="a\r\nX-Evil: 1"))
+
+
 # --- fuzz: a few hundred malformed replies through both adapters --------------------------------------
 WRONG_VALUES = [123, -1.5, True, None, "", [], {}, [1, "a"], {"a": {"b": [1]}}, 10**30,
                 "⟪KEY⟫", "⟪AUTH⟫", {"⟪KEY⟫": "⟪AUTH⟫"}]

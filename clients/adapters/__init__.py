@@ -25,7 +25,10 @@ from clients.adapters.base import (
 def _openai(cfg, settings):
     from clients.adapters.openai_compat import OpenAIAdapter
 
+    from clients.adapters.http_template import parse_headers
+
     return OpenAIAdapter(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, dialect=cfg.dialect,
+                         headers=parse_headers(cfg.header), sdk_headers=cfg.sdk_headers,
                          **settings)
 
 
@@ -47,7 +50,7 @@ ADAPTERS = {"openai": _openai, "http": _http}
 def make_adapter(cfg) -> Adapter:
     settings = {"concurrency": cfg.concurrency, "request_timeout": cfg.request_timeout,
                 "max_retries": cfg.max_retries, "max_backoff": cfg.max_backoff,
-                "max_reply_bytes": cfg.max_reply_bytes}
+                "max_reply_bytes": cfg.max_reply_bytes, "user_agent": cfg.user_agent}
     return ADAPTERS[cfg.adapter](cfg, settings)
 
 

@@ -196,8 +196,9 @@ class Adapter(ABC):
 
     def __init__(self, *, concurrency: int = 8, request_timeout: float = 60.0,
                  max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5,
-                 max_reply_bytes: int = 1 << 20):
+                 max_reply_bytes: int = 1 << 20, user_agent: str | None = None):
         self.concurrency = concurrency
+        self.user_agent = user_agent  # None: the HTTP client library's own
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.max_backoff = max_backoff

@@ -12,7 +12,8 @@ here:
   a compressed reply stays opaque bytes, marked with its encoding, and counts as malformed;
 - follows redirects only within the origin (scheme, host, port) of --base-url; a redirect
   anywhere else raises UnsafeRedirect before a byte goes there;
-- keeps no cookies.
+- keeps no cookies;
+- sends the User-Agent the user chose and none of the openai SDK's telemetry headers.
 
 It is httpx's own client otherwise (proxy settings from the environment still apply); the cap
 is a response hook that swaps the body stream before httpx reads it. What the cap and the
@@ -30,6 +31,7 @@ from clients.adapters.base import Reply, UnsafeRedirect
 
 REPLY_INFO = "oml_reply"   # response.extensions entry: {"truncated": bool, "encoding": str | None}
 MAX_REDIRECTS = 5
+SDK_HEADER_PREFIX = "x-stainless-"  # the openai SDK's telemetry headers
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -64,10 +66,21 @@ class _CappedStream(httpx.AsyncByteStream):
 
 
 def capped_client(base_url: str, max_bytes: int, timeout: float, max_connections: int,
-                  redact: Callable[[str], str] = str) -> httpx.AsyncClient:
+                  redact: Callable[[str], str] = str, user_agent: str | None = None,
+                  sdk_headers: bool = False) -> httpx.AsyncClient:
     """An AsyncClient that reads at most `max_bytes` per reply and stays on base_url's origin;
-    `redact` cleans endpoint text quoted in its errors."""
+    `redact` cleans endpoint text quoted in its errors. Every request leaves with `user_agent`
+    (None: the client library's own) and, unless `sdk_headers`, without the openai SDK's
+    X-Stainless-* headers (OS, architecture, Python version, retry count), which tell the
+    endpoint about the auditor's machine and mark the traffic as one client's."""
     home = origin(httpx.URL(base_url))
+
+    async def plain_headers(request: httpx.Request) -> None:
+        if not sdk_headers:
+            for name in [n for n in request.headers if n.lower().startswith(SDK_HEADER_PREFIX)]:
+                del request.headers[name]
+        if user_agent is not None:
+            request.headers["user-agent"] = user_agent
 
     async def cap_body(response: httpx.Response) -> None:
         # response hooks run before httpx reads the body, so the stream can still be swapped
@@ -100,7 +113,7 @@ def capped_client(base_url: str, max_bytes: int, timeout: float, max_connections
         # no cookie is kept: an audit has no session, and cookies would let the endpoint tie
         # the probes of one audit together
         cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        event_hooks={"response": [cap_body, refuse_foreign_redirect]})
+        event_hooks={"request": [plain_headers], "response": [cap_body, refuse_foreign_redirect]})
 
 
 def redirect_loop(status: int | None = None) -> UnsafeRedirect:

@@ -101,7 +101,8 @@ class HTTPTemplateAdapter(Adapter):
         self.supports_sampling = self.has["$TEMPERATURE"]
         self.supports_seed = self.has["$SEED"]
         self.client = capped_client(base_url, self.max_reply_bytes, self.request_timeout,
-                                    self.concurrency, redact=lambda text: self.redact(text))
+                                    self.concurrency, redact=lambda text: self.redact(text),
+                                    user_agent=self.user_agent)
 
     def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
         reason = super().unsupported(prompt, sampling)

@@ -37,7 +37,8 @@ class OpenAIAdapter(Adapter):
     supports_completions = True
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                 dialect: str = "openai", **settings):
+                 dialect: str = "openai", headers: dict[str, str] | None = None,
+                 sdk_headers: bool = False, **settings):
         super().__init__(**settings)
         import openai
 
@@ -47,8 +48,11 @@ class OpenAIAdapter(Adapter):
         api_key = os.environ.get(api_key_env)
         if not api_key:
             log.info("no API key in $%s; sending requests without one", api_key_env)
+        self.api_key_env = api_key_env
+        self.headers = dict(headers or {})  # --header; $API_KEY filled in at send time
         self.http = capped_client(base_url, self.max_reply_bytes, self.request_timeout,
-                                  self.concurrency, redact=lambda text: self.redact(text))
+                                  self.concurrency, redact=lambda text: self.redact(text),
+                                  user_agent=self.user_agent, sdk_headers=sdk_headers)
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unset",
                                          max_retries=0, timeout=self.request_timeout,
                                          http_client=self.http,
@@ -78,8 +82,11 @@ class OpenAIAdapter(Adapter):
         extra = {k: body.pop(k) for k in list(body) if k not in standard}
         endpoint = (self.client.completions if request.route == "completions"
                     else self.client.chat.completions)
+        api_key = os.environ.get(self.api_key_env, "")
+        headers = {k: v.replace("$API_KEY", api_key) for k, v in self.headers.items()}
         try:
-            raw = await endpoint.with_raw_response.create(**body, extra_body=extra or None)
+            raw = await endpoint.with_raw_response.create(**body, extra_body=extra or None,
+                                                          extra_headers=headers or None)
         except openai.APITimeoutError:
             raise TransportError("timeout", f"no reply within {self.request_timeout:g} s") from None
         except openai.APIConnectionError as exc:
