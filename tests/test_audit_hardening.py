@@ -265,7 +265,9 @@ def test_an_endpoint_failing_every_probe_is_inconclusive_with_exit_code_3(tmp_pa
             check=False, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 3, done.stderr
     result = json.loads(done.stdout)
-    assert result["verdict"] == "inconclusive" and result["errors_by_kind"] == {"server_error": 8}
+    # the default (sequential) audit stops after its first round: 3 keys (those a run of hits
+    # would need) x 2 probes, no retries
+    assert result["verdict"] == "inconclusive" and result["errors_by_kind"] == {"server_error": 6}
     assert "could not test" in result["verdict_words"]
     report = json.loads((out / "report.json").read_text())
     assert report["decision"]["untested"] == ["user", "system", "any"]
@@ -432,7 +434,7 @@ def test_a_ledger_from_another_installation_is_refused(tmp_path):
 def test_requests_carry_no_sdk_telemetry_and_the_chosen_user_agent(tmp_path):
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json(chat_reply())) as server:
-        run_audit(audit_config(server, fp_file, tmp_path / "plain", max_keys=1))
+        answered = run_audit(audit_config(server, fp_file, tmp_path / "plain", max_keys=1))
         plain = server.seen[-1].headers
         run_audit(audit_config(server, fp_file, tmp_path / "chosen", max_keys=1,
                                user_agent="Mozilla/5.0 (X11; Linux x86_64)",
@@ -443,6 +445,7 @@ def test_requests_carry_no_sdk_telemetry_and_the_chosen_user_agent(tmp_path):
         run_audit(audit_config(server, fp_file, tmp_path / "http", "http", max_keys=1,
                                user_agent="curl/8.5.0"))
         templated = server.seen[-1].headers
+    assert answered["probes_done"] == 1 and answered["probes_failed"] == 0
     assert not [h for h in plain if h.startswith("x-stainless")]
     assert plain["user-agent"].startswith("AsyncOpenAI/Python")
     assert chosen["user-agent"] == "Mozilla/5.0 (X11; Linux x86_64)"

@@ -32,6 +32,7 @@ from clients.adapters.base import Reply, UnsafeRedirect
 REPLY_INFO = "oml_reply"   # response.extensions entry: {"truncated": bool, "encoding": str | None}
 MAX_REDIRECTS = 5
 SDK_HEADER_PREFIX = "x-stainless-"  # the openai SDK's telemetry headers
+_REMOVED = "oml_removed_headers"    # request.extensions entry: the SDK headers not sent
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -77,10 +78,18 @@ def capped_client(base_url: str, max_bytes: int, timeout: float, max_connections
 
     async def plain_headers(request: httpx.Request) -> None:
         if not sdk_headers:
-            for name in [n for n in request.headers if n.lower().startswith(SDK_HEADER_PREFIX)]:
+            removed = {name: request.headers[name] for name in request.headers
+                       if name.lower().startswith(SDK_HEADER_PREFIX)}
+            for name in removed:
                 del request.headers[name]
+            # the SDK reads some of them back from response.request (whether the caller asked
+            # for the raw response): they are put back there once the reply is in, unsent
+            request.extensions = {**request.extensions, _REMOVED: removed}
         if user_agent is not None:
             request.headers["user-agent"] = user_agent
+
+    async def restore_sdk_headers(response: httpx.Response) -> None:
+        response.request.headers.update(response.request.extensions.get(_REMOVED) or {})
 
     async def cap_body(response: httpx.Response) -> None:
         # response hooks run before httpx reads the body, so the stream can still be swapped
@@ -113,7 +122,8 @@ def capped_client(base_url: str, max_bytes: int, timeout: float, max_connections
         # no cookie is kept: an audit has no session, and cookies would let the endpoint tie
         # the probes of one audit together
         cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        event_hooks={"request": [plain_headers], "response": [cap_body, refuse_foreign_redirect]})
+        event_hooks={"request": [plain_headers],
+                     "response": [restore_sdk_headers, cap_body, refuse_foreign_redirect]})
 
 
 def redirect_loop(status: int | None = None) -> UnsafeRedirect:
