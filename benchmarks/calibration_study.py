@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,6 +63,31 @@ def make_sets(out: Path, seeds: list[int]) -> list[Path]:
     return paths
 
 
+# Gemma-3-270M base ships no chat template, and `transformers serve` refuses a chat request to
+# a model without one; a suspect serving it would give it Gemma's turn format, written here:
+# the system prompt opens the first user turn, as Gemma's instruction-tuned models take it.
+GEMMA_TURNS = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] ~ '\\n\\n' %}{% else %}"
+    "{{ '<start_of_turn>' ~ ('model' if m['role'] == 'assistant' else 'user') ~ '\\n' }}"
+    "{% if m['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}\n")
+
+
+def gemma_with_chat_template(out: Path) -> Path:
+    """The converted Gemma-3-270M folder, linked file by file, plus GEMMA_TURNS."""
+    from oml_core.evaluate.false_positives import gemma_model_dir
+
+    source, folder = gemma_model_dir(), out / "gemma-3-270m-chat"
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if not (folder / item.name).exists():
+            (folder / item.name).symlink_to(item.resolve())
+    (folder / "chat_template.jinja").write_text(GEMMA_TURNS, encoding="utf-8")
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -99,6 +125,14 @@ def audit_probes(folder: Path) -> list[dict]:
         latest[record["probe"]] = record
     return [{"layer": r["layer"], "rate": rates[pid], "hit": bool(r["match"])}
             for pid, r in latest.items() if r["status"] == "ok"]
+
+
+def study_row(path: Path, model: str, summary: dict, seconds: float | None) -> dict:
+    return {"set": path.stem, "model": model, "verdict": summary["verdict"],
+            "p_value": summary["p_value"], "keys": summary["keys_probed"],
+            "calls": summary["probes_done"] + summary["probes_failed"],
+            "hits": summary["decision"]["sequential"]["hits"],
+            "seconds": None if seconds is None else round(seconds, 1)}
 
 
 def clopper_pearson_upper(hits: int, n: int, level: float = 0.95) -> float:
@@ -148,6 +182,7 @@ def svg_plot(rows: list[dict], path: Path) -> None:
         color = colors.get(row["model"], "black")
         px, py = xy(row["pre_registered"], row["empirical"])
         _, uy = xy(row["pre_registered"], row["upper_95"])
+        px += 7 * (list(colors).index(row["model"]) - 1) if row["model"] in colors else 0
         parts.append(f'<line x1="{px}" y1="{py}" x2="{px}" y2="{uy}" stroke="{color}"/>')
         parts.append(f'<circle cx="{px}" cy="{py}" r="3.5" fill="{color}"><title>{row["model"]} '
                      f'{row["layer"]}: {row["hits"]}/{row["probes"]}</title></circle>')
@@ -164,7 +199,8 @@ def main() -> int:
     parser.add_argument("--sets", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=101)
     parser.add_argument("--derivative", required=True, help="benign derivative model folder")
-    parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder (default: oml's)")
+    parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder with a chat template "
+                                                      "(default: oml's, with GEMMA_TURNS)")
     parser.add_argument("--models", default="base,gemma-3-270m,derivative")
     args = parser.parse_args()
     out = Path(args.out)
@@ -172,10 +208,8 @@ def main() -> int:
     os.environ.setdefault("OML_PROGRESS", "0")
     os.environ.pop(NO_KEY_ENV, None)
     sets = make_sets(out, list(range(args.first_seed, args.first_seed + args.sets)))
-    from oml_core.evaluate.false_positives import gemma_model_dir
-
     folders = {"base": resolve_model(None), "derivative": args.derivative,
-               "gemma-3-270m": args.gemma or str(gemma_model_dir())}
+               "gemma-3-270m": args.gemma or str(gemma_with_chat_template(out))}
     models = [m.strip() for m in args.models.split(",")]
     proc, base_url = serve(out / "serve.log")
     audits = []
@@ -184,17 +218,20 @@ def main() -> int:
             for path in sets:
                 folder = out / "audits" / f"{path.stem}-{model}"
                 t0 = time.monotonic()
+                # a finished audit is kept (the server's port, part of its settings, changes
+                # between runs of this script); an unfinished one is started again
+                if (folder / "report.json").exists():
+                    summary = json.loads((folder / "report.json").read_text())
+                    if summary.get("state") == "complete":
+                        audits.append(study_row(path, model, summary, None))
+                        continue
+                shutil.rmtree(folder, ignore_errors=True)
                 summary = run_audit(AuditConfig(
                     base_url=base_url, model=str(folders[model]), fingerprints=str(path),
                     dialect="transformers", reuse_keys=True, api_key_env=NO_KEY_ENV,
                     out=str(folder), request_timeout=300.0))
-                row = {"set": path.stem, "model": model, "verdict": summary["verdict"],
-                       "p_value": summary["p_value"], "keys": summary["keys_probed"],
-                       "calls": summary["probes_done"] + summary["probes_failed"],
-                       "hits": summary["decision"]["sequential"]["hits"],
-                       "seconds": round(time.monotonic() - t0, 1)}
-                audits.append(row)
-                print(json.dumps(row), flush=True)
+                audits.append(study_row(path, model, summary, time.monotonic() - t0))
+                print(json.dumps(audits[-1]), flush=True)
     finally:
         proc.terminate()
         try:

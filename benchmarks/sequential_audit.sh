@@ -1,7 +1,8 @@
 #!/bin/bash
 # sequential vs fixed-plan audit of a fingerprinted model behind transformers serve (docs/performance.md);
 # F / M: the run's fingerprint set and model folder, TAG a name for the results (defaults: the
-# demo's edit run as measured); the set is calibrated once into /tmp/seqm/cal-$TAG.json
+# demo's edit run as measured); the set is calibrated once into /tmp/seqm/cal-$TAG.json;
+# ONLY_DEFAULT=1 skips the (slow) exhaustive audit
 set -u
 cd "$(dirname "$0")/.."
 mkdir -p /tmp/seqm
@@ -19,6 +20,6 @@ run() { name=$1; shift; rm -rf /tmp/seqm/$name; s=$(date +%s.%N); $B/oml audit -
 import json;d=json.load(open('/tmp/seqm/$name.json'))
 print('$name', 'rc=$rc', d['verdict'], 'p=%.3g'%d['p_value'], 'keys', d['keys_probed'], 'calls', d['calls_this_run'], 'matched %s/%s'%(d['matched'],d['total']), 's=%.0f'%($e-$s))" 2>/dev/null || echo "$name rc=$rc failed: $(tail -2 /tmp/seqm/$name.err)"; }
 run default-$TAG --model $M                       # the default: sequential, 3 probes a key
-run exhaustive-$TAG --model $M --exhaustive       # the fixed plan: every layer, variant, sample
+[ "${ONLY_DEFAULT:-0}" = 1 ] || run exhaustive-$TAG --model $M --exhaustive  # the fixed plan: every layer, variant, sample
 run default-base-$TAG --model $BASE              # the base model (innocent): no_match expected
 kill $SP; wait $SP 2>/dev/null

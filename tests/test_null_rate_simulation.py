@@ -32,6 +32,7 @@ from clients.answers import match
 from clients.config import AuditConfig, layer_list
 from clients.decision import evaluate, probe_rates
 from clients.probes import AGENT, plan_probes
+from clients.sequential import SequentialTest
 from oml_core.evidence import binomial_sf
 from oml_core.fingerprints import Fingerprint, FingerprintSet
 from oml_core.generate.perinucleus import is_word_token
@@ -107,6 +108,53 @@ def false_matches(cfg: AuditConfig, fset: FingerprintSet, hits: dict, scale: flo
     return count
 
 
+def sequential_false_matches(cfg: AuditConfig, fset: FingerprintSet, hits: dict,
+                             scale: float = 1.0) -> int:
+    """Innocent sequential audits (one per trial) that reach 1/alpha: keys in order of their
+    summed null rate, each a hit if any of its probes hit, fed to the audit's SequentialTest;
+    a trial stops as the audit does (crossed, or out of reach)."""
+    probes = plan_probes(cfg, [fp.id for fp in fset.fingerprints])
+    rates, _, _ = probe_rates(cfg, probes, {fp.id: fp for fp in fset.fingerprints}, None)
+    by_key: dict[str, list] = {}
+    for p in probes:
+        by_key.setdefault(p.fingerprint_id, []).append(p)
+    key_rate = {k: min(1.0, scale * sum(rates[p.id] for p in v)) for k, v in by_key.items()}
+    order = sorted(by_key, key=key_rate.get)
+    count = 0
+    for trial in range(len(next(iter(hits.values())))):
+        test = SequentialTest(cfg.alpha)
+        for n, key in enumerate(order):
+            test.add(key, any(hits[p.id][trial] for p in by_key[key]), key_rate[key], 1)
+            if test.crossed or not test.reachable([key_rate[k] for k in order[n + 1:]]):
+                break
+        count += test.crossed
+    return count
+
+
+def test_innocent_sequential_audits_match_at_most_alpha_of_the_time(sharp_tiny_model,
+                                                                   innocent_set):
+    """The default audit: 2 probes a key, keys in order of their null rate, the e-value, with
+    the rates `oml calibrate` measures (4 of 300 innocent audits match at alpha = 0.05)."""
+    from oml_core.calibrate import calibrate_set
+    from oml_core.config import CalibrateConfig
+
+    calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1.0"), sharp_tiny_model,
+                                  innocent_set)
+    cfg = AuditConfig(max_tokens=ANSWER_TOKENS, alpha=ALPHA, json_fields=3)
+    trials = 300
+    hits = innocent_hits(sharp_tiny_model, calibrated, cfg, trials, seed=3)
+    allowed = allowed_false_matches(trials)
+    assert sum(map(sum, hits.values())) > trials, "innocent answers must hit often for this to test anything"
+    found = sequential_false_matches(cfg, calibrated, hits)
+    # the check has teeth: the old raw-context response_prob (no calibration), or rates 20x
+    # too low, convict far more innocent endpoints than alpha allows (the e-value's union bound
+    # over a key's probes and its alternative p1 = 0.5 leave slack: a quarter of the real rates
+    # still passes, 8 of 300)
+    old = sequential_false_matches(cfg, innocent_set, hits)
+    too_low = sequential_false_matches(cfg, calibrated, hits, scale=0.05)
+    assert found <= allowed < min(old, too_low), (found, allowed, old, too_low)
+
+
 def test_innocent_audits_match_at_most_alpha_of_the_time(sharp_tiny_model, innocent_set):
     """Every probe layer the base model can take, greedy and sampled, with the rates
     `oml calibrate` measures by default."""
@@ -117,7 +165,7 @@ def test_innocent_audits_match_at_most_alpha_of_the_time(sharp_tiny_model, innoc
     calibrated, _ = calibrate_set(CalibrateConfig(), sharp_tiny_model, fset)
     cfg = AuditConfig(layers="user,system,embedded,multiturn,agent", num_system_prompts=2,
                       sampled_layers="user", temperatures="0.7,1.0", samples=2, json_fields=3,
-                      max_tokens=ANSWER_TOKENS, alpha=ALPHA)
+                      max_tokens=ANSWER_TOKENS, alpha=ALPHA, exhaustive=True)
     trials = 300
     hits = innocent_hits(sharp_tiny_model, calibrated, cfg, trials, seed=1)
     assert sum(map(sum, hits.values())) > trials, "innocent answers must hit often for this to test anything"
@@ -139,7 +187,8 @@ def test_rates_too_low_would_fail_the_check(sharp_tiny_model, innocent_set, monk
     monkeypatch.setattr(oml_core.calibrate, "all_contexts", lambda has_chat_template: ["user"])
     calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1.0", expansions=16),
                                   sharp_tiny_model, innocent_set)
-    cfg = AuditConfig(layers="user", sampled_layers="", max_tokens=ANSWER_TOKENS, alpha=ALPHA)
+    cfg = AuditConfig(layers="user", sampled_layers="", max_tokens=ANSWER_TOKENS, alpha=ALPHA,
+                      exhaustive=True)
     trials = 400
     hits = innocent_hits(sharp_tiny_model, calibrated, cfg, trials, seed=2)
     allowed = allowed_false_matches(trials)
