@@ -153,7 +153,7 @@ def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
             completed_codes=(0, EXIT_INCONCLUSIVE))
         return AuditStarted(plan=plan, job=JobStatus(**status), next_step=(
             f"poll job_status with job_id {status['job_id']} every 5-30 s (step/total_steps: "
-            "probes answered/planned; p_value: the evidence so far); when it is completed, "
+            "probes answered/planned at most; p_value: the evidence so far); when it is completed, "
             f"call audit_result with audit_id {status['job_id']}; cancel_job stops it, and "
             "start_audit with the same settings resumes it"))
 
@@ -165,7 +165,10 @@ def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
                  "wrappings (layers) and turn the answers into a verdict with a false-positive "
                  "bound. Every probed key is shown to the endpoint and recorded as spent in its "
                  "key ledger, so call it first with plan_only=true and show the plan (keys, "
-                 "calls, token estimate) to the user. Then it runs as a background job that "
+                 "calls, token estimate) to the user; by default the audit is sequential, so "
+                 "those are the most it may spend: it stops as soon as the evidence decides "
+                 "and keys it never sends stay unspent (exhaustive=true sends every key). "
+                 "Then it runs as a background job that "
                  "outlives this call: poll job_status (probes answered/planned, p-value so "
                  "far), then audit_result; cancel_job stops it and the same call resumes it. "
                  "The API key is read from the server's environment variable named by "
