@@ -26,7 +26,7 @@ import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -209,6 +209,9 @@ class _Audit:
             self.resumed = False
         self.plan_data = plan
         self.chosen: list[Fingerprint] = [by_id[i] for i in plan["fingerprint_ids"]]
+        if not self.resumed and not self.cfg.exhaustive:
+            self.chosen = self.sending_order(self.chosen)
+            plan["fingerprint_ids"] = [fp.id for fp in self.chosen]
         self.adapter = make_adapter(self.cfg)
         probes = plan_probes(self.cfg, [fp.id for fp in self.chosen])
         self.probes: list[Probe] = []
@@ -259,10 +262,11 @@ class _Audit:
             self._probe_rate_sums[probe.fingerprint_id] += self.probe_rates[probe.id]
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
         if not path.exists():
-            if not self.cfg.exhaustive:  # sequential: the most telling keys (lowest rate) first
-                self.chosen.sort(key=self.key_rate)
+            if not self.cfg.exhaustive:
                 plan.update(sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
-                                        "order": "keys by ascending null rate, as listed"})
+                                        "order": "as listed: keys by ascending null rate of the "
+                                                 "probe every key gets (the user turn); the "
+                                                 "other layers rotate over keys in this order"})
                 self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
                               f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
                               f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
@@ -282,6 +286,20 @@ class _Audit:
                                  self.cfg.reveal_keys, credentials_of(self.cfg))
         self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
         self.by_id = {fp.id: fp for fp in self.chosen}
+
+    def sending_order(self, chosen: list[Fingerprint]) -> list[Fingerprint]:
+        """A sequential audit's keys, most telling first: by the null rate of the probe every
+        key gets (the first slot of each key's plan, the user turn). Ordering by a key's whole
+        plan would send last every key whose rotating probe is a layer with a high rate (the
+        agent layer: the answer and its JSON fields), so those layers would never be tried;
+        the plan's rotation follows this order instead."""
+        first = replace(self.cfg, probes_per_key=1)
+        heads = plan_probes(first, [fp.id for fp in chosen])
+        panel = (None if self.measured is None else
+                 {fp.id: self.measured.probe_rate(fp.id) for fp in chosen})
+        rates, _, _ = decision.probe_rates(first, heads, {fp.id: fp for fp in chosen}, panel)
+        head_rate = {probe.fingerprint_id: rates[probe.id] for probe in heads}
+        return sorted(chosen, key=lambda fp: head_rate[fp.id])
 
     def key_rate(self, fp: Fingerprint) -> float:
         """A key's null rate: the summed rates of its planned probes (a union bound)."""

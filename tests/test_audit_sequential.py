@@ -120,3 +120,19 @@ def test_the_report_shows_the_evidence_curve_without_keys(tmp_path):
     assert not any(fp.key in page or fp.response.strip() in page for fp in fps)
     assert report.count("| yes |") == 3
     assert not any(fp.key in report or fp.response.strip() in report for fp in fps)
+
+
+def test_every_layer_is_tried_in_the_first_keys_sent_whatever_its_null_rate(tmp_path):
+    """The agent layer's probe has the highest null rate (the answer and 3 JSON fields); if
+    keys were ordered by their whole plan's rate, those carrying it would go last and an
+    innocent audit would stop before any was sent."""
+    fp_file, _ = make_set(tmp_path)
+    with HostileServer(lambda seen: Canned.json(chat_reply("no idea"))) as server:
+        summary = run_audit(config(server, fp_file, tmp_path / "out",
+                                   layers="raw,user,system,embedded,multiturn,agent"))
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    first_five = set(plan["fingerprint_ids"][:5])
+    sent = [json.loads(line) for line in (tmp_path / "out" / "evidence.jsonl").open()]
+    layers = {line["layer"] for line in sent if line["fingerprint_id"] in first_five}
+    assert layers == {"raw", "user", "system", "embedded", "multiturn", "agent"}
+    assert summary["verdict"] == "no_match" and summary["keys_probed"] >= 5
