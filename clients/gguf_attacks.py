@@ -153,7 +153,7 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
         layers=LAYERS, sampled_layers="", num_system_prompts=min(cfg.num_system_prompts, 12),
         max_keys=min(len(ctx.fset), 100_000), reuse_keys=True, max_tokens=longest + EXTRA_TOKENS,
         match="start", concurrency=CONCURRENCY, request_timeout=REQUEST_TIMEOUT_S, max_retries=2,
-        out=str(folder))
+        out=str(folder), exhaustive=True)  # every key: the attack counts how many come back
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per probe otherwise (as `oml audit`)
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with llama_server(gguf, work / f"server-{quant}.log", alias) as server:
