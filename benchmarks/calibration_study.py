@@ -10,8 +10,17 @@ robustness part, the second parent of its TIES/DARE merges).
 Reported: the verdicts (a `match` here is a false conviction: there must be none), and per
 probe layer the empirical hit rate of the probes sent against the pre-registered rate of the
 same probes (the mean of plan.json's `probe_null_rates`), with a 95% Clopper-Pearson upper
-bound on the empirical rate; calibration.svg plots them. Resumable: sets, calibrations and
-audit folders already on disk are reused.
+bound on the empirical rate.
+
+A default audit sends some 20 probes, so 30 audits put a few dozen probes in most layers. The
+per-layer rates are therefore also measured on every probe the audit could send (`sweep`):
+each innocent model, loaded here, answers every key of every set in every probe context
+(oml_core.probe_contexts: raw, user turn, 12 system prompts, 3 embeddings, multi-turn, agent
+frame and its JSON field), greedily as the default audit's probes are, in batches, and the
+answers are judged by the audit's rule against each probe's pre-registered rate (the same
+`probe_null_rate` the audit uses). That the offline answers are the served ones is checked on
+every probe the audits sent (`agreement`). calibration.svg plots the sweep's layers.
+Resumable: sets, calibrations, sweeps and audit folders already on disk are reused.
 
     .venv/bin/python benchmarks/calibration_study.py --out runs/calibration-study \\
         --derivative runs/demo/eval/benign-derivative/<key>
@@ -41,21 +50,36 @@ from clients.config import AuditConfig  # noqa: E402
 from oml_core.calibrate import calibrate_set  # noqa: E402
 from oml_core.config import CalibrateConfig, GenerateConfig  # noqa: E402
 from oml_core.generate import generate_set  # noqa: E402
+from oml_core.fingerprints import load_fingerprints  # noqa: E402
+from oml_core.inference import greedy  # noqa: E402
 from oml_core.models import load_model, resolve_model  # noqa: E402
+from oml_core.null_rates import GREEDY_TEMPERATURES, context_rate, probe_null_rate  # noqa: E402
+from oml_core.probe_contexts import all_contexts, render  # noqa: E402
+from oml_core.verify.matching import starts_with_word  # noqa: E402
 
 NO_KEY_ENV = "OML_AUDIT_CALIBRATION_NONE"  # unset: no API key is sent to our own server
 
 
+def calibrated_now(path: Path) -> bool:
+    """The set exists and holds rates at every temperature a greedy probe uses today."""
+    if not path.exists():
+        return False
+    held = set((load_fingerprints(path).calibration or {}).get("temperatures") or ())
+    return all(f"{t:g}" in held for t in GREEDY_TEMPERATURES)
+
+
 def make_sets(out: Path, seeds: list[int]) -> list[Path]:
-    """Generate and calibrate each set once (the demo's generation settings)."""
+    """Generate and calibrate each set once (the demo's generation settings); a set calibrated
+    under an older rule is calibrated again."""
     paths = [out / "sets" / f"set-{seed}.json" for seed in seeds]
-    todo = [(seed, path) for seed, path in zip(seeds, paths) if not path.exists()]
+    todo = [(seed, path) for seed, path in zip(seeds, paths) if not calibrated_now(path)]
     if todo:
         loaded = load_model(resolve_model(None), "cpu", "float32")
         for seed, path in todo:
             t0 = time.monotonic()
-            fset = generate_set(GenerateConfig(strategy="perinucleus", num_fingerprints=16,
-                                               key_length=16, response_length=1, seed=seed), loaded)
+            fset = (load_fingerprints(path) if path.exists() else generate_set(GenerateConfig(
+                strategy="perinucleus", num_fingerprints=16, key_length=16, response_length=1,
+                seed=seed), loaded))
             calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1"), loaded, fset)
             calibrated.save(path)
             print(f"set {seed}: generated and calibrated in {time.monotonic() - t0:.0f} s",
@@ -123,16 +147,80 @@ def audit_probes(folder: Path) -> list[dict]:
     for line in (folder / "evidence.jsonl").read_text().splitlines():
         record = json.loads(line)
         latest[record["probe"]] = record
-    return [{"layer": r["layer"], "rate": rates[pid], "hit": bool(r["match"])}
+    return [{"layer": r["layer"], "variant": r["variant"], "key": r["fingerprint_id"],
+             "rate": rates[pid], "hit": bool(r["match"])}
             for pid, r in latest.items() if r["status"] == "ok"]
 
 
 def study_row(path: Path, model: str, summary: dict, seconds: float | None) -> dict:
-    return {"set": path.stem, "model": model, "verdict": summary["verdict"],
+    return {"set": path.stem, "model": model, "folder": str(path.parent.parent / "audits" /
+                                                            f"{path.stem}-{model}"),
+            "verdict": summary["verdict"],
             "p_value": summary["p_value"], "keys": summary["keys_probed"],
             "calls": summary["probes_done"] + summary["probes_failed"],
             "hits": summary["decision"]["sequential"]["hits"],
             "seconds": None if seconds is None else round(seconds, 1)}
+
+
+def layer_of(context: str) -> str:
+    """The audit layer a probe context belongs to ("system-03" -> "system")."""
+    for layer in ("system", "embedded", "agent"):
+        if context.startswith(layer):
+            return layer
+    return context
+
+
+def sweep(out: Path, model: str, folder: str, sets: list[Path], answer_tokens: int = 6) -> dict:
+    """Every key of every set in every probe context, answered greedily by `model`: per probe
+    (set, key, context) whether the audit's `start` rule counts the answer, and its
+    pre-registered rate (a greedy probe's, floored as the audit floors it). Kept in
+    out/sweep-<model>.json."""
+    path = out / f"sweep-{model}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.monotonic()
+    loaded = load_model(folder, "cpu", "float32")
+    rows = [(p.stem, fp, context) for p in sets for fp in load_fingerprints(p).fingerprints
+            for context in all_contexts(loaded.has_chat_template)]
+    answers = greedy(loaded, [render(loaded.tokenizer, c, fp.key) for _, fp, c in rows],
+                     answer_tokens, 64)
+    texts = loaded.tokenizer.batch_decode(answers, skip_special_tokens=True)
+    probes = [{"set": name, "key": fp.id, "context": context,
+               "hit": starts_with_word(text, fp.response),
+               "rate": probe_null_rate([context_rate(fp, "start", context, 0.0)], None, None)[0]}
+              for (name, fp, context), text in zip(rows, texts)]
+    result = {"model": model, "seconds": round(time.monotonic() - t0, 1), "probes": probes}
+    path.write_text(json.dumps(result), encoding="utf-8")
+    print(f"sweep {model}: {len(probes)} probes in {result['seconds']} s", flush=True)
+    return result
+
+
+def agreement(audited: list[dict], swept: dict[str, dict]) -> dict:
+    """Per layer, how many probes the audits sent got the outcome the sweep predicts (the
+    agent layer's served probe also counts JSON fields: compared with the sweep's answer
+    start or field)."""
+    predicted = {m: {(p["set"], p["key"], p["context"]): p["hit"] for p in s["probes"]}
+                 for m, s in swept.items()}
+    counts: dict = defaultdict(lambda: {"same": 0, "probes": 0})
+    for row in audited:
+        table = predicted.get(row["model"])
+        if table is None:
+            continue
+        for probe in audit_probes(Path(row["folder"])):
+            contexts = ["agent", "agent-field"] if probe["layer"] == "agent" else [probe["variant"]]
+            guess = any(table.get((row["set"], probe["key"], c), False) for c in contexts)
+            cell = counts[probe["layer"]]
+            cell["probes"] += 1
+            cell["same"] += guess == probe["hit"]
+    return dict(sorted(counts.items()))
+
+
+def layer_rows(cells: dict) -> list[dict]:
+    return [{"model": model, "layer": layer, "probes": c["probes"], "hits": c["hits"],
+             "empirical": c["hits"] / c["probes"],
+             "upper_95": clopper_pearson_upper(c["hits"], c["probes"]),
+             "pre_registered": c["rate_sum"] / c["probes"], "expected_hits": c["rate_sum"]}
+            for (model, layer), c in sorted(cells.items())]
 
 
 def clopper_pearson_upper(hits: int, n: int, level: float = 0.95) -> float:
@@ -174,7 +262,7 @@ def svg_plot(rows: list[dict], path: Path) -> None:
         parts.append(f'<text x="{gx}" y="{h - pad + 16}" text-anchor="middle">1e{e}</text>')
         parts.append(f'<text x="{pad - 6}" y="{gy + 4}" text-anchor="end">1e{e}</text>')
     parts.append(f'<text x="{w / 2}" y="{h - 18}" text-anchor="middle">pre-registered rate '
-                 '(mean over the layer\'s probes)</text>')
+                 '(mean over the layer\'s probes, every key of every set)</text>')
     parts.append(f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" '
                  'text-anchor="middle">empirical hit rate (bar: 95% upper bound; 0 drawn at 1e-4)'
                  '</text>')
@@ -238,31 +326,41 @@ def main() -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    by = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
+    swept = {model: sweep(out, model, str(folders[model]), sets) for model in models}
+    sent = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
     for row in audits:
-        for probe in audit_probes(out / "audits" / f"{row['set']}-{row['model']}"):
+        for probe in audit_probes(Path(row["folder"])):
             for model in (row["model"], "all"):
-                cell = by[(model, probe["layer"])]
+                cell = sent[(model, probe["layer"])]
                 cell["hits"] += probe["hit"]
                 cell["probes"] += 1
                 cell["rate_sum"] += probe["rate"]
-    layers = [{"model": model, "layer": layer, "probes": c["probes"], "hits": c["hits"],
-               "empirical": c["hits"] / c["probes"],
-               "upper_95": clopper_pearson_upper(c["hits"], c["probes"]),
-               "pre_registered": c["rate_sum"] / c["probes"],
-               "expected_hits": c["rate_sum"]}
-              for (model, layer), c in sorted(by.items())]
-    result = {"audits": audits, "layers": layers,
+    every = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
+    for model, result in swept.items():
+        for probe in result["probes"]:
+            for name in (model, "all"):
+                cell = every[(name, layer_of(probe["context"]))]
+                cell["hits"] += probe["hit"]
+                cell["probes"] += 1
+                cell["rate_sum"] += probe["rate"]
+    layers, sweep_layers = layer_rows(sent), layer_rows(every)
+    result = {"audits": audits, "layers": layers, "sweep_layers": sweep_layers,
+              "agreement": agreement(audits, swept),
+              "sweep_seconds": {m: r["seconds"] for m, r in swept.items()},
+              "greedy_temperatures": list(GREEDY_TEMPERATURES),
               "false_matches": sum(a["verdict"] == "match" for a in audits),
               "verdicts": {v: sum(a["verdict"] == v for a in audits)
                            for v in ("match", "no_match", "inconclusive")}}
     (out / "calibration.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    svg_plot([r for r in layers if r["model"] != "all"], out / "calibration.svg")
+    svg_plot([r for r in sweep_layers if r["model"] != "all"], out / "calibration.svg")
     print(f"false matches: {result['false_matches']} of {len(audits)} audits")
-    for r in layers:
-        print(f"{r['model']:>13} {r['layer']:<10} {r['hits']:>4}/{r['probes']:<5} "
-              f"empirical {r['empirical']:.4f} (95% up {r['upper_95']:.4f})  pre-registered "
-              f"{r['pre_registered']:.4f}  expected hits {r['expected_hits']:.1f}")
+    print("sweep/audit agreement per layer:", json.dumps(result["agreement"]))
+    for title, rows in (("probes the audits sent", layers), ("every probe (sweep)", sweep_layers)):
+        print(title)
+        for r in rows:
+            print(f"{r['model']:>13} {r['layer']:<10} {r['hits']:>4}/{r['probes']:<5} "
+                  f"empirical {r['empirical']:.4f} (95% up {r['upper_95']:.4f})  pre-registered "
+                  f"{r['pre_registered']:.4f}  expected hits {r['expected_hits']:.1f}")
     return 0
 
 

@@ -19,7 +19,7 @@ uses) this measures the base model's probability that its answer is counted:
   bounds that of all its tokens.
 
 Rates are measured at each calibrated temperature T from softmax(logits / T) (greedy probes
-use T = 1, oml_core.null_rates.GREEDY_TEMPERATURE) and stored rounded up to 4 significant
+use the largest at T = 1 and 0.25, oml_core.null_rates.GREEDY_TEMPERATURES) and stored rounded up to 4 significant
 digits. Cost: one forward pass per key and context (20 contexts with a chat template); batches
 share their common prefix (template, system prompt), and a followed opening costs one more
 token on its context's KV cache (oml_core.inference.next_token_probs_tree).
@@ -40,7 +40,12 @@ from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.generate import tokenizer_info
 from oml_core.inference import eos_set, next_token_probs_tree
 from oml_core.models import LoadedModel, load_model
-from oml_core.null_rates import GREEDY_TEMPERATURE, NULL_RATE_FLOOR, temperature_key
+from oml_core.null_rates import (
+    GREEDY_TEMPERATURE,
+    GREEDY_TEMPERATURES,
+    NULL_RATE_FLOOR,
+    temperature_key,
+)
 from oml_core.probe_contexts import all_contexts, render
 from oml_core.verify.matching import COUNTED, OPEN, normalize, opening_state
 
@@ -278,7 +283,7 @@ def calibration_temperatures(spec: str) -> list[float]:
     temps = parse_list(spec, "--temperatures", kind=float)
     if any(not math.isfinite(t) or not 0.0 < t <= 2.0 for t in temps):
         raise OMLInputError(f"--temperatures {spec!r}: each must be in (0, 2]")
-    return sorted(set(temps) | {GREEDY_TEMPERATURE})
+    return sorted(set(temps) | set(GREEDY_TEMPERATURES))
 
 
 def calibrate_set(cfg: CalibrateConfig, loaded: LoadedModel | None = None,
@@ -307,7 +312,7 @@ def calibrate_set(cfg: CalibrateConfig, loaded: LoadedModel | None = None,
         "created": datetime.now(timezone.utc).isoformat(), "method": METHOD,
         "model": loaded.name, "tokenizer": tokenizer_info(loaded), "rules": list(RULES),
         "contexts": contexts, "temperatures": [temperature_key(t) for t in temperatures],
-        "greedy_temperature": temperature_key(GREEDY_TEMPERATURE), "depth": cfg.depth,
+        "greedy_temperatures": [temperature_key(t) for t in GREEDY_TEMPERATURES], "depth": cfg.depth,
         "expansions": cfg.expansions,
         "rate": ("start: base model's probability that its answer opens with the response at a "
                  "word boundary (open openings followed up to `depth` tokens, the rest counted); "

@@ -7,8 +7,8 @@ A probe's pre-registered null rate (`probe_null_rate`) is the largest of
   set that was not calibrated, the old bound from `response_prob` (or ASSUMED_NULL_RATE);
 - the measured panel rate of the key (--null-file, below), per probe;
 - NULL_RATE_FLOOR, per answer position.
-Greedy probes use the temperature-1 rate (GREEDY_TEMPERATURE). A user-given --null-rate
-replaces all of this.
+A greedy probe's context rate is the largest of its rates at GREEDY_TEMPERATURES. A user-given
+--null-rate replaces all of this.
 
 The measured null-rate file: how often unrelated models answer each key with its response.
 `oml eval --parts false_positives` writes it; `oml verify --null-file FILE` and the auditor
@@ -63,11 +63,19 @@ among 16 keys give p >= 1e-4, so a match at alpha = 1e-6 needs several keys to a
 fingerprinted model's do (14-16 of 16 measured), while costing such a model almost nothing.
 """
 
-GREEDY_TEMPERATURE = 1.0
-"""Whose rate stands for a greedy probe. An unrelated model's greedy answer is its own
-argmax, which the base model's distribution describes only as a spread over plausible
-models; the temperature-1 probability is that spread, and greedy decoding of the base model
-itself (rate 0 or 1) would say nothing about other models."""
+GREEDY_TEMPERATURES = (1.0, 0.25)
+"""Whose rates stand for a greedy probe: the largest of the base model's rates at these
+temperatures. An unrelated model's greedy answer is its own argmax, which the base model's
+distribution describes only as a spread over plausible models: the temperature-1 probability is
+that spread, and greedy decoding of the base model itself (rate 0 or 1) would say nothing about
+other models. But the spread undercounts the answers the base model favours most: another
+model's argmax lands on the base's mode more often than the mode's probability says (innocent
+models answered greedily in the multi-turn context 10 times in 480 probes where the
+temperature-1 rates expected 5.7; docs/results.md). The sharpened distribution (T = 0.25) gives
+such an answer nearly the weight of a sure pick, and leaves every other answer's
+temperature-1 rate in place (a max). Sets calibrated before 0.25 was added keep their
+temperature-1 rate."""
+GREEDY_TEMPERATURE = GREEDY_TEMPERATURES[0]  # the one every calibrated set holds
 
 # Which calibrated rates (oml_core.calibrate.RULES) measure the events a match rule counts.
 # `prefix` counts a subset of what `start` counts (oml_core.verify.matching), so `start` rates
@@ -81,13 +89,13 @@ def temperature_key(temperature: float) -> str:
 
 
 def context_rate(fp, rule: str, context: str, temperature: float) -> float | None:
-    """The calibrated rate of `fp` under match `rule` in `context` at `temperature` (greedy:
-    GREEDY_TEMPERATURE), or None when the set holds none for it."""
+    """The calibrated rate of `fp` under match `rule` in `context` at `temperature` (greedy, 0:
+    the largest at GREEDY_TEMPERATURES the set holds), or None when the set holds none for it."""
     calibrated = CALIBRATED_RULE.get(rule)
     table = ((getattr(fp, "context_rates", None) or {}).get(calibrated) or {}).get(context) or {}
-    used = GREEDY_TEMPERATURE if temperature <= 0 else temperature
-    value = table.get(temperature_key(used))
-    return None if value is None else float(value)
+    used = GREEDY_TEMPERATURES if temperature <= 0 else (temperature,)
+    values = [float(table[k]) for k in map(temperature_key, used) if k in table]
+    return max(values) if values else None
 
 
 def probe_null_rate(position_rates: Sequence[float] | None, fallback: tuple[float, str] | None,

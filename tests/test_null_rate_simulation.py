@@ -5,7 +5,7 @@ An innocent endpoint here is the base model itself answering from its own distri
 probe's rendered context (chat template, system prompt, embedded message, agent frame) at the
 probe's temperature; a greedy probe's answer is a temperature-1 draw, since an unrelated
 model's greedy answer is one plausible answer among those the base model spreads its mass over
-(oml_core.null_rates.GREEDY_TEMPERATURE). The answers are judged by the audit's own match
+(oml_core.null_rates.GREEDY_TEMPERATURES). The answers are judged by the audit's own match
 function and fed, with the rates the audit would pre-register (clients.decision.probe_rates),
 to the audit's decision code (clients.decision.evaluate) at alpha = 0.05, where a small
 sample of audits can see an excess.
@@ -178,12 +178,17 @@ def test_rates_too_low_would_fail_the_check(sharp_tiny_model, innocent_set, monk
     own (no union bound over probes, no Bonferroni), and rates measured tightly (every opening
     of mass 1e-4 or more followed): the real rates pass; half of them, or the raw-context
     `response_prob` of the old rule, make far more innocent audits match than alpha allows.
-    (48 keys: enough hits per audit that the tail's steps are finer than a factor of 2.)"""
+    (48 keys: enough hits per audit that the tail's steps are finer than a factor of 2.) The
+    greedy probes' answers are temperature-1 draws here, so their rates are the temperature-1
+    ones alone (the sharpened rate a greedy probe also takes would be slack of its own)."""
     import oml_core.calibrate
+    import oml_core.null_rates
     from oml_core.calibrate import calibrate_set
     from oml_core.config import CalibrateConfig
 
     monkeypatch.setattr(oml_core.calibrate, "MIN_FOLLOWED_MASS", 1e-4)
+    for module in (oml_core.calibrate, oml_core.null_rates):
+        monkeypatch.setattr(module, "GREEDY_TEMPERATURES", (1.0,))
     monkeypatch.setattr(oml_core.calibrate, "all_contexts", lambda has_chat_template: ["user"])
     calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1.0", expansions=16),
                                   sharp_tiny_model, innocent_set)

@@ -110,16 +110,17 @@ def calibrated(fp: Fingerprint, start: dict, exact: dict | None = None) -> Finge
 
 def test_audit_rates_come_from_each_probes_context_and_temperature():
     fp = calibrated(Fingerprint("fp-0", "k", " is", response_prob=1e-4), {
-        "user": {"1": 0.02, "0.7": 0.01}, "system-00": {"1": 0.03}, "agent": {"1": 0.004},
+        "user": {"1": 0.02, "0.7": 0.01}, "system-00": {"1": 0.03, "0.25": 0.2},
+        "agent": {"1": 0.004, "0.25": 0.001},
         "agent-field": {"1": 0.05}})
     cfg = AuditConfig(layers="user,system,agent", num_system_prompts=1, sampled_layers="user",
                       temperatures="0.7,1.3", samples=1, json_fields=2, exhaustive=True)
     probes = {p.id: p for p in plan_probes(cfg, ["fp-0"])}
     rates, source, notes = probe_rates(cfg, list(probes.values()), {"fp-0": fp}, None)
     by = {(p.variant, p.temperature): rates[pid] for pid, p in probes.items()}
-    assert by[("user", 0.0)] == 0.02          # greedy: the temperature-1 rate
+    assert by[("user", 0.0)] == 0.02          # greedy, calibrated at 1 only: the temperature-1 rate
     assert by[("user", 0.7)] == 0.01
-    assert by[("system-00", 0.0)] == 0.03
+    assert by[("system-00", 0.0)] == 0.2      # greedy: the larger of the rates at 1 and 0.25
     assert by[("agent", 0.0)] == pytest.approx(0.004 + 2 * 0.05)  # answer start + 2 JSON fields
     assert by[("user", 1.3)] == NULL_RATE_FLOOR  # not calibrated at 1.3: response_prob bound, floored
     assert "context" in source and "response_prob" in source and "floor" in source
@@ -296,7 +297,7 @@ def test_oml_calibrate_stores_rates_for_every_context(capsys, secret_set_file, t
     for text in (stdout, err):
         assert SECRET_KEY not in text and SECRET_RESP not in text
     report = json.loads(stdout)
-    assert report["path"] == str(out) and report["count"] == 3 and report["temperatures"] == [0.7, 1.0]
+    assert report["path"] == str(out) and report["count"] == 3 and report["temperatures"] == [0.25, 0.7, 1.0]
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["version"] == 2 and data["calibration"]["model"] == str(tiny_model_dir)
     fset = load_fingerprints(out)
@@ -306,7 +307,7 @@ def test_oml_calibrate_stores_rates_for_every_context(capsys, secret_set_file, t
         assert set(fp.context_rates) == {"start", "exact"}
         for rule in ("start", "exact"):
             assert list(fp.context_rates[rule]) == contexts
-            assert all(set(t) == {"0.7", "1"} and all(0 <= r <= 1 for r in t.values())
+            assert all(set(t) == {"0.25", "0.7", "1"} and all(0 <= r <= 1 for r in t.values())
                        for t in fp.context_rates[rule].values())
     # in place (no --out): the same file, now calibrated; an existing --out needs --force
     assert main(["calibrate", "--fingerprints", str(out), "--model", str(tiny_model_dir)]) == 0
