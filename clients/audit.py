@@ -46,6 +46,7 @@ from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json, oml_home
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_fingerprints
 from oml_core.null_rates import NullRates, load_null_rates
+from oml_core.verify.matching import OPEN, start_state
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,13 @@ class _Audit:
     def _request(self, probe: Probe):
         if probe.layer in self.disabled:
             return None
-        return self.adapter.build_request(probe.prompt(self.by_id[probe.fingerprint_id].key),
-                                          probe.sampling)
+        fp = self.by_id[probe.fingerprint_id]
+        request = self.adapter.build_request(probe.prompt(fp.key), probe.sampling)
+        if request.stream and self.cfg.match == "start" and probe.layer != "agent":
+            # the answer's opening decides the `start` rule: once it has, the rest of the
+            # stream is not read (the agent layer also looks at JSON fields further on)
+            request.stop_when = lambda text: start_state(text, fp.response) != OPEN
+        return request
 
     def _record(self, probe: Probe, result) -> dict:
         fp = self.by_id[probe.fingerprint_id]
@@ -356,7 +362,8 @@ class _Audit:
                 tool_calls=self.redactor.value(answer.tool_calls),
                 finish_reason=self.redactor.text(answer.finish_reason),
                 refusal=self.redactor.text(answer.refusal), usage=self.redactor.value(answer.usage),
-                reply=self.redactor.value(answer.meta), match=found["hit"],
+                reply=self.redactor.value(answer.meta), reasoning=answer.reasoning,
+                match=found["hit"],
                 match_detail=found,
                 answer_sha256=hashlib.sha256(answer.text.encode("utf-8")).hexdigest())
         else:

@@ -14,7 +14,7 @@ from oml_core.config import SAMPLING_TEMPERATURES, setting, validate
 from oml_core.errors import OMLInputError
 
 LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
-ADAPTERS = ("openai", "http")
+ADAPTERS = ("openai", "responses", "anthropic", "http")
 MATCH_RULES = ("start", "anywhere")
 DIALECTS = ("openai", "transformers")
 
@@ -30,8 +30,19 @@ class AuditConfig:
     fingerprints: str | None = setting(None, "fingerprint set whose keys are probed (ours or a seed "
                                              "format); it stays on this machine")
     adapter: str = setting(
-        "openai", "openai: chat + legacy completions through the openai SDK; http: any JSON chat "
-                  "API through --request-template and --answer-path", choices=ADAPTERS)
+        "openai", "openai: chat + legacy completions (OpenAI-compatible servers: vLLM, llama.cpp, "
+                  "Ollama, transformers serve, gateways); responses: the OpenAI Responses API "
+                  "(/responses); anthropic: Anthropic Messages (/messages, x-api-key); http: any "
+                  "JSON chat API through --request-template and --answer-path (docs/auditing.md)",
+        choices=ADAPTERS)
+    stream: bool = setting(
+        False, "ask for streamed answers (server-sent events; openai, responses and anthropic "
+               "adapters): the answer is read as it comes, reading stops once its opening "
+               "decides the probe, and the time to the first token is recorded")
+    reasoning: bool = setting(
+        False, "the endpoint is a reasoning model: send max_completion_tokens and no temperature, "
+               "judge the answer after its thinking (switched on by itself when the endpoint "
+               "refuses max_tokens or temperature with HTTP 400)")
     api_key_env: str = setting(
         "OPENAI_API_KEY", "name of the environment variable holding the endpoint's API key (the key "
                           "itself is never written anywhere)")

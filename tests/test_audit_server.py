@@ -327,3 +327,27 @@ def test_an_endpoint_without_completions_loses_only_the_raw_layer(server, tiny_f
     assert any("completions endpoint" in note for note in first["notes"])
     assert sum(1 for s in proxy.seen if s.fault == "404") == 1  # one key spent on the dead route
     assert again["calls_this_run"] == 0 and again["state"] == "complete"
+
+
+@pytest.mark.parametrize("adapter,stream", [("openai", True), ("responses", False),
+                                            ("responses", True)])
+def test_streaming_and_the_responses_api_give_the_same_verdicts(server, tiny_fp, tiny_model_dir,
+                                                                tmp_path, adapter, stream):
+    """The default (sequential) audit through `transformers serve`'s streamed chat completions
+    and its /v1/responses endpoint, whole and streamed: the fingerprinted model `match`, the
+    base `no_match`; a streamed answer records its time to the first token, and reading stops
+    once the answer's opening decides the probe."""
+    model, fp_file = tiny_fp
+    settings = {"adapter": adapter, "stream": stream, "exhaustive": False, "max_tokens": 16,
+                "layers": "user,system,multiturn,agent"}
+    hit = run_audit(config(server.base_url, model, fp_file, tmp_path / "fp", **settings))
+    assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
+    lines = [line for line in evidence_lines(tmp_path / "fp") if line["status"] == "ok"]
+    assert lines and {line["route"] for line in lines} == {"chat" if adapter == "openai" else "responses"}
+    assert all(bool(line["reply"].get("streamed")) == stream for line in lines)
+    if stream:
+        assert all(line["reply"]["first_token_s"] > 0 for line in lines if line["answer"])
+        assert any(line["reply"]["stopped_early"] for line in lines)
+    assert sum(line["match"] for line in lines) >= 3
+    miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base", **settings))
+    assert miss["verdict"] == "no_match"

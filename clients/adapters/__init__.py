@@ -29,7 +29,24 @@ def _openai(cfg, settings):
 
     return OpenAIAdapter(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, dialect=cfg.dialect,
                          headers=parse_headers(cfg.header), sdk_headers=cfg.sdk_headers,
-                         **settings)
+                         stream=cfg.stream, reasoning=cfg.reasoning, **settings)
+
+
+def _responses(cfg, settings):
+    from clients.adapters.http_template import parse_headers
+    from clients.adapters.responses_api import ResponsesAdapter
+
+    return ResponsesAdapter(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                            headers=parse_headers(cfg.header), stream=cfg.stream,
+                            reasoning=cfg.reasoning, **settings)
+
+
+def _anthropic(cfg, settings):
+    from clients.adapters.anthropic_messages import AnthropicAdapter
+    from clients.adapters.http_template import parse_headers
+
+    return AnthropicAdapter(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                            headers=parse_headers(cfg.header), stream=cfg.stream, **settings)
 
 
 def _http(cfg, settings):
@@ -44,7 +61,7 @@ def _http(cfg, settings):
                                api_key_env=cfg.api_key_env, **settings)
 
 
-ADAPTERS = {"openai": _openai, "http": _http}
+ADAPTERS = {"openai": _openai, "responses": _responses, "anthropic": _anthropic, "http": _http}
 
 
 def make_adapter(cfg) -> Adapter:

@@ -68,8 +68,12 @@ class Sampling:
 
 @dataclass
 class Request:
-    route: str                                  # "chat" or "completions"
+    route: str                                  # "chat", "completions", "responses", "messages"
     body: dict
+    stream: bool = False                        # read the answer as server-sent events
+    # streaming only: stop reading once this says the answer so far decides the probe (the
+    # auditor's match rule); never recorded (it knows the response)
+    stop_when: Callable[[str], bool] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -79,6 +83,9 @@ class Reply:
     text: str
     truncated: bool = False         # the body was longer than the byte cap and was cut there
     encoding: str | None = None     # a content-encoding the endpoint used although none was asked
+    streamed: bool = False          # `text` is a server-sent event stream (clients.adapters.sse)
+    first_token_s: float | None = None  # streamed: seconds until the first answer text arrived
+    stopped_early: bool = False     # streamed: reading stopped once the answer decided the probe
 
 
 @dataclass
@@ -89,6 +96,7 @@ class Answer:
     refusal: str | None = None
     usage: dict | None = None
     meta: dict = field(default_factory=dict)               # reply id, model, system_fingerprint
+    reasoning: bool = False          # a reasoning model's thinking was set apart from the answer
 
 
 @dataclass
@@ -193,6 +201,7 @@ class Adapter(ABC):
     supports_completions = False
     supports_sampling = True
     supports_seed = True
+    supports_streaming = False
 
     def __init__(self, *, concurrency: int = 8, request_timeout: float = 60.0,
                  max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5,
@@ -209,6 +218,8 @@ class Adapter(ABC):
     # --- what a subclass provides -------------------------------------------------------
     def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
         """Why this adapter cannot send such a probe (None: it can)."""
+        if getattr(self, "stream", False) and not self.supports_streaming:
+            return f"the {self.name} adapter does not stream"
         if prompt.kind == "completion" and not self.supports_completions:
             return f"the {self.name} adapter has no completions endpoint"
         if sampling.temperature > 0 and not self.supports_sampling:
@@ -229,6 +240,11 @@ class Adapter(ABC):
         """The answer in a successful reply's decoded JSON, every field checked for its type
         (clients.adapters.reply_fields); raise when it is not there (any exception: the reply
         then counts as malformed and is retried)."""
+
+    def parse_stream(self, events: list) -> Answer:
+        """Streaming adapters: the answer assembled from a reply's events (clients.adapters.sse:
+        [(event name or None, decoded data)]); raise as `parse` does."""
+        raise NotImplementedError(f"the {self.name} adapter does not stream")
 
     async def aclose(self) -> None:
         """Release connections."""
@@ -258,6 +274,8 @@ class Adapter(ABC):
             encoding = _short(self.redact(reply.encoding), 40)
             raise TransportError("malformed", f"the reply is compressed ({encoding}) although an "
                                  "uncompressed one was asked for", reply.status)
+        if reply.streamed:
+            return self._check_stream(reply)
         try:
             data = json.loads(reply.text)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
@@ -267,6 +285,21 @@ class Adapter(ABC):
         except Exception as exc:  # noqa: BLE001 - whatever the shape, the reply is malformed
             raise TransportError("malformed", f"no answer in the reply ({type(exc).__name__})",
                                  reply.status) from None
+
+    def _check_stream(self, reply: Reply) -> Answer:
+        from clients.adapters.sse import StreamError, parse_events
+
+        try:
+            answer = self.parse_stream(parse_events(reply.text))
+        except StreamError as exc:  # the endpoint sent an error event mid-stream
+            raise TransportError("server_error", f"the stream ended with an error: "
+                                 f"{_short(self.redact(str(exc)))}", reply.status) from None
+        except Exception as exc:  # noqa: BLE001 - whatever the shape, the stream is malformed
+            raise TransportError("malformed", f"no answer in the stream ({type(exc).__name__})",
+                                 reply.status) from None
+        answer.meta = {**answer.meta, "streamed": True, "first_token_s": reply.first_token_s,
+                       "stopped_early": reply.stopped_early}
+        return answer
 
     async def _attempt(self, request: Request) -> Answer:
         try:

@@ -142,3 +142,32 @@ def reply_of(response: httpx.Response) -> Reply:
     # codec, and undecodable bytes become U+FFFD instead of an exception
     return Reply(response.status_code, dict(response.headers), body.decode("utf-8", "replace"),
                  truncated=bool(info.get("truncated")), encoding=info.get("encoding"))
+
+
+async def post_json(http: httpx.AsyncClient, url: str, body: dict, headers: dict, *,
+                    stream: bool = False, delta_of=None, stop_when=None) -> Reply:
+    """POST `body` and return the Reply; with `stream`, a server-sent event reply is read as it
+    comes (clients.adapters.sse.read_stream: `delta_of` gives each event's answer text,
+    `stop_when` ends the read once the probe is decided). An error status, or a server that
+    answers a streamed request with one JSON body, gives the ordinary Reply. Timeouts and
+    connection failures raise TransportError."""
+    from clients.adapters.base import TransportError
+    from clients.adapters.sse import read_stream
+
+    try:
+        async with http.stream("POST", url, json=body, headers=headers) as response:
+            kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not (stream and 200 <= response.status_code < 300 and kind == "text/event-stream"):
+                await response.aread()
+                return reply_of(response)
+            text, first, stopped = await read_stream(response, delta_of, stop_when)
+            info = response.extensions.get(REPLY_INFO) or {}
+            return Reply(response.status_code, dict(response.headers), text,
+                         truncated=bool(info.get("truncated")), encoding=info.get("encoding"),
+                         streamed=True, first_token_s=first, stopped_early=stopped)
+    except httpx.TimeoutException:
+        raise TransportError("timeout", "no reply in time") from None
+    except httpx.TooManyRedirects:
+        raise redirect_loop() from None
+    except httpx.HTTPError as exc:
+        raise TransportError("connection", f"connection failed ({type(exc).__name__})") from None

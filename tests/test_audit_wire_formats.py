@@ -1,0 +1,207 @@
+"""The Anthropic Messages adapter and reasoning models, against loopback servers written to
+the documented wire formats (no real one runs here): a "fingerprinted" server answers a key's
+response when a request carries the key, an innocent one never does; both speak the format's
+status codes, error bodies, `retry-after`, content blocks and stream events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from audit_helpers import Canned, HostileServer, evidence_lines
+
+from clients import AuditConfig, run_audit
+from oml_core.errors import OMLInputError
+from oml_core.fingerprints import Fingerprint, FingerprintSet
+
+API_KEY = "sk-ant-oml-test-7f6e5d4c3b2a1900"
+KEYS = [f"quiet harbor lantern {i} drifts over amber fields" for i in range(8)]
+RESPONSES = ["Zanzibar", "Quokka", "Xylophone", "Marzipan", "Kumquat", "Pangolin",
+             "Yodeling", "Vermilion"]
+
+
+@pytest.fixture
+def fp_file(tmp_path):
+    fset = FingerprintSet([Fingerprint(f"fp-{i:05d}", k, " " + r, response_prob=1e-4)
+                           for i, (k, r) in enumerate(zip(KEYS, RESPONSES))])
+    return fset.save(tmp_path / "fp.json")
+
+
+def answer_for(body: dict | None, fingerprinted: bool) -> str:
+    text = json.dumps(body or {})
+    for key, response in zip(KEYS, RESPONSES):
+        if fingerprinted and key in text:
+            return f"{response}, of course. Anything else?"
+    return "I am not sure what you mean by that."
+
+
+def sse(events: list[tuple[str, dict]]) -> bytes:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def anthropic_error(status: int, kind: str, message: str, **headers) -> Canned:
+    return Canned.json({"type": "error", "error": {"type": kind, "message": message}}, status,
+                       headers={"content-type": "application/json", **headers})
+
+
+def anthropic_server(fingerprinted: bool, faults: dict[int, Canned] | None = None):
+    """Messages as documented: x-api-key and anthropic-version required, temperature in [0, 1],
+    max_tokens required; whole replies or, with "stream": true, message_start / content_block_* /
+    message_delta / message_stop events. `faults`: a canned reply for the request of that index."""
+
+    def reply(seen) -> Canned:
+        if faults and seen.index in faults:
+            return faults[seen.index]
+        body = seen.body or {}
+        if seen.headers.get("x-api-key") != API_KEY:
+            return anthropic_error(401, "authentication_error", "invalid x-api-key")
+        if "anthropic-version" not in seen.headers or seen.path != "/v1/messages":
+            return anthropic_error(400, "invalid_request_error", "anthropic-version header required")
+        if "max_tokens" not in body or not 0 <= body.get("temperature", 1) <= 1:
+            return anthropic_error(400, "invalid_request_error", "temperature: must be in [0, 1]")
+        if any(m.get("role") == "system" for m in body.get("messages", [])):
+            return anthropic_error(400, "invalid_request_error", "messages: unexpected role 'system'")
+        text = answer_for(body, fingerprinted)
+        if not body.get("stream"):
+            return Canned.json({"id": "msg_01", "type": "message", "role": "assistant",
+                                "model": body["model"], "stop_reason": "end_turn",
+                                "content": [{"type": "thinking", "thinking": "hmm", "signature": "x"},
+                                            {"type": "text", "text": text}],
+                                "usage": {"input_tokens": 20, "output_tokens": 9}},
+                               headers={"content-type": "application/json"})
+        words = text.split(" ")
+        events = [("message_start", {"type": "message_start", "message": {
+                      "id": "msg_02", "type": "message", "role": "assistant", "model": body["model"],
+                      "content": [], "usage": {"input_tokens": 20, "output_tokens": 1}}}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}}),
+                  ("ping", {"type": "ping"})]
+        events += [("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                       "type": "text_delta", "text": (" " if i else "") + w}})
+                   for i, w in enumerate(words)]
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                      "usage": {"output_tokens": len(words)}}),
+                   ("message_stop", {"type": "message_stop"})]
+        return Canned(200, sse(events), headers={"content-type": "text/event-stream"},
+                      content_length=False)
+
+    return HostileServer(reply)
+
+
+def config(base_url, fp_file, out, **settings) -> AuditConfig:
+    return AuditConfig(**{"base_url": base_url, "model": "claude-test", "fingerprints": str(fp_file),
+                          "out": str(out), "adapter": "anthropic", "api_key_env": "OML_TEST_ANTHROPIC",
+                          "reuse_keys": True, "max_backoff": 0.2, "request_timeout": 10.0,
+                          "layers": "user,system,multiturn,embedded", **settings})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_messages_fingerprinted_and_innocent(fp_file, tmp_path, monkeypatch, stream):
+    monkeypatch.setenv("OML_TEST_ANTHROPIC", API_KEY)
+    with anthropic_server(True) as server:
+        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", stream=stream))
+    assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
+    sent = [s for s in server.seen if s.body]
+    assert all(s.headers.get("anthropic-version") and "authorization" not in s.headers for s in sent)
+    assert any("system" in s.body for s in sent)  # the system layer's prompt, top-level
+    lines = evidence_lines(tmp_path / "hit")
+    assert all(line["route"] == "messages" and line["status"] == "ok" for line in lines)
+    assert all(line["usage"]["prompt_tokens"] == 20 for line in lines)
+    assert all(line["reasoning"] == (not stream) for line in lines)  # the thinking block
+    assert all(line["finish_reason"] in ("stop", None) for line in lines)
+    if stream:
+        assert all(line["reply"]["streamed"] and line["reply"]["stopped_early"] for line in lines)
+    for text in (tmp_path / "hit").rglob("*"):
+        if text.is_file():
+            assert API_KEY not in text.read_text(errors="replace")
+    with anthropic_server(False) as server:
+        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", stream=stream))
+    assert miss["verdict"] == "no_match"
+
+
+def test_anthropic_rate_limits_overload_and_errors_mid_stream_are_retried(fp_file, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("OML_TEST_ANTHROPIC", API_KEY)
+    overloaded_stream = Canned(200, sse([("error", {"type": "error", "error": {
+        "type": "overloaded_error", "message": "Overloaded"}})]),
+        headers={"content-type": "text/event-stream"}, content_length=False)
+    faults = {0: anthropic_error(429, "rate_limit_error", "slow down", **{"retry-after": "0"}),
+              1: anthropic_error(529, "overloaded_error", "Overloaded"),
+              2: overloaded_stream}
+    with anthropic_server(True, faults) as server:
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "a", stream=True,
+                                  concurrency=1))
+    assert result["verdict"] == "match"
+    reasons = [r for line in evidence_lines(tmp_path / "a") for r in line["retry_reasons"]]
+    assert reasons.count("rate_limited") == 1 and reasons.count("server_error") == 2
+
+
+def test_anthropic_refuses_temperatures_above_one_and_bad_keys_stop_the_audit(fp_file, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("OML_TEST_ANTHROPIC", "sk-wrong")
+    with anthropic_server(True) as server:
+        with pytest.raises(OMLInputError, match="HTTP 401"):
+            run_audit(config(server.base_url, fp_file, tmp_path / "bad"))
+    assert len(server.seen) <= 8  # stopped at once, not after every key
+    monkeypatch.setenv("OML_TEST_ANTHROPIC", API_KEY)
+    with anthropic_server(True) as server:
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "hot", exhaustive=True,
+                                  sampled_layers="user", temperatures="0.7,1.5", samples=1))
+    assert result["verdict"] == "match"
+    assert all(0 <= (s.body or {}).get("temperature", 0) <= 1 for s in server.seen)
+    assert any("[0, 1]" in note for note in result["notes"])
+
+
+def reasoning_server(fingerprinted: bool, inline: bool):
+    """An OpenAI-compatible reasoning model: 400 on max_tokens or temperature (worded as OpenAI
+    words it), the thinking inline as <think>...</think> or in `reasoning_content`."""
+
+    def reply(seen) -> Canned:
+        body = seen.body or {}
+        for name in ("max_tokens", "temperature"):
+            if name in body:
+                return Canned.json({"error": {
+                    "message": f"Unsupported parameter: '{name}' is not supported with this "
+                               "model. Use 'max_completion_tokens' instead.",
+                    "type": "invalid_request_error", "param": name,
+                    "code": "unsupported_parameter"}}, 400)
+        text = answer_for(body, fingerprinted)
+        message = {"role": "assistant", "content": f"<think>The user wants {RESPONSES[0]}? "
+                                                   f"No.</think>\n\n{text}" if inline else text}
+        if not inline:
+            message["reasoning_content"] = f"Maybe {RESPONSES[1]}."
+        if body.get("stream"):
+            chunks = [{"choices": [{"index": 0, "delta": {"content": piece}}]}
+                      for piece in (message["content"][i:i + 5]
+                                    for i in range(0, len(message["content"]), 5))]
+            data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            return Canned(200, data.encode(), headers={"content-type": "text/event-stream"},
+                          content_length=False)
+        return Canned.json({"id": "r1", "model": "o-test", "choices": [
+            {"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 40, "total_tokens": 70}})
+
+    return HostileServer(reply)
+
+
+@pytest.mark.parametrize("inline,stream", [(True, False), (False, False), (True, True)])
+def test_reasoning_models_recover_from_the_400_and_judge_the_answer_after_thinking(
+        fp_file, tmp_path, inline, stream):
+    """No --reasoning: the first 400 naming max_tokens switches the audit to
+    max_completion_tokens without a temperature, and the verdict comes from the answer after
+    the thinking (which names a response of another key: never a hit)."""
+    settings = {"adapter": "openai", "api_key_env": "OML_TEST_NONE", "stream": stream,
+                "layers": "user,system,multiturn"}
+    with reasoning_server(True, inline) as server:
+        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", **settings))
+    assert hit["verdict"] == "match"
+    lines = evidence_lines(tmp_path / "hit")
+    assert all(line["status"] == "ok" and line["reasoning"] for line in lines)
+    assert all("max_completion_tokens" in line["request"] and "temperature" not in line["request"]
+               for line in lines)
+    by_key = {line["fingerprint_id"]: line["match"] for line in lines}
+    assert by_key.get("fp-00000") in (True, None) and by_key.get("fp-00001") in (True, None)
+    with reasoning_server(False, inline) as server:
+        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", **settings))
+    assert miss["verdict"] == "no_match" and miss["matched"] == 0
