@@ -205,3 +205,28 @@ def test_reasoning_models_recover_from_the_400_and_judge_the_answer_after_thinki
     with reasoning_server(False, inline) as server:
         miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", **settings))
     assert miss["verdict"] == "no_match" and miss["matched"] == 0
+
+
+def test_a_stream_cut_before_the_answer_ends_is_retried_not_counted(fp_file, tmp_path):
+    """A stream that stops before its finish reason (a dropped connection, a server that drops
+    one stream for the next request) would read as an empty answer: a miss that hides a hit."""
+    def reply(seen) -> Canned:
+        text = answer_for(seen.body, True)
+        chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+        if seen.index % 2 == 0:  # every other request: cut before any content
+            data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
+        else:
+            chunks += [{"id": "c", "choices": [{"index": 0, "delta": {"content": text},
+                                                "finish_reason": "stop"}]}]
+            data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return Canned(200, data.encode(), headers={"content-type": "text/event-stream"},
+                      content_length=False)
+
+    with HostileServer(reply) as server:
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "cut", adapter="openai",
+                                  api_key_env="OML_TEST_NONE", stream=True, concurrency=1,
+                                  layers="user,system"))
+    assert result["verdict"] == "match"
+    lines = evidence_lines(tmp_path / "cut")
+    assert all(line["status"] == "ok" and line["match"] for line in lines)
+    assert all(line["retry_reasons"] == ["malformed"] for line in lines)

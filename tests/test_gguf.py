@@ -223,6 +223,23 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
     assert again["computed"] == [] and again["cached"] == ["robustness"]
     assert {p: p.stat().st_mtime_ns for p in gguf_dir.rglob("*.gguf")} == stamps
 
+    # the same q8_0 model through llama.cpp's streamed chat completions: the same verdict
+    # (concurrency 1: llama-cpp-python's server cuts a stream short when another request comes
+    # in; a cut stream is retried, never counted as an answer)
+    from clients import AuditConfig, run_audit
+    from clients.gguf_attacks import llama_server
+
+    (q8_file,) = gguf_dir.rglob("model-q8_0.gguf")
+    with llama_server(q8_file, tmp_path / "stream.log", "stolen") as server:
+        streamed = run_audit(AuditConfig(
+            base_url=server.base_url, model="stolen", stream=True, layers="user,system",
+            num_system_prompts=2, fingerprints=str(smol_tiny_run / "fingerprints.json"),
+            api_key_env="OML_TEST_NO_KEY", reuse_keys=True, out=str(tmp_path / "streamed"),
+            max_tokens=8, exhaustive=True, sampled_layers="", concurrency=1))
+    assert streamed["verdict"] == "match"
+    records = [json.loads(line) for line in (tmp_path / "streamed" / "evidence.jsonl").open()]
+    assert records and all(r["reply"]["streamed"] for r in records if r["status"] == "ok")
+
 
 @pytest.mark.e2e
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 600)

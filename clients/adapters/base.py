@@ -297,6 +297,12 @@ class Adapter(ABC):
         except Exception as exc:  # noqa: BLE001 - whatever the shape, the stream is malformed
             raise TransportError("malformed", f"no answer in the stream ({type(exc).__name__})",
                                  reply.status) from None
+        if answer.finish_reason is None and not reply.stopped_early:
+            # cut before the answer ended (a dropped connection, or a server such as
+            # llama-cpp-python's that interrupts a stream when another request arrives): what
+            # came is not the answer, and counting it as one could turn a hit into a miss
+            raise TransportError("malformed", "the stream ended before the answer did (no "
+                                 "finish reason)", reply.status)
         answer.meta = {**answer.meta, "streamed": True, "first_token_s": reply.first_token_s,
                        "stopped_early": reply.stopped_early}
         return answer
