@@ -174,6 +174,8 @@ class _Audit:
         self.disabled: dict[str, str] = {}
         self.calls = 0
         self.requests = 0
+        self.tokens_used = 0           # reported by the endpoint, whole audit (resumes included)
+        self.token_budget_hit = False
         self.on_progress = on_progress  # optional: the MCP audit job shows how far it is
         self._outcomes: dict[str, dict] = {}
         self.keys_sent: list[str] | None = None  # sequential: the keys sent so far
@@ -330,8 +332,20 @@ class _Audit:
                           {"state": state, "updated": _now(), "audit_id": self.plan_data["audit_id"],
                            **extra})
 
+    def over_token_budget(self) -> bool:
+        """Whether --max-tokens-total is spent (noted once in the report when it is)."""
+        budget = self.cfg.max_tokens_total
+        if budget is None or self.tokens_used < budget:
+            return False
+        if not self.token_budget_hit:
+            self.token_budget_hit = True
+            self.notes.append(f"stopped at the token budget (--max-tokens-total {budget}: "
+                              f"{self.tokens_used} reported); probes not sent stay pending for "
+                              "a rerun with a larger one")
+        return True
+
     def _request(self, probe: Probe):
-        if probe.layer in self.disabled:
+        if probe.layer in self.disabled or self.over_token_budget():
             return None
         fp = self.by_id[probe.fingerprint_id]
         request = self.adapter.build_request(probe.prompt(fp.key), probe.sampling)
@@ -389,6 +403,8 @@ class _Audit:
         state, done, calls = "complete", 0, 0
         try:
             while done < len(order) and not self.sequential.crossed:
+                if self.over_token_budget():
+                    break
                 left = self.affordable(order[done:], by_key, calls)
                 # no more keys than a run of hits would need to decide
                 needed = self.sequential.keys_needed([self.key_rate(fp) for fp in left])
@@ -472,6 +488,7 @@ class _Audit:
                     return
                 record = self._record(probe, result)
                 evidence.append(record)
+                self.tokens_used += reported_tokens(record)
                 self.calls += 1
                 self.requests += result.attempts
                 advance(1)
@@ -637,11 +654,36 @@ class _Audit:
         return summary
 
 
+def reported_tokens(record: dict) -> int:
+    """Tokens one call's reply reported (total, else prompt + completion; 0 when none)."""
+    usage = record.get("usage") or {}
+    total = usage.get("total_tokens")
+    if not isinstance(total, int):
+        total = sum(v for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                    if isinstance(v, int))
+    return total
+
+
+def tokens_reported(path: Path) -> int:
+    """Tokens reported over every call in an evidence log (each call counts, retries of a
+    probe in later runs too: each was billed)."""
+    if not path.exists():
+        return 0
+    total = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            total += reported_tokens(json.loads(line))
+        except (ValueError, AttributeError):
+            continue  # a torn last line of an interrupted run
+    return total
+
+
 async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None
                           ) -> dict:
     """The audit as a coroutine (for callers that already run an event loop)."""
     audit = _Audit(cfg, on_progress)
     audit.plan()
+    audit.tokens_used = tokens_reported(audit.folder / "evidence.jsonl")
     latest = EvidenceLog(audit.folder / "evidence.jsonl").latest()
     pending = audit.pending(latest)
     reused = sum(1 for p in audit.probes if latest.get(p.id, {}).get("status") == "ok")

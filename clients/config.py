@@ -113,6 +113,16 @@ class AuditConfig:
               "`oml eval --parts false_positives --match start`, or --match normalized for "
               "--match anywhere); each probe's rate is at least its key's")
     concurrency: int = setting(8, "requests in flight at once", low=1, high=1024)
+    rate: float | None = setting(
+        None, "pace requests: on average this many a second, each gap drawn at random within "
+              "--jitter of 1/rate, retries included (default: as fast as --concurrency allows); "
+              "steady machine-speed traffic is easy to tell from a user's", low=0.001, high=1000)
+    jitter: float = setting(0.5, "with --rate: how far each gap between requests may stray from "
+                                 "1/rate, as a fraction of it", low=0.0, high=1.0)
+    max_tokens_total: int | None = setting(
+        None, "token budget: send no more probes once the endpoint has reported this many tokens "
+              "(prompt + completion, from each reply's usage) over the whole audit, resumes "
+              "included; the probes in flight may go past it", low=1, high=10**12)
     request_timeout: float = setting(60.0, "seconds one request may take before it is retried",
                                      low=0.1, high=3600)
     run_timeout: float | None = setting(

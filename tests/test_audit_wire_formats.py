@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from audit_helpers import Canned, HostileServer, evidence_lines
+from audit_helpers import Canned, HostileServer, chat_reply, evidence_lines
 
 from clients import AuditConfig, run_audit
 from oml_core.errors import OMLInputError
@@ -230,3 +230,42 @@ def test_a_stream_cut_before_the_answer_ends_is_retried_not_counted(fp_file, tmp
     lines = evidence_lines(tmp_path / "cut")
     assert all(line["status"] == "ok" and line["match"] for line in lines)
     assert all(line["retry_reasons"] == ["malformed"] for line in lines)
+
+
+def usage_server(tokens: int = 100):
+    """An OpenAI-compatible fingerprinted endpoint whose every reply reports `tokens` tokens."""
+    def reply(seen) -> Canned:
+        return Canned.json(chat_reply(answer_for(seen.body, True), usage={
+            "prompt_tokens": tokens - 10, "completion_tokens": 10, "total_tokens": tokens}))
+    return HostileServer(reply)
+
+
+def test_rate_spaces_requests_with_jitter(fp_file, tmp_path):
+    """--rate 20 --jitter 0.5: however many workers, no two requests start closer than
+    0.5 / 20 s apart (a lower bound: a slow machine only spaces them more)."""
+    with usage_server() as server:
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "paced", adapter="openai",
+                                  api_key_env="OML_TEST_NONE", rate=20.0, jitter=0.5,
+                                  concurrency=8, layers="user,system"))
+    assert result["verdict"] == "match"
+    times = sorted(seen.time for seen in server.seen)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(times) >= 4 and min(gaps) >= 0.5 / 20 - 0.005, gaps
+
+
+def test_token_budget_stops_sending_and_a_rerun_goes_on(fp_file, tmp_path):
+    settings = {"adapter": "openai", "api_key_env": "OML_TEST_NONE", "concurrency": 1,
+                "exhaustive": True, "layers": "user", "sampled_layers": ""}
+    with usage_server(100) as server:
+        first = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=250,
+                                 **settings))
+        assert len(server.seen) == 3  # 100 tokens a call: the third call crosses 250
+        assert first["state"] == "incomplete" and first["calls_this_run"] == 3
+        assert any("--max-tokens-total 250" in note for note in first["notes"])
+        again = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=250,
+                                 **settings))
+        assert len(server.seen) == 3 and again["calls_this_run"] == 0  # the budget is the audit's
+        more = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=800,
+                                **settings))
+    assert more["calls_this_run"] == 5 and more["state"] == "complete"
+    assert more["verdict"] == "match"

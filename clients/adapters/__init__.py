@@ -1,8 +1,9 @@
 """Endpoint adapters: one class per API behind the retrying, concurrent base class.
 
-`make_adapter(cfg)` picks the class named by `cfg.adapter`. To add an API (e.g. Anthropic
-messages), subclass `Adapter` with `build_request`, `transmit` and `parse`, and register it in
-ADAPTERS; nothing else in the auditor changes.
+`make_adapter(cfg)` picks the class named by `cfg.adapter`: openai (chat + completions),
+responses (the OpenAI Responses API), anthropic (Messages), http (a request template). To add
+an API, subclass `Adapter` with `build_request`, `transmit` and `parse` (and `parse_stream` to
+stream), and register it in ADAPTERS; nothing else in the auditor changes.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ ADAPTERS = {"openai": _openai, "responses": _responses, "anthropic": _anthropic,
 def make_adapter(cfg) -> Adapter:
     settings = {"concurrency": cfg.concurrency, "request_timeout": cfg.request_timeout,
                 "max_retries": cfg.max_retries, "max_backoff": cfg.max_backoff,
-                "max_reply_bytes": cfg.max_reply_bytes, "user_agent": cfg.user_agent}
+                "max_reply_bytes": cfg.max_reply_bytes, "user_agent": cfg.user_agent,
+                "rate": cfg.rate, "jitter": cfg.jitter}
     return ADAPTERS[cfg.adapter](cfg, settings)
 
 

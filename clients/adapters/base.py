@@ -17,7 +17,10 @@ successful reply (`parse`). Everything that makes an audit robust lives here, on
   malformed (retried, then an error for that probe), and endpoint text quoted in an error
   message goes through `redact` before it is cut short (a cut key would escape redaction).
 
-Adding an API (Anthropic messages, say) means a new subclass with those three methods.
+Streaming adapters also give `parse_stream` (the answer from a reply's server-sent events,
+clients.adapters.sse); a stream cut before its finish reason is retried like a malformed reply.
+Adding an API means a new subclass with those methods (clients.adapters.json_api holds what
+the Responses and Anthropic adapters share).
 """
 
 from __future__ import annotations
@@ -194,6 +197,29 @@ class _StopAtDeadline(stop_base):
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
+class Pacer:
+    """Spaces the starts of requests like a person's: on average `rate` a second, each gap drawn
+    uniformly within ±`jitter` of 1/rate (so no fixed period marks the traffic as a script's).
+    Shared by all workers; every attempt, retries included, waits its turn."""
+
+    def __init__(self, rate: float, jitter: float, seed: int | None = None):
+        import random
+
+        self.gap, self.jitter = 1.0 / rate, jitter
+        self.random = random.Random(seed)
+        self.lock = asyncio.Lock()
+        self.next_start = 0.0
+
+    async def wait(self) -> None:
+        async with self.lock:
+            delay = self.next_start - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            spread = self.gap * self.jitter
+            self.next_start = time.monotonic() + self.random.uniform(self.gap - spread,
+                                                                     self.gap + spread)
+
+
 class Adapter(ABC):
     """Base class of every endpoint adapter (see the module docstring)."""
 
@@ -205,8 +231,10 @@ class Adapter(ABC):
 
     def __init__(self, *, concurrency: int = 8, request_timeout: float = 60.0,
                  max_retries: int = 6, max_backoff: float = 60.0, initial_backoff: float = 0.5,
-                 max_reply_bytes: int = 1 << 20, user_agent: str | None = None):
+                 max_reply_bytes: int = 1 << 20, user_agent: str | None = None,
+                 rate: float | None = None, jitter: float = 0.5):
         self.concurrency = concurrency
+        self.pacer = Pacer(rate, jitter) if rate else None
         self.user_agent = user_agent  # None: the HTTP client library's own
         self.request_timeout = request_timeout
         self.max_retries = max_retries
@@ -308,6 +336,8 @@ class Adapter(ABC):
         return answer
 
     async def _attempt(self, request: Request) -> Answer:
+        if self.pacer is not None:
+            await self.pacer.wait()
         try:
             async with asyncio.timeout(self.request_timeout + 1.0):  # a guard over the client's own
                 reply = await self.transmit(request)
