@@ -369,7 +369,8 @@ def test_start_audit_takes_its_inputs_and_defaults_from_the_audit_config(ws):
         if f.name in props and f.name not in ("base_url", "model", "fingerprints"):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert props[f.name].get("default") == default, f.name
-    assert props["max_keys"]["minimum"] == 1 and props["adapter"]["enum"] == ["openai", "http"]
+    assert props["max_keys"]["minimum"] == 1
+    assert props["adapter"]["enum"] == ["openai", "responses", "anthropic", "http"]
     assert props["plan_only"]["default"] is False and props["plan_only"]["type"] == "boolean"
     assert tool.annotations.open_world_hint and tool.annotations.destructive_hint
 
