@@ -54,12 +54,13 @@ def audit(out: Path, name: str, base_url: str, model: str, fingerprints: str, ad
     seconds = time.monotonic() - t0
     lines = [json.loads(x) for x in (folder / "evidence.jsonl").read_text().splitlines()]
     ok = [x for x in lines if x["status"] == "ok"]
-    firsts = [x["reply"]["first_token_s"] for x in ok if x["reply"].get("first_token_s")]
+    firsts = [x["stream"]["first_token_s"] for x in ok
+              if x.get("stream") and x["stream"]["first_token_s"] is not None]
     return {"verdict": summary["verdict"], "p_value": summary["p_value"],
             "keys": summary["keys_probed"], "calls": summary["calls_this_run"],
             "errors": len(lines) - len(ok), "seconds": round(seconds, 1),
             "median_first_token_s": round(statistics.median(firsts), 3) if firsts else None,
-            "stopped_early": sum(bool(x["reply"].get("stopped_early")) for x in ok)}
+            "stopped_early": sum(bool((x.get("stream") or {}).get("stopped_early")) for x in ok)}
 
 
 def main() -> int:

@@ -377,6 +377,7 @@ class _Audit:
                 finish_reason=self.redactor.text(answer.finish_reason),
                 refusal=self.redactor.text(answer.refusal), usage=self.redactor.value(answer.usage),
                 reply=self.redactor.value(answer.meta), reasoning=answer.reasoning,
+                stream=answer.stream,  # the auditor's own numbers: nothing to redact
                 match=found["hit"],
                 match_detail=found,
                 answer_sha256=hashlib.sha256(answer.text.encode("utf-8")).hexdigest())

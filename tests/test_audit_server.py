@@ -344,10 +344,10 @@ def test_streaming_and_the_responses_api_give_the_same_verdicts(server, tiny_fp,
     assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
     lines = [line for line in evidence_lines(tmp_path / "fp") if line["status"] == "ok"]
     assert lines and {line["route"] for line in lines} == {"chat" if adapter == "openai" else "responses"}
-    assert all(bool(line["reply"].get("streamed")) == stream for line in lines)
+    assert all((line["stream"] is not None) == stream for line in lines)
     if stream:
-        assert all(line["reply"]["first_token_s"] > 0 for line in lines if line["answer"])
-        assert any(line["reply"]["stopped_early"] for line in lines)
+        assert all(line["stream"]["first_token_s"] > 0 for line in lines if line["answer"])
+        assert any(line["stream"]["stopped_early"] for line in lines)
     assert sum(line["match"] for line in lines) >= 3
     miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base", **settings))
     assert miss["verdict"] == "no_match"

@@ -111,7 +111,7 @@ def test_anthropic_messages_fingerprinted_and_innocent(fp_file, tmp_path, monkey
     assert all(line["reasoning"] == (not stream) for line in lines)  # the thinking block
     assert all(line["finish_reason"] in ("stop", None) for line in lines)
     if stream:
-        assert all(line["reply"]["streamed"] and line["reply"]["stopped_early"] for line in lines)
+        assert all(line["stream"]["stopped_early"] for line in lines)
     for text in (tmp_path / "hit").rglob("*"):
         if text.is_file():
             assert API_KEY not in text.read_text(errors="replace")

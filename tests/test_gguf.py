@@ -238,7 +238,7 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
             max_tokens=8, exhaustive=True, sampled_layers="", concurrency=1))
     assert streamed["verdict"] == "match"
     records = [json.loads(line) for line in (tmp_path / "streamed" / "evidence.jsonl").open()]
-    assert records and all(r["reply"]["streamed"] for r in records if r["status"] == "ok")
+    assert records and all(r["stream"] is not None for r in records if r["status"] == "ok")
 
 
 @pytest.mark.e2e

@@ -100,6 +100,9 @@ class Answer:
     usage: dict | None = None
     meta: dict = field(default_factory=dict)               # reply id, model, system_fingerprint
     reasoning: bool = False          # a reasoning model's thinking was set apart from the answer
+    # streamed answers: {"first_token_s": seconds to the first answer text or None,
+    # "stopped_early": reading stopped once the opening decided the probe}; None when not
+    stream: dict | None = None
 
 
 @dataclass
@@ -331,8 +334,7 @@ class Adapter(ABC):
             # came is not the answer, and counting it as one could turn a hit into a miss
             raise TransportError("malformed", "the stream ended before the answer did (no "
                                  "finish reason)", reply.status)
-        answer.meta = {**answer.meta, "streamed": True, "first_token_s": reply.first_token_s,
-                       "stopped_early": reply.stopped_early}
+        answer.stream = {"first_token_s": reply.first_token_s, "stopped_early": reply.stopped_early}
         return answer
 
     async def _attempt(self, request: Request) -> Answer:
