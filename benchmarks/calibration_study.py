@@ -290,7 +290,10 @@ def main() -> int:
     parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder with a chat template "
                                                       "(default: oml's, with GEMMA_TURNS)")
     parser.add_argument("--models", default="base,gemma-3-270m,derivative")
+    parser.add_argument("--parts", default="audits,sweep",
+                        help="audits (served, the verdicts), sweep (every probe, offline), or both")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     out = Path(args.out)
     (out / "sets").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OML_PROGRESS", "0")
@@ -299,10 +302,10 @@ def main() -> int:
     folders = {"base": resolve_model(None), "derivative": args.derivative,
                "gemma-3-270m": args.gemma or str(gemma_with_chat_template(out))}
     models = [m.strip() for m in args.models.split(",")]
-    proc, base_url = serve(out / "serve.log")
     audits = []
+    proc, base_url = serve(out / "serve.log") if "audits" in parts else (None, None)
     try:
-        for model in models:
+        for model in (models if "audits" in parts else []):
             for path in sets:
                 folder = out / "audits" / f"{path.stem}-{model}"
                 t0 = time.monotonic()
@@ -321,12 +324,14 @@ def main() -> int:
                 audits.append(study_row(path, model, summary, time.monotonic() - t0))
                 print(json.dumps(audits[-1]), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    swept = {model: sweep(out, model, str(folders[model]), sets) for model in models}
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    swept = ({model: sweep(out, model, str(folders[model]), sets) for model in models}
+             if "sweep" in parts else {})
     sent = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
     for row in audits:
         for probe in audit_probes(Path(row["folder"])):
@@ -352,7 +357,7 @@ def main() -> int:
               "verdicts": {v: sum(a["verdict"] == v for a in audits)
                            for v in ("match", "no_match", "inconclusive")}}
     (out / "calibration.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    svg_plot([r for r in sweep_layers if r["model"] != "all"], out / "calibration.svg")
+    svg_plot([r for r in (sweep_layers or layers) if r["model"] != "all"], out / "calibration.svg")
     print(f"false matches: {result['false_matches']} of {len(audits)} audits")
     print("sweep/audit agreement per layer:", json.dumps(result["agreement"]))
     for title, rows in (("probes the audits sent", layers), ("every probe (sweep)", sweep_layers)):
