@@ -26,7 +26,7 @@ import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -46,6 +46,7 @@ from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json, oml_home
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_fingerprints
 from oml_core.null_rates import NullRates, load_null_rates
+from oml_core.train.benign import benign_prompts
 from oml_core.verify.matching import OPEN, start_state
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class _Audit:
         self.calls = 0
         self.requests = 0
         self.tokens_used = 0           # reported by the endpoint, whole audit (resumes included)
+        self.decoys_sent = 0
         self.token_budget_hit = False
         self.on_progress = on_progress  # optional: the MCP audit job shows how far it is
         self._outcomes: dict[str, dict] = {}
@@ -344,9 +346,12 @@ class _Audit:
                               "a rerun with a larger one")
         return True
 
-    def _request(self, probe: Probe):
+    def _request(self, probe: Probe | Decoy):
         if probe.layer in self.disabled or self.over_token_budget():
             return None
+        if isinstance(probe, Decoy):
+            return self.adapter.build_request(probe.template.prompt(probe.text),
+                                              probe.template.sampling)
         fp = self.by_id[probe.fingerprint_id]
         request = self.adapter.build_request(probe.prompt(fp.key), probe.sampling)
         if request.stream and self.cfg.match == "start" and probe.layer != "agent":
@@ -478,14 +483,47 @@ class _Audit:
         except TimeoutError:
             log.warning("the HTTP client did not close within %g s; leaving it", CANCEL_GRACE_S)
 
+    def with_decoys(self, pending: list[Probe]) -> list:
+        """`pending` with --decoys decoy prompts per key mixed in at random: each an ordinary
+        held-out question sent through one of these probes' own layers and variants, so a decoy
+        looks like a probe in every way but the key."""
+        if not self.cfg.decoys or not pending:
+            return list(pending)
+        rng = secrets.SystemRandom()  # unpredictable to the endpoint, unlike a seeded order
+        questions = benign_prompts("heldout")
+        keys = {p.fingerprint_id for p in pending}
+        decoys = [Decoy(f"decoy:{secrets.token_hex(6)}", rng.choice(pending), rng.choice(questions))
+                  for _ in range(self.cfg.decoys * len(keys))]
+        jobs = [*pending, *decoys]
+        rng.shuffle(jobs)
+        return jobs
+
+    def _decoy_record(self, decoy: Decoy, result) -> dict:
+        """A decoy's evidence line: that it was sent and what it cost; its answer is no evidence
+        and is not kept."""
+        record = {"probe": decoy.id, "layer": "decoy", "decoy": True,
+                  "variant": decoy.template.variant, "status": "ok" if result.ok else "error",
+                  "latency_s": round(result.latency_s, 4), "attempts": result.attempts,
+                  "finished": _now(), "match": None}
+        if result.ok:
+            record["usage"] = self.redactor.value(result.answer.usage)
+        return record
+
     async def probe_all(self, pending: list[Probe], close: bool = True) -> str:
         cfg = self.cfg
         deadline = None if cfg.run_timeout is None else self.started + cfg.run_timeout
         state = "complete"
+        jobs = self.with_decoys(pending)
         with EvidenceLog(self.folder / "evidence.jsonl") as evidence, \
                 progress.bar("audit probes", len(pending)) as advance:
             def on_result(probe: Probe, request, result) -> None:
                 if request is None:
+                    return
+                if isinstance(probe, Decoy):
+                    record = self._decoy_record(probe, result)
+                    evidence.append(record)
+                    self.tokens_used += reported_tokens(record)
+                    self.decoys_sent += 1
                     return
                 record = self._record(probe, result)
                 evidence.append(record)
@@ -505,7 +543,7 @@ class _Audit:
                 return False
 
             try:
-                await self.adapter.run_all(pending, self._request, on_result, deadline=deadline,
+                await self.adapter.run_all(jobs, self._request, on_result, deadline=deadline,
                                            tolerate=tolerate)
             except RunDeadline:
                 state = "incomplete"
@@ -643,7 +681,7 @@ class _Audit:
             "errors_by_kind": dict(error_kinds.most_common()),
             "probes_skipped": self.skipped + unsent + refused, "calls_this_run": self.calls,
             "requests_this_run": self.requests, "resumed": self.resumed,
-            "notes": self.notes, "finished": _now(),
+            "notes": self.notes, "decoys_sent": self.decoys_sent, "finished": _now(),
             "seconds_this_run": round(time.monotonic() - self.started, 3),
             "config": _public_config(self.cfg), "provenance": _provenance(),
         }
@@ -653,6 +691,19 @@ class _Audit:
         summary["verdict_words"] = verdict_words(summary)
         summary["reports"] = write_reports(self.folder, summary)
         return summary
+
+
+@dataclass(frozen=True)
+class Decoy:
+    """A prompt with no key, sent like `template` (its layer, variant and sampling)."""
+
+    id: str
+    template: Probe
+    text: str
+
+    @property
+    def layer(self) -> str:
+        return self.template.layer
 
 
 def reported_tokens(record: dict) -> int:

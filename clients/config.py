@@ -119,6 +119,11 @@ class AuditConfig:
               "steady machine-speed traffic is easy to tell from a user's", low=0.001, high=1000)
     jitter: float = setting(0.5, "with --rate: how far each gap between requests may stray from "
                                  "1/rate, as a fraction of it", low=0.0, high=1.0)
+    decoys: int = setting(
+        0, "decoy prompts per key sent: ordinary questions with no key, sent in the same layers "
+           "and mixed at random among the probes, so that keys are a minority of the audit's "
+           "traffic; recorded in the evidence log (layer `decoy`), never evidence, billed like "
+           "any call (--max-calls counts probes only)", low=0, high=100)
     max_tokens_total: int | None = setting(
         None, "token budget: send no more probes once the endpoint has reported this many tokens "
               "(prompt + completion, from each reply's usage) over the whole audit, resumes "

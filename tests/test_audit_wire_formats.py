@@ -269,3 +269,25 @@ def test_token_budget_stops_sending_and_a_rerun_goes_on(fp_file, tmp_path):
                                 **settings))
     assert more["calls_this_run"] == 5 and more["state"] == "complete"
     assert more["verdict"] == "match"
+
+
+def test_decoys_make_keys_a_minority_and_never_count(fp_file, tmp_path):
+    """--decoys 3: three ordinary questions per key sent, in the probes' own layers, mixed
+    among them; the verdict is the probes' alone and decoy lines carry no answer."""
+    settings = {"adapter": "openai", "api_key_env": "OML_TEST_NONE", "decoys": 3,
+                "layers": "user,system,multiturn"}
+    with usage_server() as server:
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "d", **settings))
+    assert result["verdict"] == "match"
+    keyed = [s for s in server.seen if any(k in json.dumps(s.body) for k in KEYS)]
+    plain = [s for s in server.seen if s not in keyed]
+    assert len(plain) == result["decoys_sent"] == 3 * result["keys_probed"]
+    assert len(keyed) == result["calls_this_run"] and len(keyed) < len(plain)
+    assert any(s.body["messages"][0]["role"] == "system" for s in plain)  # layers too
+    lines = evidence_lines(tmp_path / "d")
+    decoys = [line for line in lines if line.get("decoy")]
+    assert len(decoys) == len(plain) and all(line["layer"] == "decoy" and "answer" not in line
+                                             for line in decoys)
+    # the keys are not all sent first: decoys are spread among them
+    order = [s.index for s in server.seen if s in keyed]
+    assert order != list(range(len(order)))
