@@ -158,7 +158,9 @@ def _public_config(cfg: AuditConfig) -> dict:
 class _Audit:
     """One audit's state while it runs (kept out of run_audit for readability)."""
 
-    def __init__(self, cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None):
+    def __init__(self, cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
+                 exclude_keys: frozenset[str] = frozenset()):
+        self.exclude_keys = exclude_keys  # ids of keys shown to other endpoints (clients.compare)
         validate_audit(cfg)
         self.cfg = cfg
         self.started = time.monotonic()
@@ -203,8 +205,13 @@ class _Audit:
                                     "pass the set the audit started with")
             self.resumed = True
         else:
-            chosen, passed_over = self.ledger.select(self.fset.fingerprints, self.cfg.max_keys,
+            allowed = [fp for fp in self.fset.fingerprints if fp.id not in self.exclude_keys]
+            chosen, passed_over = self.ledger.select(allowed, self.cfg.max_keys,
                                                      self.cfg.reuse_keys)
+            if len(allowed) < len(self.fset.fingerprints):
+                self.notes.append(f"{len(self.fset.fingerprints) - len(allowed)} key(s) already "
+                                  "shown to the other endpoints of this comparison were passed over")
+                passed_over += len(self.fset.fingerprints) - len(allowed)
             plan = {"format": "oml-audit-plan", "version": PLAN_VERSION, "created": _now(),
                     "settings_id": self.settings_id,
                     "audit_id": f"{self.settings_id}-{secrets.token_hex(4)}",
@@ -730,10 +737,11 @@ def tokens_reported(path: Path) -> int:
     return total
 
 
-async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None
-                          ) -> dict:
-    """The audit as a coroutine (for callers that already run an event loop)."""
-    audit = _Audit(cfg, on_progress)
+async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
+                          exclude_keys: frozenset[str] = frozenset()) -> dict:
+    """The audit as a coroutine (for callers that already run an event loop); keys whose ids
+    are in `exclude_keys` are not chosen (clients.compare: shown to another endpoint)."""
+    audit = _Audit(cfg, on_progress, exclude_keys)
     audit.plan()
     audit.tokens_used = tokens_reported(audit.folder / "evidence.jsonl")
     latest = EvidenceLog(audit.folder / "evidence.jsonl").latest()
@@ -766,7 +774,8 @@ async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] 
     return summary
 
 
-def run_audit(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_audit(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
+              exclude_keys: frozenset[str] = frozenset()) -> dict:
     """Run (or resume) an audit and return its summary (also written to report.json);
     `on_progress(dict)`, if given, is told how far it is (_Audit.report_progress)."""
-    return asyncio.run(run_audit_async(cfg, on_progress))
+    return asyncio.run(run_audit_async(cfg, on_progress, exclude_keys))

@@ -11,6 +11,7 @@ left to crashes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -36,7 +37,11 @@ def register(subparsers) -> None:
     parser.add_argument("--plan-only", action="store_true",
                         help="print the plan (keys to spend, calls, estimated tokens) and send nothing")
     parser.add_argument("--progress-file", help=argparse.SUPPRESS)
-    _add_config_flags(parser, AuditConfig)
+    _add_config_flags(parser, AuditConfig, skip=("base_url",))
+    base_url = next(f for f in dataclasses.fields(AuditConfig) if f.name == "base_url")
+    parser.add_argument("--base-url", dest="base_urls", action="append", metavar="URL",
+                        help=base_url.metadata["help"] + "; give it more than once to audit "
+                             "several suspects with one plan and one comparison table")
     parser.set_defaults(func=cmd_audit)
 
 
@@ -110,7 +115,11 @@ def cmd_audit(args) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     for noisy in ("httpx", "httpx2", "openai", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    urls = args.base_urls or []
     cfg = oml_cli._config(AuditConfig, args)
+    cfg = dataclasses.replace(cfg, base_url=urls[0] if urls else None)
+    if len(urls) > 1:
+        return _compare(args, cfg, urls)
     if args.plan_only:
         from clients.audit_preview import preview_audit
 
@@ -127,3 +136,24 @@ def cmd_audit(args) -> int:
         return 143 if stopped else 130
     oml_cli._emit(args, _result(summary), _human(summary))
     return EXIT_INCONCLUSIVE if summary["verdict"] == "inconclusive" else 0
+
+
+def _compare(args, cfg: AuditConfig, urls: list[str]) -> int:
+    """Several endpoints, one plan (clients.compare); exit 0 when every one reached a verdict,
+    2 when one refused the requests, 3 when one was inconclusive."""
+    from clients.compare import compare_endpoints, comparison_table
+    from oml_core import cli as oml_cli
+    from oml_core.errors import OMLInputError
+
+    if args.plan_only:
+        raise OMLInputError("--plan-only takes one --base-url; plan each endpoint alone")
+    try:
+        result = compare_endpoints(cfg, urls)
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, oml_cli.Terminated)
+        print("oml audit: interrupted; rerun the same command to resume every endpoint",
+              file=sys.stderr)
+        return 143 if stopped else 130
+    oml_cli._emit(args, result, comparison_table(result) + f"\nfolder: {result['folder']}")
+    verdicts = {row["verdict"] for row in result["endpoints"]}
+    return 2 if "error" in verdicts else EXIT_INCONCLUSIVE if "inconclusive" in verdicts else 0

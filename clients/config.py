@@ -67,6 +67,10 @@ class AuditConfig:
     reuse_keys: bool = setting(
         False, "allow keys the ledger says were already spent on this endpoint (default: fresh keys "
                "only)")
+    share_keys: bool = setting(
+        False, "comparing endpoints (--base-url given more than once): a key shown to one of "
+               "them may be shown to the others (default: each gets keys that none of the others "
+               "has seen, by their ledgers)")
     exhaustive: bool = setting(
         False, "the fixed plan: every key in the budget through every probe of --layers and "
                "--sampled-layers, decided once all are answered (default: the sequential audit, "

@@ -291,3 +291,35 @@ def test_decoys_make_keys_a_minority_and_never_count(fp_file, tmp_path):
     # the keys are not all sent first: decoys are spread among them
     order = [s.index for s in server.seen if s in keyed]
     assert order != list(range(len(order)))
+
+
+def test_several_endpoints_one_plan_one_table_and_no_key_shown_twice(fp_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    """`oml audit --base-url A --base-url B`: a fingerprinted and an innocent suspect, audited
+    with one plan; neither sees a key the other was shown; one table; a rerun resumes both."""
+    from oml_core.cli import main
+
+    monkeypatch.setenv("OML_HOME", str(tmp_path / "home"))
+
+    def innocent(seen) -> Canned:
+        return Canned.json(chat_reply(answer_for(seen.body, False)))
+
+    with usage_server() as guilty, HostileServer(innocent) as clean:
+        argv = ["audit", "--base-url", guilty.base_url, "--base-url", clean.base_url,
+                "--model", "m", "--fingerprints", str(fp_file), "--api-key-env", "OML_TEST_NONE",
+                "--layers", "user,system", "--out", str(tmp_path / "cmp"), "--json"]
+        assert main(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        shown = [{k for k in KEYS for s in server.seen if k in json.dumps(s.body)}
+                 for server in (guilty, clean)]
+        assert shown[0] and shown[1] and not shown[0] & shown[1]
+        first = len(guilty.seen) + len(clean.seen)
+        assert main(argv) == 0  # resumed from both folders: nothing sent again
+        assert len(guilty.seen) + len(clean.seen) == first
+    capsys.readouterr()
+    rows = result["endpoints"]
+    assert [r["verdict"] for r in rows] == ["match", "no_match"]
+    assert rows[1]["keys_passed_over"] >= len(shown[0])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| match |" in table and "| no_match |" in table and "user" in table
+    assert not any(k in table for k in KEYS)
