@@ -609,8 +609,8 @@ class _Audit:
         error_kinds: Counter = Counter()
         for layer in self.tested_layers:
             layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
-                             "pending": 0, "answer_kinds": Counter(), "by_temperature": {},
-                             "variants": {}}
+                             "pending": 0, "tokens": 0, "answer_kinds": Counter(),
+                             "by_temperature": {}, "variants": {}}
         sent = set(self.keys_sent if self.keys_sent is not None else (fp.id for fp in self.chosen))
         for pid, probe in planned.items():
             row = layers[probe.layer]
@@ -638,6 +638,7 @@ class _Audit:
                              "rate": self.probe_rates[pid]})
             row["probes"] += 1
             row["hits"] += hit
+            row["tokens"] += reported_tokens(rec)
             row["answer_kinds"][rec.get("answer_kind", "text")] += 1
             for group, name in (("by_temperature", f"{probe.temperature:g}"),
                                 ("variants", probe.variant)):
@@ -688,7 +689,8 @@ class _Audit:
             "errors_by_kind": dict(error_kinds.most_common()),
             "probes_skipped": self.skipped + unsent + refused, "calls_this_run": self.calls,
             "requests_this_run": self.requests, "resumed": self.resumed,
-            "notes": self.notes, "decoys_sent": self.decoys_sent, "finished": _now(),
+            "notes": self.notes, "decoys_sent": self.decoys_sent,
+            "tokens_reported": self.tokens_used, "finished": _now(),
             "seconds_this_run": round(time.monotonic() - self.started, 3),
             "config": _public_config(self.cfg), "provenance": _provenance(),
         }

@@ -95,10 +95,12 @@ def table_rows(summary: dict) -> list[list[str]]:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["answer_kinds"].items()))
         p = tests.get(name, {}).get("p_value")
         rows.append([name, str(row["matched"]), str(row["total"]), f"{row['hits']}/{row['probes']}",
-                     str(row["errors"]), kinds, "" if p is None else f"{p:.3g}"])
+                     str(row["errors"]), str(row.get("tokens", "")), kinds,
+                     "" if p is None else f"{p:.3g}"])
     if "any" in tests:
         t = tests["any"]
-        rows.append(["any layer", str(t["matched"]), str(t["total"]), "", "", "", f"{t['p_value']:.3g}"])
+        rows.append(["any layer", str(t["matched"]), str(t["total"]), "", "", "", "",
+                     f"{t['p_value']:.3g}"])
     return rows
 
 
@@ -107,14 +109,16 @@ def markdown(summary: dict) -> str:
     lines = [f"# Fingerprint audit of {summary['endpoint']}", "",
              f"**Verdict: {summary['verdict']}** — p = {d['p_value']:.3g} (alpha {d['alpha']:g})", "",
              verdict_words(summary), "",
-             ("| layer | keys matched | keys answered | probe hits / answers | errors | answer kinds "
-             "| p (uncorrected) |"), "|---|---|---|---|---|---|---|"]
+             ("| layer | keys matched | keys answered | probe hits / answers | errors | tokens "
+              "| answer kinds | p (uncorrected) |"), "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
     lines += ["", f"Decision rule: {summary['rule']}", "",
               (f"Null rates: {d['null_rate_source']}. Keys probed: {summary['keys_probed']} "
               f"(budget {summary['key_budget']}; {summary['keys_passed_over']} already-spent keys "
               f"passed over). Probes: {summary['probes_done']} answered, {summary['probes_failed']} "
-              f"failed, {summary['probes_skipped']} not sendable here."), ""]
+              f"failed, {summary['probes_skipped']} not sendable here. Tokens the endpoint "
+              f"reported: {summary.get('tokens_reported', 0)} over every call of this audit "
+              f"(retries{' and ' + str(summary['decoys_sent']) + ' decoys' if summary.get('decoys_sent') else ''} included)."), ""]
     sequential = d.get("sequential")
     if sequential:
         lines += [(f"Sequential audit: {summary['keys_probed']} keys sent, "
@@ -222,7 +226,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;fo
 {curve}<h3>Keys that came back, per layer</h3>
 {_svg_chart(summary)}
 <table><tr><th>layer</th><th>keys matched</th><th>keys answered</th><th>probe hits / answers</th>
-<th>errors</th><th>answer kinds</th><th>p (uncorrected)</th></tr>{''.join(rows)}</table>
+<th>errors</th><th>tokens</th><th>answer kinds</th><th>p (uncorrected)</th></tr>{''.join(rows)}</table>
 <h3>Decision rule (fixed before probing)</h3><p>{html.escape(summary['rule'])}</p>
 <ul>{notes}</ul>
 <p class="small">Audit {html.escape(summary['audit_id'])}; model {html.escape(str(summary['model']))};

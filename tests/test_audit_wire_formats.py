@@ -262,6 +262,8 @@ def test_token_budget_stops_sending_and_a_rerun_goes_on(fp_file, tmp_path):
         assert len(server.seen) == 3  # 100 tokens a call: the third call crosses 250
         assert first["state"] == "incomplete" and first["calls_this_run"] == 3
         assert any("--max-tokens-total 250" in note for note in first["notes"])
+        assert first["layers"]["user"]["tokens"] == first["tokens_reported"] == 300
+        assert "| tokens |" in (tmp_path / "t" / "report.md").read_text()
         again = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=250,
                                  **settings))
         assert len(server.seen) == 3 and again["calls_this_run"] == 0  # the budget is the audit's
