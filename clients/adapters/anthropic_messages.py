@@ -44,13 +44,10 @@ class AnthropicAdapter(JSONAPIAdapter):
     def __init__(self, base_url: str, model: str, api_key_env: str = "ANTHROPIC_API_KEY",
                  **settings):
         super().__init__(base_url, model, api_key_env, **settings)
+        self.headers.setdefault("anthropic-version", API_VERSION)  # --header may pin another
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         return {"x-api-key": api_key}
-
-    async def send(self, request, body):
-        self.headers.setdefault("anthropic-version", API_VERSION)
-        return await super().send(request, body)
 
     def unsupported(self, prompt: Prompt, sampling: Sampling) -> str | None:
         if sampling.temperature > 1:

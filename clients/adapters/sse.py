@@ -20,6 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 DONE = "[DONE]"  # OpenAI's end-of-stream marker (not JSON)
+# The answer's opening decides a probe within its first words; past this many characters the
+# early stop is no longer tried (each try reads the whole answer so far, so a hostile stream of
+# one-character events, all spaces, would otherwise cost quadratic time).
+DECIDE_WITHIN_CHARS = 4096
 
 
 class StreamError(Exception):
@@ -87,6 +91,7 @@ async def read_stream(response, delta_of: Callable[[str | None, Any], str],
                 if first is None:
                     first = time.monotonic() - started
                 answer += piece
-                if stop_when is not None and stop_when(answer):
+                if (stop_when is not None and len(answer) <= DECIDE_WITHIN_CHARS
+                        and stop_when(answer)):
                     return "\n".join(raw) + "\n", first, True
     return "\n".join(raw) + "\n", first, False
