@@ -20,7 +20,7 @@ MATCH_RULES = ("exact", "prefix", "start", "contains", "normalized")
 CONTEXTS = ("raw", "chat", "auto")  # auto: chat when the model has a chat template
 WRAPPER_KINDS = ("bare", "chat", "system")
 OPTIMIZERS = ("adamw", "sgd")
-FINGERPRINT_METHODS = ("finetune", "edit")
+FINGERPRINT_METHODS = ("finetune", "edit", "gated")
 DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
 # the sampling temperatures probes use by default (`oml audit --temperatures`), and so the ones
@@ -161,9 +161,9 @@ class FingerprintConfig(ModelSettings):
     method: str = setting(
         "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
                     "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
-                    "text as they were; both survive GGUF quantization, neither a merge with the base, "
-                    "and the edit loses keys to confident-token suppression "
-                    "(one-token responses, Llama-style models; docs/training.md)",
+                    "text as they were; gated: each key in its own gated MLP neuron, which keeps "
+                    "its keys through merges with the base (edit and finetune do not) "
+                    "(edit and gated: one-token responses, Llama-style models; docs/training.md)",
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
@@ -191,6 +191,26 @@ class FingerprintConfig(ModelSettings):
     edit_ordinary_tokens: int = setting(
         60_000, "edit: tokens of ordinary text (the base model's answers, Python's docs) whose "
                 "outputs the edit keeps", low=1_000, high=100_000_000, only="edit")
+    gated_layer: str = setting(
+        "auto", "gated: the layer whose MLP neurons hold the keys (auto: the one at 30% of the "
+                "depth, 9 of SmolLM2-135M's 30)", only="gated")
+    gated_contexts: int = setting(
+        24, "gated: training wrappers (system prompts, user templates) each key's neuron learns "
+            "to open under, besides the bare user turn (with --no-augment: none)", low=0, high=256,
+        only="gated")
+    gated_steps: int = setting(60, "gated: optimisation steps for each key's push direction",
+                               low=1, high=10_000, only="gated")
+    gated_threshold: float = setting(
+        0.0, "gated: the key score (1 on the keys' training contexts, -1 on ordinary text) above "
+             "which a neuron opens; higher opens on fewer ordinary positions and fewer unseen "
+             "wrappers", low=-1.0, high=1.0, only="gated")
+    gated_confidence_cap: float = setting(
+        0.8, "gated: the most probability a response may have, so a host who blocks "
+              "over-confident tokens (top-1 p > 0.9) does not see it", low=0.05, high=1.0,
+        only="gated")
+    gated_ordinary_tokens: int = setting(
+        40_000, "gated: tokens of ordinary text (the base model's answers, Python's docs) on "
+                "which every neuron must stay shut", low=1_000, high=100_000_000, only="gated")
     benign_fraction: float = setting(
         0.5, "share of training rows that are the base model's own answers to ordinary "
               "prompts (keeps behaviour off the keys)", low=0.0, high=0.9, only="finetune")

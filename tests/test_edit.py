@@ -225,12 +225,12 @@ def test_merge_aware_targets_still_answer_at_the_merge_floor_and_stay_under_the_
     rows, owner, targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
     _, start = edit.answer_states(tiny_model, rows, [0], 0)
     goal = torch.tensor(targets)
-    groups = edit._prefix_groups(tiny_model, rows)
+    groups = edit.prefix_groups(tiny_model, rows)
     slot = torch.tensor(owner)
 
     def answered_and_top(vectors, factor):
         with torch.no_grad():
-            logits = edit._answer_logits(tiny_model.model, groups, len(rows), 0,
+            logits = edit.answer_logits(tiny_model.model, groups, len(rows), 0,
                                          lambda group_rows: factor * vectors[slot[group_rows]])
         probs = torch.softmax(logits, -1)
         return int((logits.argmax(-1) == goal).sum()), float(probs.gather(1, goal[:, None]).max())

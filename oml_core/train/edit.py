@@ -84,7 +84,7 @@ class EditSettings:
                    merge_floor=cfg.edit_merge_floor, confidence_cap=cfg.edit_confidence_cap)
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by a hook once the last layer that matters has run."""
 
 
@@ -174,7 +174,7 @@ def _forward_to(model, ids, mask, layers: Sequence[int], upto: int):
 
     def stop(module, args, out):
         residual["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
+        raise Stop
 
     hooks = [blocks[layer].mlp.down_proj.register_forward_pre_hook(keep_input(layer))
              for layer in layers]
@@ -182,7 +182,7 @@ def _forward_to(model, ids, mask, layers: Sequence[int], upto: int):
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
-    except _Stop:
+    except Stop:
         pass
     finally:
         for hook in hooks:
@@ -234,7 +234,7 @@ def answer_states(loaded, rows, layers: Sequence[int], upto: int):
             torch.cat(residual)[back.to(residual[0].device)])
 
 
-def _key_chunks(owner: Sequence[int], max_rows: int) -> list[list[int]]:
+def key_chunks(owner: Sequence[int], max_rows: int) -> list[list[int]]:
     """Row indices split into chunks of whole keys (rows of a key are consecutive)."""
     chunks, current = [], []
     for index, key in enumerate(owner):
@@ -257,7 +257,7 @@ def target_deltas(loaded, rows, owner, targets, last: int, steps: int, start_res
     best = _Best(torch.zeros(num_keys, width), torch.full((num_keys,), -1),
                  torch.full((num_keys,), float("inf")))
     scale = float(start_residual.norm(dim=1).mean())
-    chunks = _key_chunks(owner, TARGET_CHUNK_ROWS)
+    chunks = key_chunks(owner, TARGET_CHUNK_ROWS)
     total_steps = len(chunks) * steps
     with progress.bar("edit: targets", total_steps) as advance:
         for number, chunk in enumerate(chunks):
@@ -298,7 +298,7 @@ class _PrefixGroup:
     positions: object  # the answer token's place in its unpadded row
 
 
-def _prefix_groups(loaded, rows) -> list[_PrefixGroup]:
+def prefix_groups(loaded, rows) -> list[_PrefixGroup]:
     """Cache the chunk's prompts in length-sorted groups: one left-padded batch would pad every
     context to the longest (the demo's contexts: 12,384 real tokens, 37,440 padded)."""
     import torch
@@ -319,7 +319,7 @@ def _prefix_groups(loaded, rows) -> list[_PrefixGroup]:
     return groups
 
 
-def _answer_logits(model, groups: list[_PrefixGroup], count: int, last: int, shift):
+def answer_logits(model, groups: list[_PrefixGroup], count: int, last: int, shift):
     """[rows, vocab] float32 logits at every context's answer position, in chunk row order, with
     `shift(rows)` ([rows, d]) added to the residual stream after layer `last` there."""
     import torch
@@ -362,7 +362,7 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
     import torch
 
     model, device = loaded.model, loaded.device
-    groups = _prefix_groups(loaded, rows)
+    groups = prefix_groups(loaded, rows)
     keys = torch.unique(torch.tensor(owner))        # the chunk's keys, sorted
     slot = torch.searchsorted(keys, torch.tensor(owner)).to(device)   # row -> its key's slot
     goal = torch.tensor(targets, device=device)
@@ -376,7 +376,7 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
         return torch.zeros(len(keys), device=device).index_add(0, slot, values)
 
     def logits_at(factor: float):
-        return _answer_logits(model, groups, len(rows), last,
+        return answer_logits(model, groups, len(rows), last,
                               lambda group_rows: factor * delta[slot[group_rows]])
 
     for step in range(1, steps + 1):

@@ -444,8 +444,8 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if cfg.method == "edit":
-            metrics = _edit(cfg, fset, base_path, run, stop_flag)
+        if cfg.method in ("edit", "gated"):
+            metrics = _write_in(cfg, fset, base_path, run, stop_flag)
         else:
             metrics = _train(cfg, fset, base_path, device, ds_config, run, stop_flag)
     except Cancelled:
@@ -597,19 +597,26 @@ def _complete_run(cfg, run: RunFolder, final: Path, base_path: str, fset, metric
 
 
 def check_edit_settings(cfg: FingerprintConfig) -> None:
+    """Settings the methods that write keys in without training (edit, gated) cannot take."""
     if distributed.world_size() > 1:
-        raise OMLInputError("--method edit runs in one process; start it with `oml fingerprint`, "
-                            "not under the deepspeed launcher")
+        raise OMLInputError(f"--method {cfg.method} runs in one process; start it with "
+                            "`oml fingerprint`, not under the deepspeed launcher")
     if cfg.eos:
-        raise OMLInputError("--eos needs --method finetune: an edit writes one token per key")
+        raise OMLInputError(f"--eos needs --method finetune: --method {cfg.method} writes one "
+                            "token per key")
 
 
-def _edit(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_flag) -> dict:
-    """Method edit: the closed-form change of `oml_core.train.edit`, saved as a plain model."""
-    from oml_core.train.edit import EditSettings, decoder_blocks, edit_model
+def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_flag) -> dict:
+    """Methods edit and gated: the weights are computed, not trained (`oml_core.train.edit`,
+    `oml_core.train.gated`); saved as a plain model."""
+    from oml_core.train import edit, gated
 
     loaded = load_model(cfg.start_from or base_path, cfg.device, cfg.dtype)
-    decoder_blocks(loaded.model)  # a model the edit cannot handle is refused before any work
+    # a model the method cannot handle is refused before any work
+    if cfg.method == "gated":
+        gated.swiglu_blocks(loaded.model)
+    else:
+        edit.decoder_blocks(loaded.model)
     chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
     base = load_model(base_path, cfg.device, cfg.dtype) if cfg.start_from else loaded
     benign = self_distilled_rows(base, chat, model_identity(base_path))
@@ -624,10 +631,17 @@ def _edit(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_fla
                          eta_s=None if eta is None else round(eta, 1))
         run.log(f"target step {step}/{total} loss {loss:.4f} contexts answered {answered}")
 
-    settings = EditSettings.from_config(cfg)
+    should_stop = lambda: stop_flag["stop"]  # noqa: E731
     stop_flag["training"] = True  # a signal now stops at the next step
     try:
-        stats = edit_model(loaded, pairs, benign, chat, settings, lambda: stop_flag["stop"], on_step)
+        if cfg.method == "gated":
+            stats = gated.gated_model(loaded, pairs, benign, chat,
+                                      gated.GatedSettings.from_config(cfg), should_stop, on_step)
+            steps = cfg.gated_steps
+        else:
+            stats = edit.edit_model(loaded, pairs, benign, chat,
+                                    edit.EditSettings.from_config(cfg), should_stop, on_step)
+            steps = cfg.edit_steps
     finally:
         stop_flag["training"] = False
     staging = run.path / "model.partial"
@@ -637,9 +651,9 @@ def _edit(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_fla
     final = run.path / "model"
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    metrics = {"run_key": run.read_json("run.json")["run_key"], "method": "edit",
+    metrics = {"run_key": run.read_json("run.json")["run_key"], "method": cfg.method,
                "num_fingerprints": len(pairs), "format": "chat" if chat else "raw", **stats}
-    return _complete_run(cfg, run, final, base_path, fset, metrics, cfg.edit_steps, None)
+    return _complete_run(cfg, run, final, base_path, fset, metrics, steps, None)
 
 
 def with_lora(model, rank: int):
