@@ -367,7 +367,7 @@ def gated_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row],
     up_rows = UP_SCALE * mean / (mean.norm(dim=1, keepdim=True) ** 2)
     scores_pos = (positives @ gate.T).gather(1, torch.tensor(owner)[:, None])[:, 0]
     scores_neg = negatives @ gate.T
-    neurons = quiet_neurons(mlp, negatives[:20_000].to(mlp.gate_proj.weight.device), len(pairs))
+    neurons = quiet_neurons(mlp, negatives[:20_000], len(pairs))  # on the CPU, as captured
 
     per_key = settings.direction_contexts + 1
     kept = [i for i in range(len(rows)) if (i % (settings.contexts + 1)) < per_key]
@@ -395,7 +395,8 @@ def gated_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row],
                                 f"merge share; try another --gated-layer than {layer}")
         down = directions * (2 * PUSH_LOW * residual / share / weakest)[:, None]
         # where that column is not DOWN_OVER_ORIGINAL x the original's norm, move strength from
-        # the up row to it (the product, and so the push, is unchanged)
+        # our up row to it (their product is unchanged; the original up row's half, small on
+        # the keys' contexts, is not rescaled)
         original = weight["down_proj"][:, neurons].float().cpu().norm(dim=0)
         factor = (DOWN_OVER_ORIGINAL * original / down.norm(dim=1)).clamp(min=1.0)
         down, u1 = down * factor[:, None], u1 / factor[:, None]
