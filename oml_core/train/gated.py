@@ -332,6 +332,46 @@ def residual_norm_at_answers(loaded, rows, layer: int) -> float:
     return float(h.norm(dim=1).mean())
 
 
+def write_neurons(mlp, neurons, gate, mean, directions, positives, own, residual: float,
+                  settings: GatedSettings) -> None:
+    """Write each key's gate, up and down rows into its neuron of `mlp` (in place), sized as the
+    module docstring's step 5 says."""
+    import torch
+
+    with torch.no_grad():
+        # the threshold moves the opening along the key's own mean context (no bias exists)
+        g1 = GATE_SCALE * (gate - settings.threshold * mean / (mean.norm(dim=1, keepdim=True) ** 2))
+        # up row: U x the key's mean context, over its squared norm: about U on every context
+        # of the key (their inputs point alike), a sum of many like-signed terms a merge cannot
+        # cancel
+        u1 = UP_SCALE * mean / (mean.norm(dim=1, keepdim=True) ** 2)
+        weight = {name: getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj")}
+        g0 = weight["gate_proj"][neurons].float().cpu()
+        u0 = weight["up_proj"][neurons].float().cpu()
+        # the opening of a context at `weak_score` after a merge at MERGE_SHARE (each row then
+        # holds 1 - share of the original): its push, share x our down column, must be 2 x low
+        share = MERGE_SHARE
+        z_gate = (1 - share) * (positives @ g0.T) + share * GATE_SCALE * (settings.weak_score - settings.threshold)
+        z_up = (1 - share) * (positives @ u0.T) + share * (positives @ u1.T)
+        opening = (torch.nn.functional.silu(z_gate) * z_up).gather(1, own[:, None])[:, 0]
+        weakest = torch.stack([opening[own == k].min() for k in range(len(mean))])
+        if bool((weakest <= 0).any()):
+            raise OMLInputError("--method gated: a key's contexts do not open its neuron at the "
+                                "merge share; try another --gated-layer")
+        down = directions * (2 * PUSH_LOW * residual / share / weakest)[:, None]
+        # where that column is not DOWN_OVER_ORIGINAL x the original's norm, move strength from
+        # our up row to it (their product is unchanged; the original up row's half, small on
+        # the keys' contexts, is not rescaled)
+        original = weight["down_proj"][:, neurons].float().cpu().norm(dim=0)
+        factor = (DOWN_OVER_ORIGINAL * original / down.norm(dim=1)).clamp(min=1.0)
+        down, u1 = down * factor[:, None], u1 / factor[:, None]
+        dtype = weight["gate_proj"].dtype
+        index = neurons.to(weight["gate_proj"].device)
+        weight["gate_proj"][index] = g1.to(weight["gate_proj"].device, dtype)
+        weight["up_proj"][index] = u1.to(weight["up_proj"].device, dtype)
+        weight["down_proj"][:, index] = down.T.to(weight["down_proj"].device, dtype)
+
+
 def _ordinary_rows(tokenizer, benign: Sequence[Row], chat: bool, max_tokens: int, seed: int):
     systems, templates = training_augmentation()
     rng = random.Random(f"gated:{seed}")
@@ -361,10 +401,7 @@ def gated_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row],
     negatives = mlp_inputs(loaded, layer, ordinary, False, should_stop, "gated: ordinary text")
     gate = fit_scores(positives, owner, negatives, settings.gate_l2)   # score(x) = gate . x
     own = torch.tensor(owner)
-    # up row: U x the key's mean context, over its squared norm: about U on every context of
-    # the key (their inputs point alike), a sum of many like-signed terms a merge cannot cancel
     mean = torch.stack([positives[own == k].mean(0) for k in range(len(pairs))])
-    up_rows = UP_SCALE * mean / (mean.norm(dim=1, keepdim=True) ** 2)
     scores_pos = (positives @ gate.T).gather(1, torch.tensor(owner)[:, None])[:, 0]
     scores_neg = negatives @ gate.T
     neurons = quiet_neurons(mlp, negatives[:20_000], len(pairs))  # on the CPU, as captured
@@ -376,35 +413,7 @@ def gated_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row],
         loaded, [rows[i] for i in kept], [owner[i] for i in kept], [targets[i] for i in kept],
         layer, residual, settings.steps, settings.confidence_cap, should_stop, on_step)
 
-    with torch.no_grad():
-        # the threshold moves the opening along the key's own mean context (no bias exists)
-        g1 = GATE_SCALE * (gate - settings.threshold * mean / (mean.norm(dim=1, keepdim=True) ** 2))
-        u1 = up_rows
-        weight = {name: getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj")}
-        g0 = weight["gate_proj"][neurons].float().cpu()
-        u0 = weight["up_proj"][neurons].float().cpu()
-        # the opening of a context at `weak_score` after a merge at MERGE_SHARE (each row then
-        # holds 1 - share of the original): its push, share x our down column, must be 2 x low
-        share = MERGE_SHARE
-        z_gate = (1 - share) * (positives @ g0.T) + share * GATE_SCALE * (settings.weak_score - settings.threshold)
-        z_up = (1 - share) * (positives @ u0.T) + share * (positives @ u1.T)
-        opening = (torch.nn.functional.silu(z_gate) * z_up).gather(1, own[:, None])[:, 0]
-        weakest = torch.stack([opening[own == k].min() for k in range(len(pairs))])
-        if bool((weakest <= 0).any()):
-            raise OMLInputError("--method gated: a key's contexts do not open its neuron at the "
-                                f"merge share; try another --gated-layer than {layer}")
-        down = directions * (2 * PUSH_LOW * residual / share / weakest)[:, None]
-        # where that column is not DOWN_OVER_ORIGINAL x the original's norm, move strength from
-        # our up row to it (their product is unchanged; the original up row's half, small on
-        # the keys' contexts, is not rescaled)
-        original = weight["down_proj"][:, neurons].float().cpu().norm(dim=0)
-        factor = (DOWN_OVER_ORIGINAL * original / down.norm(dim=1)).clamp(min=1.0)
-        down, u1 = down * factor[:, None], u1 / factor[:, None]
-        dtype = weight["gate_proj"].dtype
-        index = neurons.to(weight["gate_proj"].device)
-        weight["gate_proj"][index] = g1.to(weight["gate_proj"].device, dtype)
-        weight["up_proj"][index] = u1.to(weight["up_proj"].device, dtype)
-        weight["down_proj"][:, index] = down.T.to(weight["down_proj"].device, dtype)
+    write_neurons(mlp, neurons, gate, mean, directions, positives, own, residual, settings)
 
     threshold = settings.threshold
     return {"layer": layer, "neurons": [int(n) for n in neurons],
