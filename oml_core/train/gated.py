@@ -224,12 +224,13 @@ def push_directions(loaded, rows, owner, targets, layer: int, residual_norm: flo
     import torch.nn.functional as F
 
     keys_total, answered = max(owner) + 1, 0
-    embeddings = loaded.model.get_input_embeddings().weight.detach().float().cpu()
     first_target = {}
     for key, target in zip(owner, targets):
         first_target.setdefault(key, target)
-    directions = torch.stack([embeddings[first_target[k]] for k in range(keys_total)])
+    # start from each response's own embedding row (only those rows leave the device)
     goal_of_key = torch.tensor([first_target[k] for k in range(keys_total)], device=loaded.device)
+    embeddings = loaded.model.get_input_embeddings().weight
+    directions = embeddings[goal_of_key.to(embeddings.device)].detach().float().cpu()
     log_cap = torch.log(torch.tensor(confidence_cap, device=loaded.device))
     low = PUSH_LOW * residual_norm
     directions = limit_directions(loaded.model, directions.to(loaded.device), goal_of_key,
