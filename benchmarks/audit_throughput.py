@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +32,10 @@ import httpx
 from clients import AuditConfig, run_audit
 from oml_core.fingerprints import Fingerprint, FingerprintSet
 from oml_core.generate.words import word_list
+from oml_core.localhost import free_port
 from oml_core.models import resolve_model
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model: str, threads: int, continuous_batching: bool, log: Path):

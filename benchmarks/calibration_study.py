@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from oml_core.models import load_model, resolve_model  # noqa: E402
 from oml_core.null_rates import GREEDY_TEMPERATURES, context_rate, probe_null_rate  # noqa: E402
 from oml_core.probe_contexts import all_contexts, render  # noqa: E402
 from oml_core.verify.matching import starts_with_word  # noqa: E402
+from oml_core.localhost import free_port  # noqa: E402
 
 NO_KEY_ENV = "OML_AUDIT_CALIBRATION_NONE"  # unset: no API key is sent to our own server
 
@@ -110,12 +110,6 @@ def gemma_with_chat_template(out: Path) -> Path:
             (folder / item.name).symlink_to(item.resolve())
     (folder / "chat_template.jinja").write_text(GEMMA_TURNS, encoding="utf-8")
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(log: Path) -> tuple[subprocess.Popen, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from oml_core.export_gguf import LLAMA_CPP_VERSION, export_gguf, gguf_perplexity, require_llama_cpp
 from oml_core.files import remove_tree
+from oml_core.localhost import free_port
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ class LlamaServer:
     port: int
     proc: subprocess.Popen
     log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_process(proc: subprocess.Popen, grace: float = SERVER_STOP_GRACE_S) -> None:

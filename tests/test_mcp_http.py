@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 
@@ -18,11 +17,7 @@ import mcp
 from mcp.client.streamable_http import streamable_http_client
 from mcp_helpers import TOOLS, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from oml_core.localhost import free_port
 
 
 def server_env(home, token: str | None) -> dict:

@@ -9,13 +9,8 @@ own rank from them — nothing assumes it is rank 0.
 from __future__ import annotations
 
 import os
-import socket
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from oml_core.localhost import free_port
 
 
 def ensure_process_group_env() -> None:
