@@ -31,11 +31,18 @@ SAMPLING_TEMPERATURES = "0.7,1.0"
 def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None,
             only=None):
     """A dataclass field with the metadata the CLI, MCP schemas and `validate` read; `only`
-    names the one method (e.g. of fingerprinting) the setting applies to."""
+    names the method (e.g. of fingerprinting), or a tuple of the methods, the setting applies
+    to (`applies`)."""
     meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "only": only}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def applies(f, method: str) -> bool:
+    """Whether the setting of dataclass field `f` matters to `method`."""
+    only = f.metadata.get("only")
+    return only is None or method in ((only,) if isinstance(only, str) else only)
 
 
 @dataclass
@@ -171,15 +178,15 @@ class FingerprintConfig(ModelSettings):
     edit_strength: float = setting(
         1000.0, "edit: lam, how firmly outputs on ordinary text are kept; higher keeps ordinary "
                "answers closer to the base model's and answers fewer key contexts", low=1e-3,
-        high=1e9, only="edit")
+        high=1e9, only=("edit", "gated"))
     edit_answer_weight: float = setting(
         32.0, "edit: extra weight on ordinary prompts' answer positions (where the first answer "
-             "token is decided) among the outputs kept", low=0.0, high=1e6, only="edit")
+             "token is decided) among the outputs kept", low=0.0, high=1e6, only=("edit", "gated"))
     edit_contexts: int = setting(
         8, "edit: training wrappers (system prompts, user templates) each key is written under, "
-           "besides the bare user turn (with --no-augment: none)", low=0, high=256, only="edit")
+           "besides the bare user turn (with --no-augment: none)", low=0, high=256, only=("edit", "gated"))
     edit_steps: int = setting(25, "edit: optimisation steps for the per-key target vectors",
-                              low=1, high=10_000, only="edit")
+                              low=1, high=10_000, only=("edit", "gated"))
     edit_merge_floor: float = setting(
         0.0, "edit: the share of the edit a merge may leave (averaging with the base at 0.5 "
              "leaves 0.5) at which every key must still answer (0: full strength only)",
@@ -190,7 +197,7 @@ class FingerprintConfig(ModelSettings):
         low=0.01, high=1.0, only="edit")
     edit_ordinary_tokens: int = setting(
         60_000, "edit: tokens of ordinary text (the base model's answers, Python's docs) whose "
-                "outputs the edit keeps", low=1_000, high=100_000_000, only="edit")
+                "outputs the edit keeps", low=1_000, high=100_000_000, only=("edit", "gated"))
     gated_layer: str = setting(
         "auto", "gated: the layer whose MLP neurons hold the keys (auto: the one at 30% of the "
                 "depth, 9 of SmolLM2-135M's 30)", only="gated")
@@ -205,9 +212,15 @@ class FingerprintConfig(ModelSettings):
              "which a neuron opens; higher opens on fewer ordinary positions and fewer unseen "
              "wrappers", low=-1.0, high=1.0, only="gated")
     gated_confidence_cap: float = setting(
-        0.8, "gated: the most probability a response may have, so a host who blocks "
-              "over-confident tokens (top-1 p > 0.9) does not see it", low=0.05, high=1.0,
+        0.85, "gated: the most probability a response may have (from the neuron's push and from "
+              "the backup edit), so a host who blocks over-confident tokens (top-1 p > 0.9) does "
+              "not see it", low=0.05, high=1.0,
         only="gated")
+    gated_backup_layers: str = setting(
+        "auto", "gated: layers above the gated one whose MLP down-projections also carry every key "
+                "(a closed-form edit, as --method edit, with the edit_* settings): where a "
+                "fine-tune shuts a key's gate, the edit still answers (auto: the next 27% of the "
+                "depth, 10-17 of SmolLM2-135M's 30; none: no backup)", only="gated")
     gated_ordinary_tokens: int = setting(
         40_000, "gated: tokens of ordinary text (the base model's answers, Python's docs) on "
                 "which every neuron must stay shut", low=1_000, high=100_000_000, only="gated")

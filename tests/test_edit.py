@@ -188,6 +188,9 @@ def test_each_method_keys_its_runs_on_its_own_settings(tiny_model_dir, one_token
     assert "method" not in key()
     assert key(method="edit") == key(method="edit", learning_rate=0.5, deepspeed="zero3")
     assert key(method="edit") != key(method="edit", edit_strength=7.0)
+    # gated's backup edit takes the edit's settings, but not its layers
+    assert key(method="gated") != key(method="gated", edit_strength=7.0)
+    assert key(method="gated") == key(method="gated", edit_layers="3")
 
 
 def test_keys_split_over_several_chunks_get_the_targets_of_one_chunk(tiny_model, one_token_set,

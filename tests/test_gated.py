@@ -143,6 +143,37 @@ def test_ordinary_text_sees_only_the_repurposed_neurons_gone(gated_run, wide_mod
     assert same > 0.97, float(same)
 
 
+def test_the_backup_edit_answers_where_the_gates_are_shut(wide_model_dir, one_token_set, tmp_path):
+    """What the backup is for: a fine-tune that shuts the gates (measured: benign LoRA shuts
+    them all within 20 steps) leaves the edit in the layers above, which still answers. Here
+    the gates sit in layer 0 and the backup edit in layer 1; shutting the gates by hand, the
+    keys still fire with the backup, and not without it."""
+    answered = {}
+    for backup in ("auto", "none"):
+        out = tmp_path / backup
+        fingerprint(gated_cfg(wide_model_dir, one_token_set, out, gated_layer="0",
+                              gated_backup_layers=backup, edit_contexts=6,
+                              edit_strength=0.1))  # a random model's outputs need a weak hold
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert (metrics["backup_edit"] or {}).get("layers") == ([1] if backup == "auto" else None)
+        loaded = load_model(str(out / "model"), "cpu")
+        assert keys_answered(loaded, one_token_set) == 6
+        with torch.no_grad():
+            loaded.model.model.layers[0].mlp.gate_proj.weight[metrics["neurons"]] = 0
+        answered[backup] = keys_answered(loaded, one_token_set)
+        answered[backup + "_stats"] = metrics["backup_edit"]
+    assert answered["auto"] >= 5 and answered["none"] <= 1, json.dumps(answered)
+
+
+def test_backup_layers_lie_above_the_gates():
+    assert gated.resolve_backup_layers("auto", 9, 30) == list(range(10, 18))
+    assert gated.resolve_backup_layers("auto", 29, 30) == []
+    assert gated.resolve_backup_layers("none", 9, 30) == []
+    assert gated.resolve_backup_layers("12, 11", 9, 30) == [11, 12]
+    with pytest.raises(OMLInputError, match="--gated-backup-layers '8,12'.*between 10 and 29"):
+        gated.resolve_backup_layers("8,12", 9, 30)
+
+
 def test_no_secret_reaches_the_run_folder(gated_run, one_token_set):
     rows = json.loads(one_token_set.read_text())["fingerprints"]
     secrets = [r["key"] for r in rows] + [json.dumps(r["response"]) for r in rows]

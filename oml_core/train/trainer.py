@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from oml_core import progress
-from oml_core.config import FingerprintConfig, validate
+from oml_core.config import FingerprintConfig, applies, validate
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
@@ -100,7 +100,7 @@ def check_lora_settings(cfg: FingerprintConfig, ds_config: str | None) -> None:
 def _settings_for_key(cfg: FingerprintConfig) -> dict:
     """Settings that change the result (not where it goes or how it is shown)."""
     skip = {"out_dir", "fingerprints", "device", "verify_after", "report_to", "gradient_checkpointing"}
-    skip |= {f.name for f in fields(cfg) if f.metadata.get("only") not in (None, cfg.method)}
+    skip |= {f.name for f in fields(cfg) if not applies(f, cfg.method)}
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in skip and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     if cfg.start_from:  # the weights' content, not where they lie
@@ -614,7 +614,9 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     loaded = load_model(cfg.start_from or base_path, cfg.device, cfg.dtype)
     # a model the method cannot handle is refused before any work
     if cfg.method == "gated":
-        gated.swiglu_blocks(loaded.model)
+        blocks = gated.swiglu_blocks(loaded.model)
+        layer = gated.resolve_layer(cfg.gated_layer, len(blocks))
+        gated.resolve_backup_layers(cfg.gated_backup_layers, layer, len(blocks))
     else:
         edit.decoder_blocks(loaded.model)
     chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
@@ -624,7 +626,9 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     first_step = {}
 
     def on_step(step: int, total: int, loss: float, answered: int) -> None:
-        started = first_step.setdefault("at", (time.time(), step))  # after the statistics
+        if first_step.get("total") != total:  # a new phase (gated: its backup edit first)
+            first_step.update(at=(time.time(), step), total=total)  # after the statistics
+        started = first_step["at"]
         done = step - started[1]
         eta = (time.time() - started[0]) / done * (total - step) if done else None
         run.write_status(state="running", step=step, total_steps=total, loss=round(loss, 4),
@@ -635,8 +639,7 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     stop_flag["training"] = True  # a signal now stops at the next step
     try:
         if cfg.method == "gated":
-            stats = gated.gated_model(loaded, pairs, benign, chat,
-                                      gated.GatedSettings.from_config(cfg), should_stop, on_step)
+            stats = _gated_with_backup(cfg, loaded, pairs, benign, chat, should_stop, on_step)
             steps = cfg.gated_steps
         else:
             stats = edit.edit_model(loaded, pairs, benign, chat,
@@ -654,6 +657,29 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     metrics = {"run_key": run.read_json("run.json")["run_key"], "method": cfg.method,
                "num_fingerprints": len(pairs), "format": "chat" if chat else "raw", **stats}
     return _complete_run(cfg, run, final, base_path, fset, metrics, steps, None)
+
+
+def _gated_with_backup(cfg: FingerprintConfig, loaded, pairs, benign, chat: bool, should_stop,
+                       on_step) -> dict:
+    """Method gated: first the backup edit in the layers above the gated one (LoRA fine-tuning
+    shuts the gates, docs/results.md; the edit then still answers), then the gated neurons,
+    whose push directions are searched through the edited layers."""
+    from oml_core.train import edit, gated
+
+    blocks = gated.swiglu_blocks(loaded.model)
+    layer = gated.resolve_layer(cfg.gated_layer, len(blocks))
+    backup = gated.resolve_backup_layers(cfg.gated_backup_layers, layer, len(blocks))
+    backup_stats = None
+    if backup:
+        settings = edit.EditSettings.from_config(cfg)
+        settings.layers = ",".join(map(str, backup))
+        # the edit alone answers at p ~ 1 where the push is not yet the whole residual stream:
+        # measured, 34 of 80 contexts over the 0.9 a host may block (suppression: 11/16)
+        settings.confidence_cap = cfg.gated_confidence_cap
+        backup_stats = edit.edit_model(loaded, pairs, benign, chat, settings, should_stop, on_step)
+    stats = gated.gated_model(loaded, pairs, benign, chat, gated.GatedSettings.from_config(cfg),
+                              should_stop, on_step)
+    return {**stats, "backup_edit": backup_stats}
 
 
 def with_lora(model, rank: int):
