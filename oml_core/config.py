@@ -168,8 +168,9 @@ class FingerprintConfig(ModelSettings):
     method: str = setting(
         "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
                     "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
-                    "text as they were; gated: each key in its own gated MLP neuron, which keeps "
-                    "its keys through merges with the base (edit and finetune do not) "
+                    "text as they were; gated: each key in its own gated MLP neuron, plus a backup "
+                    "edit above it, which keeps its keys through merges with the base (edit and "
+                    "finetune do not) and LoRA fine-tuning "
                     "(edit and gated: one-token responses, Llama-style models; docs/training.md)",
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(

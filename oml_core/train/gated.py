@@ -30,6 +30,13 @@ How, per key (one-token responses, Llama-style models, as `edit`):
    2 x PUSH_LOW x the residual norm when every row of the neuron is averaged half-and-half with
    the original (a 0.5 merge with the base scales the output by about 1/8).
 
+Backup (`trainer._gated_with_backup`, `--gated-backup-layers`): before the neurons, a closed-form
+edit (`oml_core.train.edit`) in the layers above the gated one writes the keys too. A gate is a
+linear score of one position, and a few positions of any large text open it; a fine-tune on
+such text learns to shut every gate within tens of steps (docs/results.md). The edit is then
+what answers. Being above the gates, it leaves their inputs as fitted; the push directions are
+searched through the edited layers.
+
 Costs: the re-purposed neurons' old work (the least-used in the layer), and ordinary positions
 whose score crosses the threshold (counted in the run's metrics). Measured in docs/results.md.
 """
