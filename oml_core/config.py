@@ -177,17 +177,19 @@ class FingerprintConfig(ModelSettings):
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
                 "7% to 33% of the depth, 2-10 of SmolLM2-135M's 30)", only="edit")
     edit_strength: float = setting(
-        1000.0, "edit: lam, how firmly outputs on ordinary text are kept; higher keeps ordinary "
-               "answers closer to the base model's and answers fewer key contexts", low=1e-3,
-        high=1e9, only=("edit", "gated"))
+        1000.0, "edit (and gated's backup): lam, how firmly outputs on ordinary text are kept; "
+                "higher keeps ordinary answers closer to the base model's and answers fewer key "
+                "contexts", low=1e-3, high=1e9, only=("edit", "gated"))
     edit_answer_weight: float = setting(
-        32.0, "edit: extra weight on ordinary prompts' answer positions (where the first answer "
-             "token is decided) among the outputs kept", low=0.0, high=1e6, only=("edit", "gated"))
+        32.0, "edit (and gated's backup): extra weight on ordinary prompts' answer positions "
+              "(where the first answer token is decided) among the outputs kept", low=0.0,
+        high=1e6, only=("edit", "gated"))
     edit_contexts: int = setting(
-        8, "edit: training wrappers (system prompts, user templates) each key is written under, "
-           "besides the bare user turn (with --no-augment: none)", low=0, high=256, only=("edit", "gated"))
-    edit_steps: int = setting(25, "edit: optimisation steps for the per-key target vectors",
-                              low=1, high=10_000, only=("edit", "gated"))
+        8, "edit (and gated's backup): training wrappers (system prompts, user templates) each "
+           "key is written under, besides the bare user turn (with --no-augment: none)", low=0,
+        high=256, only=("edit", "gated"))
+    edit_steps: int = setting(25, "edit (and gated's backup): optimisation steps for the per-key "
+                                  "target vectors", low=1, high=10_000, only=("edit", "gated"))
     edit_merge_floor: float = setting(
         0.0, "edit: the share of the edit a merge may leave (averaging with the base at 0.5 "
              "leaves 0.5) at which every key must still answer (0: full strength only)",
@@ -197,8 +199,9 @@ class FingerprintConfig(ModelSettings):
              "blocks over-confident tokens (top-1 p > 0.9) does not see it (1: no cap)",
         low=0.01, high=1.0, only="edit")
     edit_ordinary_tokens: int = setting(
-        60_000, "edit: tokens of ordinary text (the base model's answers, Python's docs) whose "
-                "outputs the edit keeps", low=1_000, high=100_000_000, only=("edit", "gated"))
+        60_000, "edit (and gated's backup): tokens of ordinary text (the base model's answers, "
+                "Python's docs) whose outputs the edit keeps", low=1_000, high=100_000_000,
+        only=("edit", "gated"))
     gated_layer: str = setting(
         "auto", "gated: the layer whose MLP neurons hold the keys (auto: the one at 30% of the "
                 "depth, 9 of SmolLM2-135M's 30)", only="gated")
