@@ -1,7 +1,8 @@
 """Method `gated` (each key in its own gated MLP neuron) on the tiny in-test model: it writes
 every key in, changes only its neurons' rows, keeps the keys through a 0.5 merge with the base
-(what the method is for), stays shut on ordinary text, keeps secrets out of the run folder,
-and refuses what it cannot do in one clear line."""
+(what the method is for), stays shut on ordinary text, answers through its backup edit where
+the gates are shut, keeps secrets out of the run folder, and refuses what it cannot do in one
+clear line."""
 
 from __future__ import annotations
 
@@ -59,10 +60,11 @@ def one_token_set(wide_model_dir, tmp_path_factory) -> Path:
 
 def gated_cfg(model_dir, fp_file, out_dir, **kw) -> FingerprintConfig:
     """No confidence cap: a random model's output layer rarely offers a direction whose lead is
-    both over 1 nat and under 1.5 (SmolLM2's cap is measured in docs/results.md)."""
+    both over 2 nats and under 3 (SmolLM2's cap is measured in docs/results.md); no backup edit
+    (its own test below), so that only the neurons change."""
     settings = dict(model=str(model_dir), fingerprints=str(fp_file), out_dir=str(out_dir),
                     method="gated", gated_contexts=6, gated_confidence_cap=1.0,
-                    gated_ordinary_tokens=20_000, verify_after=False)
+                    gated_ordinary_tokens=20_000, gated_backup_layers="none", verify_after=False)
     return FingerprintConfig(**{**settings, **kw})
 
 
