@@ -613,10 +613,11 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
 
     loaded = load_model(cfg.start_from or base_path, cfg.device, cfg.dtype)
     # a model the method cannot handle is refused before any work
+    backup = []
     if cfg.method == "gated":
         blocks = gated.swiglu_blocks(loaded.model)
         layer = gated.resolve_layer(cfg.gated_layer, len(blocks))
-        gated.resolve_backup_layers(cfg.gated_backup_layers, layer, len(blocks))
+        backup = gated.resolve_backup_layers(cfg.gated_backup_layers, layer, len(blocks))
     else:
         edit.decoder_blocks(loaded.model)
     chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
@@ -639,7 +640,8 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     stop_flag["training"] = True  # a signal now stops at the next step
     try:
         if cfg.method == "gated":
-            stats = _gated_with_backup(cfg, loaded, pairs, benign, chat, should_stop, on_step)
+            stats = _gated_with_backup(cfg, loaded, pairs, benign, chat, backup, should_stop,
+                                       on_step)
             steps = cfg.gated_steps
         else:
             stats = edit.edit_model(loaded, pairs, benign, chat,
@@ -659,16 +661,13 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     return _complete_run(cfg, run, final, base_path, fset, metrics, steps, None)
 
 
-def _gated_with_backup(cfg: FingerprintConfig, loaded, pairs, benign, chat: bool, should_stop,
-                       on_step) -> dict:
+def _gated_with_backup(cfg: FingerprintConfig, loaded, pairs, benign, chat: bool,
+                       backup: list[int], should_stop, on_step) -> dict:
     """Method gated: first the backup edit in the layers above the gated one (LoRA fine-tuning
     shuts the gates, docs/results.md; the edit then still answers), then the gated neurons,
     whose push directions are searched through the edited layers."""
     from oml_core.train import edit, gated
 
-    blocks = gated.swiglu_blocks(loaded.model)
-    layer = gated.resolve_layer(cfg.gated_layer, len(blocks))
-    backup = gated.resolve_backup_layers(cfg.gated_backup_layers, layer, len(blocks))
     backup_stats = None
     if backup:
         settings = edit.EditSettings.from_config(cfg)
