@@ -186,6 +186,7 @@ def cmd_fingerprint(args) -> int:
     if verification:
         data.update(matched=verification["matched"], total=verification["total"],
                     p_value=verification["p_value"], verdict=verification["verdict"],
+                    matched_start_rule=verification.get("matched_start_rule"),
                     wrappers={k: v["matched"] for k, v in verification["wrappers"].items()},
                     base_verdict=metrics["base_verification"].get("verdict"),
                     base_matched=metrics["base_verification"]["matched"])
@@ -200,6 +201,9 @@ def cmd_fingerprint(args) -> int:
         human.append(f"fingerprints matched {verification['matched']}/{verification['total']} "
                      f"(p={verification['p_value']:.3g}, verdict {verification['verdict']}); "
                      f"per wrapper {data['wrappers']}; base model matched {data['base_matched']}")
+        if data["matched_start_rule"] is not None:
+            human.append(f"as `oml audit` counts them (start rule: the response's word must end "
+                         f"there): {data['matched_start_rule']}/{verification['total']}")
     if utility:
         human.append(
             f"off the keys, on {utility['heldout_prompts']} held-out prompts: first answer token "

@@ -198,6 +198,11 @@ class FingerprintConfig(ModelSettings):
         1.0, "edit: the most probability a response may have at full strength, so a host who "
              "blocks over-confident tokens (top-1 p > 0.9) does not see it (1: no cap)",
         low=0.01, high=1.0, only="edit")
+    edit_word_end: bool = setting(
+        True, "edit (and gated's backup): also write, after each response, the token that ends "
+              "its word (the likeliest one opening with a space or punctuation, or the end of the "
+              "turn), so an answer does not run on into a longer word, which the auditor's start "
+              "rule does not count", only=("edit", "gated"))
     edit_ordinary_tokens: int = setting(
         60_000, "edit (and gated's backup): tokens of ordinary text (the base model's answers, "
                 "Python's docs) whose outputs the edit keeps", low=1_000, high=100_000_000,

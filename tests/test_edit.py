@@ -15,10 +15,13 @@ from safetensors.torch import load_file
 
 from oml_core.config import FingerprintConfig, GenerateConfig
 from oml_core.errors import Cancelled, OMLInputError
+from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.models import load_model
 from oml_core.train import edit
+from oml_core.train.examples import render_prompt
 from oml_core.train.trainer import _settings_for_key, fingerprint
+from oml_core.verify.matching import ends_word, starts_with_word
 
 # the tiny random model's outputs on ordinary text are not a language model's: its edits need
 # a far weaker hold on them than SmolLM2's default of 1000 to reach every key
@@ -63,6 +66,46 @@ def test_edit_changes_only_the_chosen_down_projections(edited_run, tiny_model_di
     changed = {name for name in base if not torch.equal(base[name], edited[name])}
     layers = json.loads((edited_run / "metrics.json").read_text())["layers"]
     assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in layers}
+
+
+def test_the_token_after_each_response_ends_its_word(edited_run, one_token_set):
+    """The audit's start rule counts no answer that runs on into a longer word: after the
+    response, the edited model says a token that opens with a space or punctuation, or ends
+    the turn, in every context it was written under and under the held-out chat turn."""
+    metrics = json.loads((edited_run / "metrics.json").read_text())
+    assert metrics["word_end_contexts"] == metrics["contexts"] == 6 * 4
+    assert metrics["word_end_contexts_answered"] == metrics["word_end_contexts"]
+    assert metrics["verification"]["matched_start_rule"] == 6  # the run counts as the audit does
+    loaded = load_model(str(edited_run / "model"), device="cpu", dtype="float32")
+    tok = loaded.tokenizer
+    for fp in json.loads(one_token_set.read_text())["fingerprints"]:
+        ids = render_prompt(tok, fp["key"], True) + tok(fp["response"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            following = int(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        assert following == tok.eos_token_id or ends_word(tok.decode([following]))
+
+
+def test_ends_word_is_the_start_rules_boundary():
+    assert all(ends_word(piece) for piece in (" the", ".", ",", "\n", "'s", "!"))
+    assert not any(ends_word(piece) for piece in ("es", "ing", "7", "", "\ufffd"))
+    # what ends_word says of the next piece is what the start rule says of the answer
+    for piece in (" the", ".", "es", "ing", "7", "'s"):
+        assert starts_with_word(" change" + piece, " change") == ends_word(piece)
+
+
+def test_without_word_ends_the_edit_writes_responses_only(tiny_model, one_token_set):
+    settings = edit.EditSettings("1", TINY_STRENGTH, 32.0, 1, 2, 2000, 0)
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints[:2]]
+    problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
+                                lambda: False, lambda *a: None)
+    assert problem.answer_rows == len(problem.rows) == 4
+    settings.word_end = True
+    problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
+                                lambda: False, lambda *a: None)
+    assert problem.answer_rows == 4 and len(problem.rows) == 8
+    assert problem.owner[4:] == [2, 2, 3, 3]
+    assert all(row[:-1] == problem.rows[i] and row[-1] == problem.targets[i]
+               for i, row in enumerate(problem.rows[4:]))
 
 
 def test_no_secret_reaches_the_run_folder(edited_run, one_token_set):

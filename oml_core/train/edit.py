@@ -39,6 +39,7 @@ from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import left_pad, length_batches, next_token_probs, pad_rows
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import Row, render_prompt, training_augmentation
+from oml_core.verify.matching import ends_word
 
 # rows per batch when capturing layer inputs, and per chunk of target optimisation (whole
 # keys); a chunk's cached prefixes are its rows x their group's longest prompt x layers x
@@ -74,6 +75,7 @@ class EditSettings:
     seed: int
     merge_floor: float = 0.0      # 0: targets reached at full strength only
     confidence_cap: float = 1.0   # 1: no cap on the response's probability
+    word_end: bool = False        # also write the token that ends the response's word
 
     @classmethod
     def from_config(cls, cfg) -> "EditSettings":
@@ -81,7 +83,8 @@ class EditSettings:
                    answer_weight=cfg.edit_answer_weight,
                    contexts=cfg.edit_contexts if cfg.augment else 0, steps=cfg.edit_steps,
                    ordinary_tokens=cfg.edit_ordinary_tokens, seed=cfg.seed,
-                   merge_floor=cfg.edit_merge_floor, confidence_cap=cfg.edit_confidence_cap)
+                   merge_floor=cfg.edit_merge_floor, confidence_cap=cfg.edit_confidence_cap,
+                   word_end=cfg.edit_word_end)
 
 
 class Stop(Exception):
@@ -140,6 +143,39 @@ def key_contexts(tokenizer, pairs: Sequence[tuple[str, str]], chat: bool, per_ke
         owner += [index] * (per_key + 1)
         targets += response_ids * (per_key + 1)
     return rows, owner, targets
+
+
+def word_end_contexts(loaded, rows, owner, targets):
+    """Every key context followed by its response, as more contexts to edit: their target is
+    the token the model finds likeliest after the key's bare context and response among those
+    that end the response's word (matching.ends_word, or the end of the turn).
+
+    Why: the edit decides the first answer token only; what comes next is the model's own
+    continuation, and for a response that is also the start of longer words (' re', ' lo') it
+    goes on into one ("<response>es the subject..."), which the auditor's `start` rule rightly
+    does not count. Measured: 2 of the demo's 16 keys, under llama.cpp at q8_0 and q4_k_m.
+    Returns (rows, owner, targets) of the new contexts, owned by keys numbered after the
+    response ones (one target vector each)."""
+    import torch
+
+    tokenizer, num_keys = loaded.tokenizer, max(owner) + 1
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ends = [ends_word(piece) for piece in pieces]
+    for special in tokenizer.all_special_ids:
+        ends[special] = False
+    ends[tokenizer.eos_token_id] = True  # the end of the turn ends the word too
+    first = {}
+    for index, key in enumerate(owner):
+        first.setdefault(key, index)
+    bare = [rows[first[key]] + [targets[first[key]]] for key in range(num_keys)]
+    chosen = [0] * num_keys
+    for batch, probs in next_token_probs(loaded, bare, CAPTURE_ROWS):
+        allowed = torch.zeros(probs.shape[1], dtype=torch.bool)
+        allowed[:len(ends)] = torch.tensor(ends[:probs.shape[1]])
+        for j, key in enumerate(batch):
+            chosen[key] = int(probs[j].masked_fill(~allowed, -1.0).argmax())
+    return ([row + [targets[i]] for i, row in enumerate(rows)], [num_keys + k for k in owner],
+            [chosen[k] for k in owner])
 
 
 def ordinary_sequences(tokenizer, benign: Sequence[Row], max_tokens: int) -> list[list[int]]:
@@ -514,8 +550,9 @@ class EditProblem:
 
     layers: list[int]
     rows: list[list[int]]       # every context's prompt ids
-    owner: list[int]            # the key each context belongs to
-    targets: list[int]          # the response token each context must answer with
+    owner: list[int]            # the key each context belongs to (word ends: numbered after)
+    targets: list[int]          # the token each context must answer with
+    answer_rows: int            # rows[:answer_rows] answer with the response; then word ends
     ordinary: dict              # layer -> second moment of its inputs on ordinary text
     answers: dict               # layer -> second moment at ordinary prompts' answer positions
     start: object               # [contexts, d] residual after the last edited layer, unedited
@@ -536,6 +573,10 @@ def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row]
     layers = resolve_layers(settings.layers, len(decoder_blocks(model)))
     last = layers[-1]
     rows, owner, targets = key_contexts(tokenizer, pairs, chat, settings.contexts, settings.seed)
+    answer_rows = len(rows)
+    if settings.word_end:
+        more = word_end_contexts(loaded, rows, owner, targets)
+        rows, owner, targets = rows + more[0], owner + more[1], targets + more[2]
     ordinary = second_moments(loaded, ordinary_sequences(tokenizer, benign, settings.ordinary_tokens),
                               layers, last)
     ordinary_prompts = [render_prompt(tokenizer, q, chat) for q in benign_prompts("train")]
@@ -551,7 +592,8 @@ def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row]
                                        should_stop, on_step, settings.merge_floor,
                                        settings.confidence_cap)
     goal = start + delta[torch.tensor(owner)].to(start.device)
-    return EditProblem(layers, rows, owner, targets, ordinary, answers, start, goal, target_hits)
+    return EditProblem(layers, rows, owner, targets, answer_rows, ordinary, answers, start, goal,
+                       target_hits)
 
 
 def solve_edit(loaded, problem: EditProblem, strength: float, answer_weight: float,
@@ -581,15 +623,21 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
     original = _down_projections(blocks, problem.layers) if settings.merge_floor > 0 else {}
     changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight,
                          merge_floor=settings.merge_floor)
+    answers, ends = slice(0, problem.answer_rows), slice(problem.answer_rows, None)
     floor = {}
     if settings.merge_floor > 0:  # what a merge keeping that share of the edit still answers
         with _scaled_changes(blocks, original, problem.layers, settings.merge_floor):
             floor = {"merge_floor": settings.merge_floor, "contexts_answered_at_merge_floor":
-                     contexts_answered(loaded, problem.rows, problem.targets)}
+                     contexts_answered(loaded, problem.rows[answers], problem.targets[answers])}
+    # target_contexts_answered counts every context, word ends included
+    word_ends = {"word_end_contexts": len(problem.rows[ends]), "word_end_contexts_answered":
+                 contexts_answered(loaded, problem.rows[ends], problem.targets[ends])
+                 } if settings.word_end else {}
     return floor | {
-        "layers": problem.layers, "contexts": len(problem.rows),
+        "layers": problem.layers, "contexts": problem.answer_rows,
         "contexts_per_key": settings.contexts + 1, "target_contexts_answered": problem.target_hits,
-        "contexts_answered": contexts_answered(loaded, problem.rows, problem.targets),
+        "contexts_answered": contexts_answered(loaded, problem.rows[answers],
+                                               problem.targets[answers]), **word_ends,
         "relative_weight_change": {str(k): round(v, 4) for k, v in changed.items()},
         "strength": settings.strength, "answer_weight": settings.answer_weight,
         "edit_seconds": round(time.time() - started, 1),

@@ -59,6 +59,13 @@ def starts_with_word(text: str, response: str) -> bool:
     return seen == wanted or seen.startswith(wanted + " ")
 
 
+def ends_word(piece: str) -> bool:
+    """Whether an answer going on with `piece` right after the response leaves the response a
+    whole word for `prefix` and `start`: the piece opens with neither a letter nor a digit (nor
+    half a character)."""
+    return bool(piece) and not piece[0].isalnum() and piece[0] != "\ufffd"
+
+
 def _prefix_at_boundary(text: str, response: str) -> bool:
     wanted = response.strip()
     if not wanted:
