@@ -73,7 +73,7 @@ def test_the_token_after_each_response_ends_its_word(edited_run, one_token_set):
     response, the edited model says a token that opens with a space or punctuation, or ends
     the turn, in every context it was written under and under the held-out chat turn."""
     metrics = json.loads((edited_run / "metrics.json").read_text())
-    assert metrics["word_end_contexts"] == metrics["contexts"] == 6 * 4
+    assert metrics["word_end_contexts"] == metrics["word_end_keys"] * 4 > 0
     assert metrics["word_end_contexts_answered"] == metrics["word_end_contexts"]
     assert metrics["verification"]["matched_start_rule"] == 6  # the run counts as the audit does
     loaded = load_model(str(edited_run / "model"), device="cpu", dtype="float32")
@@ -93,13 +93,19 @@ def test_ends_word_is_the_start_rules_boundary():
         assert starts_with_word(" change" + piece, " change") == ends_word(piece)
 
 
-def test_without_word_ends_the_edit_writes_responses_only(tiny_model, one_token_set):
+def test_word_ends_are_written_for_the_keys_that_need_them(tiny_model, one_token_set,
+                                                           monkeypatch):
     settings = edit.EditSettings("1", TINY_STRENGTH, 32.0, 1, 2, 2000, 0)
     pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints[:2]]
     problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
                                 lambda: False, lambda *a: None)
     assert problem.answer_rows == len(problem.rows) == 4
     settings.word_end = True
+    monkeypatch.setattr(edit, "WORD_END_SURE", 0.0)  # every key already ends its word
+    problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
+                                lambda: False, lambda *a: None)
+    assert problem.answer_rows == len(problem.rows) == 4
+    monkeypatch.setattr(edit, "WORD_END_SURE", 1.01)  # none is sure to
     problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
                                 lambda: False, lambda *a: None)
     assert problem.answer_rows == 4 and len(problem.rows) == 8

@@ -60,6 +60,9 @@ FLOOR_MARGIN = 1.0
 FULL_MARGIN = 0.5
 CAP_WEIGHT = 4.0
 CAP_SLACK = 0.02
+# a key gets word-end contexts unless the model already ends its response's word with at least
+# this probability in every one of its contexts
+WORD_END_SURE = 0.9
 
 
 @dataclass
@@ -146,14 +149,17 @@ def key_contexts(tokenizer, pairs: Sequence[tuple[str, str]], chat: bool, per_ke
 
 
 def word_end_contexts(loaded, rows, owner, targets):
-    """Every key context followed by its response, as more contexts to edit: their target is
-    the token the model finds likeliest after the key's bare context and response among those
-    that end the response's word (matching.ends_word, or the end of the turn).
+    """For each key whose response the model may run on into a longer word, every context of
+    the key followed by its response, as more contexts to edit: their target is the token the
+    model finds likeliest after the bare context and response among those that end the
+    response's word (matching.ends_word, or the end of the turn).
 
-    Why: the edit decides the first answer token only; what comes next is the model's own
-    continuation, and for a response that is also the start of longer words (' re', ' lo') it
-    goes on into one ("<response>es the subject..."), which the auditor's `start` rule rightly
-    does not count. Measured: 2 of the demo's 16 keys, under llama.cpp at q8_0 and q4_k_m.
+    Why: the edit decides the first answer token only; what follows is the model's own
+    continuation, and for a response that also begins longer words (' re', ' lo') it goes on
+    into one ("<response>es the subject..."), which the auditor's `start` rule rightly does not
+    count. Measured: 2 of the demo's 16 keys, under llama.cpp at q8_0 and q4_k_m. Keys whose
+    every context already ends the word with probability WORD_END_SURE get no rows: each row
+    moves the model a little off the keys too.
     Returns (rows, owner, targets) of the new contexts, owned by keys numbered after the
     response ones (one target vector each)."""
     import torch
@@ -164,18 +170,22 @@ def word_end_contexts(loaded, rows, owner, targets):
     for special in tokenizer.all_special_ids:
         ends[special] = False
     ends[tokenizer.eos_token_id] = True  # the end of the turn ends the word too
+    followed = [row + [targets[i]] for i, row in enumerate(rows)]
     first = {}
     for index, key in enumerate(owner):
         first.setdefault(key, index)
-    bare = [rows[first[key]] + [targets[first[key]]] for key in range(num_keys)]
-    chosen = [0] * num_keys
-    for batch, probs in next_token_probs(loaded, bare, CAPTURE_ROWS):
+    surest, chosen = [1.0] * num_keys, [0] * num_keys
+    for batch, probs in next_token_probs(loaded, followed, CAPTURE_ROWS):
         allowed = torch.zeros(probs.shape[1], dtype=torch.bool)
         allowed[:len(ends)] = torch.tensor(ends[:probs.shape[1]])
-        for j, key in enumerate(batch):
-            chosen[key] = int(probs[j].masked_fill(~allowed, -1.0).argmax())
-    return ([row + [targets[i]] for i, row in enumerate(rows)], [num_keys + k for k in owner],
-            [chosen[k] for k in owner])
+        for j, i in enumerate(batch):
+            key = owner[i]
+            surest[key] = min(surest[key], float(probs[j][allowed].sum()))
+            if i == first[key]:
+                chosen[key] = int(probs[j].masked_fill(~allowed, -1.0).argmax())
+    keep = [i for i in range(len(rows)) if surest[owner[i]] < WORD_END_SURE]
+    return ([followed[i] for i in keep], [num_keys + owner[i] for i in keep],
+            [chosen[owner[i]] for i in keep])
 
 
 def ordinary_sequences(tokenizer, benign: Sequence[Row], max_tokens: int) -> list[list[int]]:
@@ -630,7 +640,8 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
             floor = {"merge_floor": settings.merge_floor, "contexts_answered_at_merge_floor":
                      contexts_answered(loaded, problem.rows[answers], problem.targets[answers])}
     # target_contexts_answered counts every context, word ends included
-    word_ends = {"word_end_contexts": len(problem.rows[ends]), "word_end_contexts_answered":
+    word_ends = {"word_end_keys": len(set(problem.owner[ends])),
+                 "word_end_contexts": len(problem.rows[ends]), "word_end_contexts_answered":
                  contexts_answered(loaded, problem.rows[ends], problem.targets[ends])
                  } if settings.word_end else {}
     return floor | {
