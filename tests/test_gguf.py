@@ -243,6 +243,30 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
 
 @pytest.mark.e2e
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
+def test_gguf_roundtrip_reads_llama_cpps_weights_back(llama_cpp, smol_tiny_run, oml_home, tmp_path):
+    """experiments/gguf_roundtrip.py: the q8_0 file's tensors, dequantized and put back into the
+    transformers model (q and k rows un-permuted), give the model's own answers: every key as
+    without them, each lead within a few hundredths of a nat."""
+    out = tmp_path / "roundtrip.json"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "gguf_roundtrip.py"),
+                           "--run", str(smol_tiny_run), "--quant", "q8_0",
+                           "--variants", "none,all,L0-0,mlp1-1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"none", "all", "L0-0", "mlp1-1"}
+    assert results["none"]["matched"] == 8
+    for variant in ("all", "L0-0", "mlp1-1"):
+        assert results[variant]["matched"] == 8, variant
+        gaps = [abs(a - b) for a, b in zip(results[variant]["chat_leads"], results["none"]["chat_leads"])]
+        assert max(gaps) < 0.1, (variant, gaps)
+    secrets = secrets_of(smol_tiny_run)
+    assert not leaked(proc.stdout + out.read_text(), [s for s in secrets if len(s) > 12])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 def test_a_server_that_cannot_start_is_one_error_and_leaves_nothing_running(llama_cpp, tmp_path):
     from clients.gguf_attacks import llama_server
 
