@@ -7,10 +7,9 @@ cannot express, each failing with one line naming the flag and the fix.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from oml_core.config import SAMPLING_TEMPERATURES, setting, validate
+from oml_core.config import SAMPLING_TEMPERATURES, parse_temperatures, setting, validate
 from oml_core.errors import OMLInputError
 
 LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
@@ -175,14 +174,7 @@ def sampled_layer_list(cfg: AuditConfig) -> list[str]:
 
 
 def temperature_list(cfg: AuditConfig) -> list[float]:
-    try:
-        temps = [float(t) for t in cfg.temperatures.split(",") if t.strip()]
-    except ValueError:
-        raise OMLInputError(f"--temperatures {cfg.temperatures!r}: use a comma list of numbers, "
-                            "e.g. 0.7,1.0") from None
-    if any(not math.isfinite(t) or not 0.0 < t <= 2.0 for t in temps):
-        raise OMLInputError(f"--temperatures {cfg.temperatures!r}: each must be in (0, 2]")
-    return list(dict.fromkeys(temps))
+    return parse_temperatures(cfg.temperatures, allow_empty=True)
 
 
 def validate_audit(cfg: AuditConfig) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from oml_core import progress
-from oml_core.config import CalibrateConfig, parse_list, validate
+from oml_core.config import CalibrateConfig, parse_temperatures, validate
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.generate import tokenizer_info
@@ -280,9 +280,7 @@ def round_up(rate: float, digits: int = 4) -> float:
 
 
 def calibration_temperatures(spec: str) -> list[float]:
-    temps = parse_list(spec, "--temperatures", kind=float)
-    if any(not math.isfinite(t) or not 0.0 < t <= 2.0 for t in temps):
-        raise OMLInputError(f"--temperatures {spec!r}: each must be in (0, 2]")
+    temps = parse_temperatures(spec)
     return sorted(set(temps) | set(GREEDY_TEMPERATURES))
 
 

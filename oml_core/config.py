@@ -9,6 +9,7 @@ checks them and names the flag and the fix in one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,6 +441,23 @@ def parse_list(value: str, flag: str, allowed=None, kind=str) -> list:
         except ValueError:
             raise OMLInputError(f"{flag}: {item!r} is not a {kind.__name__}") from None
     return list(dict.fromkeys(out))
+
+
+MAX_TEMPERATURE = 2.0  # the most OpenAI-compatible APIs accept
+
+
+def parse_temperatures(value: str, flag: str = "--temperatures", allow_empty: bool = False
+                       ) -> list[float]:
+    """A comma list of sampling temperatures, each in (0, 2]: one parser for every stage that
+    samples (eval's sampling attack, calibrate, audit), so they accept the same values."""
+    if allow_empty and not (value or "").strip(", "):
+        return []
+    temperatures = parse_list(value, flag, kind=float)
+    for temperature in temperatures:
+        if not (math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE):
+            raise OMLInputError(f"{flag}: {temperature:g} is not a sampling temperature; pass "
+                                f"values above 0 and at most {MAX_TEMPERATURE:g} (e.g. 0.7,1.0)")
+    return temperatures
 
 
 def validate(config) -> None:

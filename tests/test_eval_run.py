@@ -160,6 +160,8 @@ def test_cli_prints_the_cached_evaluation_as_json(evaluated, capsys):
     (["eval", "--run", ".", "--temperatures", "0.7,0"], "--temperatures: 0 is not a sampling"),
     (["eval", "--run", ".", "--temperatures", "hot"], "--temperatures: 'hot' is not a float"),
     (["eval", "--run", ".", "--temperatures", "200"], "--temperatures: 200 is not a sampling"),
+    # one range for every stage that samples (eval, calibrate, audit): what an API accepts
+    (["eval", "--run", ".", "--temperatures", "2.5"], "--temperatures: 2.5 is not a sampling"),
     (["eval", "--run", ".", "--attacks", "int4"], "--attacks: 'int4' is not one of"),
     (["eval", "--run", ".", "--merge-base-weights", "0.3,2"], "--merge-base-weights: 2 is not a weight"),
     (["eval", "--run", ".", "--merge-base-weights", "half"], "--merge-base-weights: 'half' is not a"),
@@ -171,6 +173,23 @@ def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_every_stage_that_samples_takes_the_same_temperatures():
+    from clients.config import AuditConfig, temperature_list
+    from oml_core.calibrate import calibration_temperatures
+    from oml_core.config import EvalConfig
+    from oml_core.errors import OMLInputError
+    from oml_core.evaluate.robustness import sampling_temperatures
+
+    parsers = {"eval": lambda t: sampling_temperatures(EvalConfig(temperatures=t)),
+               "calibrate": calibration_temperatures,
+               "audit": lambda t: temperature_list(AuditConfig(temperatures=t))}
+    for stage, parse in parsers.items():
+        assert {0.3, 2.0} <= set(parse("0.3,2")), stage
+        for bad in ("2.5", "0", "-1", "nan", "warm"):
+            with pytest.raises(OMLInputError, match="--temperatures"):
+                parse(bad)
 
 
 def test_cli_bad_input_from_a_real_process(tmp_path):

@@ -32,7 +32,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, parse_list
+from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, parse_list, parse_temperatures
 from oml_core.errors import OMLInputError
 from oml_core.evaluate import merges
 from oml_core.evaluate.context import public, retention
@@ -198,12 +198,7 @@ def _system_prompts(ctx, tuned, baseline, wrappers, chunks, ppl):
 
 
 def sampling_temperatures(cfg) -> list[float]:
-    temperatures = parse_list(cfg.temperatures, "--temperatures", kind=float)
-    for temperature in temperatures:
-        if not 0 < temperature <= 100:
-            raise OMLInputError(f"--temperatures: {temperature:g} is not a sampling temperature; "
-                                "pass values above 0 and at most 100 (e.g. 0.7,1.0)")
-    return temperatures
+    return parse_temperatures(cfg.temperatures)
 
 
 # Attacks other packages contribute (e.g. clients/: gguf_q8_0, gguf_q4_k_m, which serve a
