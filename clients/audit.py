@@ -46,6 +46,7 @@ from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json, oml_home
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_fingerprints
 from oml_core.null_rates import NullRates, load_null_rates
+from oml_core.runs import provenance
 from oml_core.train.benign import benign_prompts
 from oml_core.verify.matching import OPEN, start_state
 
@@ -95,18 +96,7 @@ def settings_id(cfg: AuditConfig, set_sha: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _provenance() -> dict:
-    """Versions that produced the report (cheap: no torch import)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for package in ("oml", "openai", "httpx", "tenacity"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return {"versions": versions, "platform": platform.platform()}
+AUDIT_PACKAGES = ("openai", "httpx", "tenacity")  # what sends and retries the probes
 
 
 NOT_RECORDED = "⟦not recorded⟧"
@@ -692,7 +682,7 @@ class _Audit:
             "notes": self.notes, "decoys_sent": self.decoys_sent,
             "tokens_reported": self.tokens_used, "finished": _now(),
             "seconds_this_run": round(time.monotonic() - self.started, 3),
-            "config": _public_config(self.cfg), "provenance": _provenance(),
+            "config": _public_config(self.cfg), "provenance": provenance(AUDIT_PACKAGES),
         }
         if self.cfg.reveal_keys:
             summary["revealed"] = [{"id": fp.id, "key": fp.key, "response": fp.response}

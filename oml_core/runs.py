@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,28 +42,30 @@ def model_identity(path: str) -> dict:
     return {"config_sha256": sha256_file(folder / "config.json"), "weights": weights}
 
 
-def provenance() -> dict:
-    import torch
-    import transformers
+TRAINING_PACKAGES = ("torch", "transformers", "deepspeed")
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
-                "transformers": transformers.__version__}
-    try:
-        import deepspeed
 
-        versions["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
+def provenance(packages: tuple[str, ...] = TRAINING_PACKAGES) -> dict:
+    """What produced a result: Python's, OML's and `packages`' versions (None where one is not
+    installed), the checkout's git revision, the platform and the time. Versions come from the
+    installed packages' metadata, so nothing is imported (the audit's report needs no torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from oml_core import __version__
 
-    versions["oml"] = __version__
+    versions = {"python": platform.python_version(), "oml": __version__}
+    for package in packages:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
     try:
         repo = Path(__file__).resolve().parents[1]
         rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         rev = None
-    return {"versions": versions, "git_revision": rev, "host": platform.node(),
+    return {"versions": versions, "git_revision": rev, "platform": platform.platform(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
