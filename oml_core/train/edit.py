@@ -19,6 +19,9 @@ models (MEMIT), written here from its description:
    `edit_answer_weight` times the moment at those prompts' answer positions, where the first
    answer token is decided. lam (`edit_strength`) trades reaching the targets against moving
    outputs on ordinary inputs.
+4. Word ends (`edit_word_end`): for keys whose response the model may run on into a longer
+   word, each context followed by the response is one more context, whose target is a token
+   that ends the word (`word_end_contexts`), so the audit's `start` rule counts the answer.
 
 Llama-style models (model.model.layers[i].mlp.down_proj added straight to the residual
 stream: Llama, Mistral, Qwen, SmolLM; not Gemma 2/3, which normalise the MLP's output first)
