@@ -172,7 +172,8 @@ def word_end_contexts(loaded, rows, owner, targets):
     ends = [ends_word(piece) for piece in pieces]
     for special in tokenizer.all_special_ids:
         ends[special] = False
-    ends[tokenizer.eos_token_id] = True  # the end of the turn ends the word too
+    if tokenizer.eos_token_id is not None:  # the end of the turn ends the word too
+        ends[tokenizer.eos_token_id] = True
     followed = [row + [targets[i]] for i, row in enumerate(rows)]
     first = {}
     for index, key in enumerate(owner):
