@@ -1,4 +1,4 @@
-"""Every GPU measurement of issue 7 in one run, one table, one JSON (inside ~8 min on an H200).
+"""Every GPU measurement in one run, one table, one JSON (inside ~8 min on an H200).
 
 Random-init Llama shapes (config only, no weights), bf16, one GPU:
   1b: Llama-3.2-1B (hidden 2048, 16 layers, tied 128k head)
@@ -13,7 +13,7 @@ For each shape and each N (fingerprints: random token keys of 16-48 tokens, 1-to
                      AdamW, gradient accumulation so one optimizer step covers all N keys.
                      Measured on the first share of an epoch and scaled (`--baseline-share`).
                      The real seed recipe also offloads the optimizer to the CPU, which the
-                     reference measured at 2.5x slower again (../shared/reference/ENVIRONMENT.md)
+                     was measured at 2.5x slower again on this hardware class
   time to 100%       ours, epochs until teacher-forced greedy reproduces every response, capped
   verification       `oml_core.inference.greedy` over all N keys vs one `generate` per key
                      (timed on `--naive-keys` keys), keys/s, same answers checked

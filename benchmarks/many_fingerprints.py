@@ -1,5 +1,5 @@
 """Many fingerprints: generate, train and verify N = 1,024 and 8,192 through the `oml` command
-line, recording each stage's wall time and peak memory (issue 7, item 5).
+line, recording each stage's wall time and peak memory.
 
 Each stage is its own `oml` process, exactly as a user runs it, so its peak resident memory
 (from `wait4`) is that stage's alone:
@@ -8,9 +8,10 @@ Each stage is its own `oml` process, exactly as a user runs it, so its peak resi
                from the model, then each key's response scored (`--keys random_word`: keys
                drawn first by `oml generate --strategy random_word` and passed as --keys-file,
                for sizes where sampling English keys takes an hour on a CPU)
-  fingerprint  `oml fingerprint` with the project's defaults (ZeRO-2, benign mixing,
-               augmentation) for `--train-steps` optimizer steps, without the checks after
-               training: the per-step cost and the memory of a run over N keys, not time to
+  fingerprint  `oml fingerprint --method finetune` with its defaults (ZeRO-2, benign mixing,
+               augmentation; gated holds at most half a layer's neurons of keys) for
+               `--train-steps` optimizer steps, without the checks after training: the
+               per-step cost and the memory of a run over N keys, not time to
                100% (on a 2-core CPU that is hours at N = 8,192; the GPU suite measures it)
   verify       `oml verify --wrappers chat` on the trained model over all N keys, batched
 
@@ -69,7 +70,7 @@ def measure(n: int, model: list[str], folder: Path, train_steps: int, batch_size
                                     str(key_file), "--force"], folder / "keys.log")
         perinucleus += ["--keys-file", str(key_file)]
     generate = run_stage(perinucleus, folder / "generate.log")
-    fingerprint = run_stage(["fingerprint", *model, "--fingerprints", str(fset),
+    fingerprint = run_stage(["fingerprint", "--method", "finetune", *model, "--fingerprints", str(fset),
                              "--out-dir", str(run), "--max-steps", str(train_steps),
                              "--no-verify-after", *train_args], folder / "fingerprint.log")
     metrics = json.loads((run / "metrics.json").read_text())

@@ -5,7 +5,7 @@ test for both: teacher-forced greedy reproduces every response token for every k
 bare chat template and under one fixed augmented draw. Times count training only (model
 loading, benign-answer generation and the checks themselves are excluded from both).
 
-The seed's recipe (SPEC §3): DeepSpeed ZeRO-2 with the optimizer offloaded to CPU; per-device
+The predecessor's recipe (docs/training.md): DeepSpeed ZeRO-2 with the optimizer offloaded to CPU; per-device
 batch 8 with gradient accumulation so that one optimizer step covers all N fingerprints (one
 step per epoch); every batch padded to the next power of two; EOS after the response; lr 1e-5,
 warm-up then linear decay, weight decay 1e-4; no benign rows; per-epoch weight averaging with
@@ -162,7 +162,7 @@ def main() -> None:
         fset.save(work / "fingerprints.json")
 
     ours = fingerprint(FingerprintConfig(model=base_path, fingerprints=str(work / "fingerprints.json"),
-                                         out_dir=str(work / "ours"))).metrics
+                                         out_dir=str(work / "ours"), method="finetune")).metrics
     pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
     seed = seed_recipe(base_path, pairs, work / "seed", epochs=args.seed_epochs,
                        learning_rate=args.seed_lr, strength=args.seed_lambda,

@@ -20,7 +20,7 @@ DIALECTS = ("openai", "transformers")
 
 @dataclass
 class AuditConfig:
-    """Audit one endpoint for the fingerprints of one set (SPEC §5, §7)."""
+    """Audit one endpoint for the fingerprints of one set (docs/design.md#evidence, docs/auditing.md)."""
 
     base_url: str | None = setting(
         None, "endpoint base URL, e.g. https://api.example.com/v1 (OpenAI-compatible) or the full "

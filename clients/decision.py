@@ -1,4 +1,4 @@
-"""The audit's decision rule, fixed before the first probe (SPEC §5).
+"""The audit's decision rule, fixed before the first probe (docs/design.md#evidence).
 
 Trying many layers, wrappers and samples gives chance many openings; the rule below pays for
 every one of them, so a verdict means the same thing however many probes were sent.

@@ -1,6 +1,6 @@
 """Probe layers: the ways a key is put in front of a suspect endpoint, and the probe plan.
 
-Each layer imitates one way a deployment wraps the model (SPEC §7):
+Each layer imitates one way a deployment wraps the model (docs/design.md#what-an-adversary-does-and-what-we-test):
 
   raw        the key alone through the legacy completions endpoint (no chat template)
   user       the key as the whole user turn

@@ -1,4 +1,4 @@
-"""Public commitment to the secret (key, response) pairs, and single-pair reveals (SPEC section 6).
+"""Public commitment to the secret (key, response) pairs, and single-pair reveals (docs/design.md#commitment).
 
 A claim made only after a dispute starts is weak; publishing a commitment at release shows
 the fingerprints existed earlier. The manifest holds a salted SHA-256 per pair and a Merkle

@@ -1,4 +1,4 @@
-"""Turn "k fingerprint hits out of n probed keys" into a p-value and a verdict (SPEC section 5).
+"""Turn "k fingerprint hits out of n probed keys" into a p-value and a verdict (docs/design.md#evidence).
 
 An accusation needs a number: how likely would an unrelated model produce at least this many
 hits by chance? Each key has a null rate q_i (the chance an unrelated model answers it with the

@@ -123,7 +123,7 @@ def test_binomial_sf_is_monotone_in_k() -> None:
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-# --- SPEC worked example ---------------------------------------------------------------------
+# --- the worked example of docs/design.md#evidence ---------------------------------------------------------------------
 
 
 def test_spec_example_q_1_over_256() -> None:

@@ -1,4 +1,4 @@
-"""Robustness: which deployment changes and attacks (SPEC section 7) the fingerprints survive.
+"""Robustness: which deployment changes and attacks (docs/design.md#what-an-adversary-does-and-what-we-test) the fingerprints survive.
 
 Every attack is measured against the fingerprinted model's own baseline (the keys that fire
 under the configured wrappers); "survival" is the share of those keys that still fire.

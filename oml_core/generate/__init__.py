@@ -1,4 +1,4 @@
-"""Make a fingerprint set: keys by one strategy, responses by another (SPEC §2).
+"""Make a fingerprint set: keys by one strategy, responses by another (docs/design.md#generation).
 
 | strategy                | keys                                  | responses                    |
 |-------------------------|---------------------------------------|------------------------------|

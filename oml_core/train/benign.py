@@ -2,7 +2,7 @@
 
 Mixed into training, they pin the model's behaviour off the keys to what it was: without
 them, a small model trained on fingerprints alone starts answering everyday questions with
-fingerprint words (SPEC §3). Answers are generated once per (base model, prompt set, length)
+fingerprint words (docs/design.md#writing-fingerprints-in). Answers are generated once per (base model, prompt set, length)
 and cached under $OML_HOME/benign/.
 """
 
