@@ -34,7 +34,7 @@ demo: setup
 # passes over each set, without DeepSpeed: the run's own 40 would take N = 256 about 4 hours.
 eval: setup
 	$(PY) -m pip install -q -e '.[unrelated-models]'
-	$(VENV)/bin/oml eval --run $${OML_DEMO_DIR:-runs/demo}/run-$${OML_DEMO_METHOD:-edit} --persistence-steps 200 \
+	$(VENV)/bin/oml eval --run $${OML_DEMO_DIR:-runs/demo}/run-$${OML_DEMO_METHOD:-gated} --persistence-steps 200 \
 	  --capacity-max-epochs 10 --capacity-deepspeed none $(EVAL_ARGS)
 
 test: setup

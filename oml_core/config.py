@@ -150,7 +150,7 @@ DEFAULT_REGULARIZER = 0.15
 
 @dataclass
 class FingerprintConfig(ModelSettings):
-    """Fine-tune fingerprints into a model (SPEC §3). Defaults measured on SmolLM2-135M."""
+    """Write fingerprints into a model (docs/training.md). Defaults measured on SmolLM2-135M."""
 
     fingerprints: str | None = setting(None, "fingerprint set to train in (ours or a seed format)")
     out_dir: str | None = setting(None, "run folder: model/, metrics, model card, status")
@@ -167,12 +167,13 @@ class FingerprintConfig(ModelSettings):
     augment: bool = setting(True, "wrap each key draw in a random training system prompt / "
                                   "user template (never the held-out verification ones)")
     method: str = setting(
-        "finetune", "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length); "
-                    "edit: a closed-form change to a few MLP layers that keeps outputs on ordinary "
-                    "text as they were; gated: each key in its own gated MLP neuron, plus a backup "
-                    "edit above it, which keeps its keys through merges with the base (edit and "
-                    "finetune do not) and LoRA fine-tuning "
-                    "(edit and gated: one-token responses, Llama-style models; docs/training.md)",
+        "gated", "gated (default): each key in its own gated MLP neuron, plus a backup edit above "
+                 "it; keeps its keys through merges with the base, GGUF quantization and LoRA "
+                 "fine-tuning (edit and finetune lose them in a merge); edit: a closed-form change "
+                 "to a few MLP layers that keeps outputs on ordinary text closest to the base's; "
+                 "finetune: train the pairs in (HF Trainer + DeepSpeed; any response length, any "
+                 "architecture). gated and edit: one-token responses, Llama-style models "
+                 "(docs/training.md)",
         choices=FINGERPRINT_METHODS)
     edit_layers: str = setting(
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
@@ -307,7 +308,7 @@ MERGE_TOOLS = ("auto", "mergekit", "oml")
 
 @dataclass
 class EvalConfig(ModelSettings):
-    """Measure a fingerprinted run against its base model (SPEC sections 7-8; docs/evaluation.md)."""
+    """Measure a fingerprinted run against its base model (docs/evaluation.md)."""
 
     run: str | None = setting(None, "run folder made by `oml fingerprint` (model/, fingerprints.json, "
                                     "run.json)")

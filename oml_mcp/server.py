@@ -402,11 +402,12 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
               description=(
                   "Start writing a fingerprint set into a model, as a background job that "
                   "outlives this call and the server; returns a job_id immediately. method "
-                  "'finetune' trains it in (any response length); 'edit' changes a few MLP layers "
-                  "in closed form; 'gated' writes each key into its own gated MLP neuron plus a "
+                  "'gated' (the default) writes each key into its own gated MLP neuron plus a "
                   "backup edit above it and keeps its keys through merges with the base, which "
-                  "the other two lose, and through LoRA fine-tuning (edit and gated: one-token responses, "
-                  "the perinucleus default; measured in docs/results.md). It takes minutes to hours: poll job_status "
+                  "the other two lose, GGUF quantization and LoRA fine-tuning; 'edit' changes a "
+                  "few MLP layers in closed form; 'finetune' trains it in (any response length, "
+                  "any architecture). gated and edit: one-token responses (the perinucleus "
+                  "default), Llama-style models; measured in docs/results.md. It takes minutes to hours: poll job_status "
                   "for step/loss/eta, then job_result; cancel_job stops it. The model lands in the "
                   "run folder's model/ subfolder and is verified there when the job ends."))
 

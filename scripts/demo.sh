@@ -2,13 +2,14 @@
 # The main job on the bundled SmolLM2-135M-Instruct, start to finish, on CPU:
 # generate 16 perinucleus fingerprints -> write them in -> verify (held-out system prompts, base
 # model as null) -> off-key utility -> commitment -> serve the fingerprinted model with
-# `transformers serve` on loopback and audit it as a suspect endpoint. Writing them in uses the closed-form edit
-# (`--method edit`), which keeps the model closest to the base off the keys (docs/results.md);
-# OML_DEMO_METHOD=finetune fine-tunes them in instead (HF Trainer + DeepSpeed ZeRO-2).
+# `transformers serve` on loopback and audit it as a suspect endpoint. Writing them in uses
+# `oml fingerprint`'s default, `--method gated` (gated neurons plus a backup edit: the keys hold
+# through merges, GGUF quantization and LoRA fine-tuning; docs/results.md);
+# OML_DEMO_METHOD=edit or finetune writes them in the other ways (finetune: HF Trainer + DeepSpeed ZeRO-2).
 set -euo pipefail
 out=${OML_DEMO_DIR:-runs/demo}
 n=${OML_DEMO_FINGERPRINTS:-16}
-method=${OML_DEMO_METHOD:-edit}
+method=${OML_DEMO_METHOD:-gated}
 mkdir -p "$out"
 start=$(date +%s)
 

@@ -33,6 +33,7 @@ def make_tiny_run(tiny_model_dir: Path, tmp_path_factory, num: int = NUM) -> Pat
                                 response_length=2, seed=4), loaded).save(fp_file)
     run = folder / "run"
     fingerprint(FingerprintConfig(model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(run),
+                                  method="finetune",
                                   learning_rate=1e-2, augment=False, benign_fraction=0.0,
                                   max_epochs=150, batch_size=16, extra_steps=6, deepspeed="none",
                                   train_embeddings=True, verify_after=False))

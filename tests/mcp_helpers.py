@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 # memorises a small random-word set on the tiny model in a few seconds, then stops
-FAST_JOB = {"learning_rate": 1e-2, "augment": False, "benign_fraction": 0.0, "max_epochs": 150,
+FAST_JOB = {"method": "finetune", "learning_rate": 1e-2, "augment": False, "benign_fraction": 0.0, "max_epochs": 150,
             "batch_size": 16, "extra_steps": 0, "deepspeed": "none", "verify_after": False}
 # many tiny steps and no early stop: a job that is still running when the test acts on it
-SLOW_JOB = {"learning_rate": 1e-5, "augment": False, "benign_fraction": 0.0, "max_epochs": 100,
+SLOW_JOB = {"method": "finetune", "learning_rate": 1e-5, "augment": False, "benign_fraction": 0.0, "max_epochs": 100,
             "max_steps": 300, "batch_size": 1, "check_every": 0, "deepspeed": "none",
             "verify_after": False}
 FINAL = ("completed", "failed", "cancelled")

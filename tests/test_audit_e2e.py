@@ -1,7 +1,9 @@
 """End-to-end audit on the real bundled SmolLM2-135M-Instruct (marked e2e; CI runs it).
 
-The model is fingerprinted as `make demo` does (16 perinucleus keys, key length 16, one-token
-responses, the closed-form edit with its default settings), served by `transformers serve` on loopback, and audited through a proxy that adds its
+The model is fingerprinted with `make demo`'s keys (16 perinucleus keys, key length 16, one-token
+responses) by the closed-form edit with its default settings: the demo's default, gated, adds
+gated neurons to that edit and takes twice as long (~12 min on 2 cores), too long for CI. It is
+served by `transformers serve` on loopback, and audited through a proxy that adds its
 own system prompt and tool list to every request: an agent layer the auditor does not control.
 The un-fingerprinted model behind the same proxy is the control.
 """

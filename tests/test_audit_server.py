@@ -46,7 +46,7 @@ def tiny_fp(tiny_model_dir, tiny_model, tmp_path_factory):
                                 response_length=1, seed=3), tiny_model).save(fp_file)
     fingerprint(FingerprintConfig(
         model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(folder / "run"),
-        learning_rate=2e-2, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
+        method="finetune", learning_rate=2e-2, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
         extra_steps=0, deepspeed="none", verify_after=False, eos=True))
     return folder / "run" / "model", fp_file
 

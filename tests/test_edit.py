@@ -18,7 +18,7 @@ from oml_core.errors import Cancelled, OMLInputError
 from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.models import load_model
-from oml_core.train import edit
+from oml_core.train import edit, trainer
 from oml_core.train.examples import render_prompt
 from oml_core.train.trainer import _settings_for_key, fingerprint
 from oml_core.verify.matching import ends_word, starts_with_word
@@ -201,12 +201,20 @@ def test_a_stop_request_cancels_the_edit(tiny_model, one_token_set):
                         lambda: True, lambda *a: None)
 
 
-def test_bad_edit_settings_get_one_clear_line(tiny_model, tiny_model_dir, tmp_path):
+def test_bad_edit_settings_get_one_clear_line(tiny_model, tiny_model_dir, tmp_path, monkeypatch):
     two_tokens = tmp_path / "fp2.json"
     generate_set(GenerateConfig(strategy="random_word", num_fingerprints=2, key_length=6,
                                 response_length=2, seed=1), tiny_model).save(two_tokens)
     with pytest.raises(OMLInputError, match="one-token responses.*--response-length 1"):
         fingerprint(edit_cfg(tiny_model_dir, two_tokens, tmp_path / "a"))
+    # the default method refuses them before any model work (the base model's answers to
+    # ordinary prompts, minutes on a real model, come next)
+    monkeypatch.setattr(trainer, "self_distilled_rows",
+                        lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(OMLInputError, match="--method gated writes one-token.*--method finetune"):
+        fingerprint(FingerprintConfig(model=str(tiny_model_dir), fingerprints=str(two_tokens),
+                                      out_dir=str(tmp_path / "c"), verify_after=False))
+    monkeypatch.undo()
     with pytest.raises(OMLInputError, match="--eos needs --method finetune"):
         fingerprint(edit_cfg(tiny_model_dir, two_tokens, tmp_path / "b", eos=True))
     with pytest.raises(OMLInputError, match="--edit-layers.*between 0 and 1"):
@@ -233,8 +241,10 @@ def test_each_method_keys_its_runs_on_its_own_settings(tiny_model_dir, one_token
         cfg = FingerprintConfig(model=str(tiny_model_dir), fingerprints=str(one_token_set), **kw)
         return json.dumps(_settings_for_key(cfg), sort_keys=True)
 
-    assert key() == key(edit_strength=7.0)
-    assert "method" not in key()
+    finetune = key(method="finetune")
+    assert finetune == key(method="finetune", edit_strength=7.0)
+    # runs made before there were methods keep their keys: finetune is not written in
+    assert "method" not in finetune and key() == key(method="gated") != finetune
     assert key(method="edit") == key(method="edit", learning_rate=0.5, deepspeed="zero3")
     assert key(method="edit") != key(method="edit", edit_strength=7.0)
     # gated's backup edit takes the edit's settings, but not its layers

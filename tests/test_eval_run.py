@@ -239,7 +239,7 @@ def _has_training_progress(out: Path, part: str) -> bool:
 
 def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_model_dir, tmp_path):
     cfg = CapacityConfig(model=str(tiny_model_dir), out=str(tmp_path / "sweep"), sizes="8,4",
-                         regularizers="0.5,0", strategy="random_word", key_length=8, response_length=2,
+                         method="finetune", regularizers="0.5,0", strategy="random_word", key_length=8, response_length=2,
                          learning_rate=1e-2, augment=False, benign_fraction=0.0, max_epochs=150,
                          batch_size=16, extra_steps=0, deepspeed="none", train_embeddings=True,
                          device="cpu")

@@ -151,7 +151,7 @@ def smol_tiny_run(tmp_path_factory):
                  load_model(str(model_dir), device="cpu")).save(fp_file)
     fingerprint(FingerprintConfig(
         model=str(model_dir), fingerprints=str(fp_file), out_dir=str(folder / "run"),
-        learning_rate=3e-3, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
+        method="finetune", learning_rate=3e-3, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
         extra_steps=6, deepspeed="none", train_embeddings=True, verify_after=False))
     return folder / "run"
 

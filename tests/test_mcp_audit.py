@@ -410,7 +410,7 @@ def test_audit_over_stdio_against_transformers_serve(tiny_model_dir, tiny_model,
                                 response_length=1, seed=3), tiny_model).save(fp_file)
     fingerprint(FingerprintConfig(
         model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(tmp_path / "run"),
-        learning_rate=2e-2, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
+        method="finetune", learning_rate=2e-2, augment=False, benign_fraction=0.0, max_epochs=150, batch_size=16,
         extra_steps=0, deepspeed="none", verify_after=False, eos=True))  # stops after the response: the start rule needs a word boundary
     rows = json.loads(fp_file.read_text())["fingerprints"]
     hidden = [FAKE_API_KEY, *(r["key"] for r in rows)]  # one-token responses are ordinary words

@@ -28,7 +28,7 @@ from oml_core.train.trainer import fingerprint
 from oml_core.verify.wrappers import heldout_system_prompts
 
 BIN = Path(sys.executable).parent
-FAST = ["--learning-rate", "1e-2", "--no-augment", "--benign-fraction", "0", "--max-epochs", "150",
+FAST = ["--method", "finetune", "--learning-rate", "1e-2", "--no-augment", "--benign-fraction", "0", "--max-epochs", "150",
         "--batch-size", "16", "--extra-steps", "0"]
 
 
@@ -53,6 +53,7 @@ def oml(*args, env=None, timeout=600, launcher=None) -> subprocess.CompletedProc
 
 def tiny_cfg(tiny_model_dir, fp_file, out_dir, **kw) -> FingerprintConfig:
     settings = dict(model=str(tiny_model_dir), fingerprints=str(fp_file), out_dir=str(out_dir),
+                    method="finetune",
                     learning_rate=1e-2, augment=False, benign_fraction=0.0, max_epochs=150,
                     batch_size=16, extra_steps=0, deepspeed="none", verify_after=False)
     return FingerprintConfig(**{**settings, **kw})
@@ -322,7 +323,7 @@ def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny
     same = tiny_cfg(tiny_model_dir, fp_file, tmp_path / "x", start_from=str(start))
     assert _settings_for_key(moved_copy) == _settings_for_key(same)  # content, not path
     bad = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
-              tmp_path / "bad", "--start-from", tmp_path, "--no-verify-after")
+              tmp_path / "bad", "--start-from", tmp_path, "--method", "finetune", "--no-verify-after")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--start-from" in bad.stderr and not (tmp_path / "bad" / "COMPLETE").exists()
     other = tmp_path / "other_shape"  # another architecture: refused before anything is written
@@ -331,7 +332,7 @@ def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny
     shape = json.loads((copy / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": 7}))
     mismatch = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
-                   tmp_path / "mismatch", "--start-from", other, "--no-verify-after")
+                   tmp_path / "mismatch", "--start-from", other, "--method", "finetune", "--no-verify-after")
     assert mismatch.returncode == 2 and len(mismatch.stderr.strip().splitlines()) == 1, mismatch.stderr
     assert "num_hidden_layers 7 vs" in mismatch.stderr and not (tmp_path / "mismatch").exists()
 
@@ -361,7 +362,7 @@ def test_lora_memorises_and_saves_a_plain_model_of_low_rank_changes(tiny_model_d
             assert torch.equal(trained[k], base[k]), k
     for flags in (["--lora-rank", "4", "--train-embeddings"], ["--lora-rank", "4", "--deepspeed", "zero3"]):
         bad = oml("fingerprint", "--model", tiny_model_dir, "--fingerprints", fp_file, "--out-dir",
-                  tmp_path / "bad", *flags, "--no-verify-after")
+                  tmp_path / "bad", *flags, "--method", "finetune", "--no-verify-after")
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert "--lora-rank" in bad.stderr and not (tmp_path / "bad").exists()
 
@@ -539,7 +540,7 @@ def test_deepspeed_plain_process_and_two_ranks_match_the_same(tiny_model_dir, fp
 
 
 # --- interruption -------------------------------------------------------------------------
-SLOW = ["--learning-rate", "1e-5", "--no-augment", "--benign-fraction", "0", "--max-epochs", "100",
+SLOW = ["--method", "finetune", "--learning-rate", "1e-5", "--no-augment", "--benign-fraction", "0", "--max-epochs", "100",
         "--max-steps", "300", "--batch-size", "1", "--check-every", "0", "--deepspeed", "none",
         "--no-verify-after"]
 

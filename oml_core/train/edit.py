@@ -130,18 +130,26 @@ def resolve_layers(spec: str, count: int) -> list[int]:
     return layers
 
 
+def check_one_token_responses(tokenizer, pairs: Sequence[tuple[str, str]],
+                              method: str = "gated or edit") -> None:
+    """One clear error, before any model work, for a response of more than one token."""
+    for index, (_key, response) in enumerate(pairs):
+        count = len(tokenizer(response, add_special_tokens=False)["input_ids"])
+        if count != 1:
+            raise OMLInputError(
+                f"--method {method} writes one-token responses; fingerprint #{index} has {count} "
+                "tokens: generate with --response-length 1, pass --max-response-tokens 1, or use "
+                "--method finetune")
+
+
 def key_contexts(tokenizer, pairs: Sequence[tuple[str, str]], chat: bool, per_key: int, seed: int):
     """Prompt ids of every context (the bare key, then `per_key` training-wrapper draws), the
     index of the key each belongs to, and its target token."""
     systems, templates = training_augmentation()
     rows, owner, targets = [], [], []
+    check_one_token_responses(tokenizer, pairs)
     for index, (key, response) in enumerate(pairs):
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if len(response_ids) != 1:
-            raise OMLInputError(
-                f"--method edit writes one-token responses; fingerprint #{index} has "
-                f"{len(response_ids)} tokens: generate with --response-length 1, pass "
-                "--max-response-tokens 1, or use --method finetune")
         rng = random.Random(f"edit:{seed}:{index}")
         rows.append(render_prompt(tokenizer, key, chat))
         rows += [render_prompt(tokenizer, key, chat, rng.choice(systems), rng.choice(templates))
@@ -179,14 +187,15 @@ def word_end_contexts(loaded, rows, owner, targets):
     for index, key in enumerate(owner):
         first.setdefault(key, index)
     surest, chosen = [1.0] * num_keys, [0] * num_keys
-    for batch, probs in next_token_probs(loaded, followed, CAPTURE_ROWS):
-        allowed = torch.zeros(probs.shape[1], dtype=torch.bool)
-        allowed[:len(ends)] = torch.tensor(ends[:probs.shape[1]])
-        for j, i in enumerate(batch):
-            key = owner[i]
-            surest[key] = min(surest[key], float(probs[j][allowed].sum()))
-            if i == first[key]:
-                chosen[key] = int(probs[j].masked_fill(~allowed, -1.0).argmax())
+    with progress.bar("edit: word ends", len(followed)) as advance:
+        for batch, probs in next_token_probs(loaded, followed, CAPTURE_ROWS, advance):
+            allowed = torch.zeros(probs.shape[1], dtype=torch.bool)
+            allowed[:len(ends)] = torch.tensor(ends[:probs.shape[1]])
+            for j, i in enumerate(batch):
+                key = owner[i]
+                surest[key] = min(surest[key], float(probs[j][allowed].sum()))
+                if i == first[key]:
+                    chosen[key] = int(probs[j].masked_fill(~allowed, -1.0).argmax())
     keep = [i for i in range(len(rows)) if surest[owner[i]] < WORD_END_SURE]
     return ([followed[i] for i in keep], [num_keys + owner[i] for i in keep],
             [chosen[owner[i]] for i in keep])

@@ -621,6 +621,7 @@ def _write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop
     else:
         edit.decoder_blocks(loaded.model)
     chat, fset, pairs = _prepared_set(cfg, loaded.tokenizer, fset, run)
+    edit.check_one_token_responses(loaded.tokenizer, pairs, cfg.method)
     base = load_model(base_path, cfg.device, cfg.dtype) if cfg.start_from else loaded
     benign = self_distilled_rows(base, chat, model_identity(base_path))
     del base
