@@ -51,7 +51,7 @@ import torch
 from oml_core.inference import greedy
 from oml_core.models import LoadedModel
 from oml_core.train.examples import IGNORE, Row, collate
-from oml_core.train.trainer import answer_loss, answer_positions
+from oml_core.train.finetune import answer_loss, answer_positions
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
     "1b": (2048, 8192, 16, 32, 8, 128256, True),

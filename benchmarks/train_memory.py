@@ -25,7 +25,7 @@ def one_step(model_spec: str | None, batch: int, length: int, checkpointing: boo
     from transformers import AutoModelForCausalLM
 
     from oml_core.models import resolve_model
-    from oml_core.train.trainer import answer_loss, answer_positions
+    from oml_core.train.finetune import answer_loss, answer_positions
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(model_spec), dtype=torch.float32)
     model.get_input_embeddings().weight.requires_grad_(False)  # as the fine-tune's default

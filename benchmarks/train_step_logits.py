@@ -1,7 +1,7 @@
 """Training step: logits at labelled positions only (ours) vs at every position (the default).
 
 `oml fingerprint` asks the model for logits only where a token is labelled (`logits_to_keep`
-with a [batch, length] mask; `oml_core.train.trainer.answer_loss`). The default way projects
+with a [batch, length] mask; `oml_core.train.finetune.answer_loss`). The default way projects
 every position onto the vocabulary and upcasts all of it for the loss. Same model, same
 batches (the demo's kind of rows: 16-token keys with 1-token responses under augmented
 wrappers, and self-distilled benign answers, half and half, batches of 16 grouped by length),
@@ -27,7 +27,7 @@ from oml_core.models import load_model, resolve_model
 from oml_core.runs import model_identity
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import FingerprintRows, collate
-from oml_core.train.trainer import answer_loss, answer_positions
+from oml_core.train.finetune import answer_loss, answer_positions
 
 
 def batches(loaded, count: int, batch_size: int) -> list[dict]:

@@ -42,7 +42,8 @@ from oml_core.generate import generate_set
 from oml_core.models import load_model, load_tokenizer, resolve_model
 from oml_core.train import distributed
 from oml_core.train.examples import IGNORE, FingerprintRows, collate
-from oml_core.train.trainer import deepspeed_config_path, fingerprint, memorisation_check_rows, memorised
+from oml_core.train.finetune import memorisation_check_rows, memorised
+from oml_core.train.lifecycle import deepspeed_config_path, fingerprint
 
 SEED_BATCH = 8
 

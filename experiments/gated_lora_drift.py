@@ -35,7 +35,7 @@ from oml_core.train.benign import self_distilled_rows
 from oml_core.train.edit import decoder_blocks
 from oml_core.train.examples import Row, render_prompt
 from oml_core.train.gated import mlp_inputs
-from oml_core.train.trainer import with_lora
+from oml_core.train.finetune import with_lora
 
 
 def attack_rows(tokenizer) -> list[Row]:

@@ -166,7 +166,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_fingerprint(args) -> int:
     from oml_core.train import distributed
-    from oml_core.train.trainer import fingerprint
+    from oml_core.train.lifecycle import fingerprint
 
     if getattr(args, "no_deepspeed", False):
         args.deepspeed = "none"
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, cfgmod.EvalConfig)
     eval_sub = p.add_subparsers(dest="eval_command", required=False, parser_class=_Parser,
                                 metavar="{capacity}")
-    cap = eval_sub.add_parser("capacity", help="fingerprint N = 16, 64, 256, 1024 into a model "
+    cap = eval_sub.add_parser("capacity", help="fingerprint N = 16, 64, 256 into a model "
                                                "and plot accuracy and utility against N",
                               description="fingerprint N pairs into one model for each N in "
                                           "--sizes, with and without the regularizer; report "

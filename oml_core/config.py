@@ -419,7 +419,9 @@ class CapacityConfig(FingerprintConfig):
 
     out: str | None = setting(None, "folder for the sweep: the set, one run per N, capacity.json and "
                                     "the report")
-    sizes: str = setting("16,64,256,1024", "comma list of fingerprint counts N")
+    sizes: str = setting("16,64,256", "comma list of fingerprint counts N (the default method, "
+                                      "gated, holds at most half of one layer's MLP neurons: 768 on "
+                                      "SmolLM2-135M)")
     regularizers: str = setting(f"0,{DEFAULT_REGULARIZER:g}", "comma list of forgetting-regularizer strengths lambda to "
                                           "compare (0 = without)")
     strategy: str = setting("perinucleus", "how the sweep's set is generated when --fingerprints is "

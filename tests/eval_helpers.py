@@ -12,7 +12,7 @@ from oml_core.config import EvalConfig, FingerprintConfig, GenerateConfig
 from oml_core.evaluate.context import open_run
 from oml_core.generate import generate_set
 from oml_core.models import load_model
-from oml_core.train.trainer import fingerprint
+from oml_core.train.lifecycle import fingerprint
 
 NUM = 16
 

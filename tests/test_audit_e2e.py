@@ -17,7 +17,7 @@ from clients import AuditConfig, run_audit
 from oml_core.config import FingerprintConfig, GenerateConfig
 from oml_core.generate import generate_set
 from oml_core.models import bundled_model_dir
-from oml_core.train.trainer import fingerprint
+from oml_core.train.lifecycle import fingerprint
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ from oml_core.errors import OMLInputError
 from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.generate.words import word_list
-from oml_core.train.trainer import fingerprint
+from oml_core.train.lifecycle import fingerprint
 
 FAKE_API_KEY = "sk-oml-test-0a1b2c3d4e5f6a7b8c9d"
 

@@ -18,9 +18,9 @@ from oml_core.errors import Cancelled, OMLInputError
 from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.models import load_model
-from oml_core.train import edit, trainer
+from oml_core.train import edit, write_in
 from oml_core.train.examples import render_prompt
-from oml_core.train.trainer import _settings_for_key, fingerprint
+from oml_core.train.lifecycle import _settings_for_key, fingerprint
 from oml_core.verify.matching import ends_word, starts_with_word
 
 # the tiny random model's outputs on ordinary text are not a language model's: its edits need
@@ -209,7 +209,7 @@ def test_bad_edit_settings_get_one_clear_line(tiny_model, tiny_model_dir, tmp_pa
         fingerprint(edit_cfg(tiny_model_dir, two_tokens, tmp_path / "a"))
     # the default method refuses them before any model work (the base model's answers to
     # ordinary prompts, minutes on a real model, come next)
-    monkeypatch.setattr(trainer, "self_distilled_rows",
+    monkeypatch.setattr(write_in, "self_distilled_rows",
                         lambda *a, **k: pytest.fail("model work before the check"))
     with pytest.raises(OMLInputError, match="--method gated writes one-token.*--method finetune"):
         fingerprint(FingerprintConfig(model=str(tiny_model_dir), fingerprints=str(two_tokens),

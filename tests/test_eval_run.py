@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from oml_core import cli
 from oml_core.config import EVAL_PARTS, CapacityConfig, EvalConfig
+from oml_core.errors import OMLInputError
 from oml_core.evaluate import capacity as capacity_module
 from oml_core.evaluate import context as context_module
 from oml_core.evaluate.capacity import run_capacity
@@ -173,6 +174,18 @@ def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_gated_capacity_sweep_refuses_too_many_keys_before_any_work(tiny_model_dir, tmp_path):
+    """The default method holds at most half of one layer's MLP neurons of keys (64 of the tiny
+    model's 128): a sweep asking more fails at once, not after the smaller sizes ran."""
+    out = tmp_path / "sweep"
+    assert cli.main(["eval", "capacity", "--model", str(tiny_model_dir), "--out", str(out),
+                     "--sizes", "8,65"]) == 2
+    assert not out.exists()
+    with pytest.raises(OMLInputError, match="65 keys need at most half of its 128 neurons"):
+        run_capacity(CapacityConfig(model=str(tiny_model_dir), out=str(out), sizes="8,65"))
+    assert not out.exists()
 
 
 def test_every_stage_that_samples_takes_the_same_temperatures():

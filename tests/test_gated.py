@@ -21,7 +21,7 @@ from oml_core.generate import generate_set
 from oml_core.inference import next_token_probs
 from oml_core.models import load_model
 from oml_core.train import gated
-from oml_core.train.trainer import fingerprint
+from oml_core.train.lifecycle import fingerprint
 from oml_core.verify.wrappers import build_wrappers
 
 

@@ -141,7 +141,7 @@ def smol_tiny_run(tmp_path_factory):
     """8 perinucleus fingerprints trained into the tiny SmolLM2-tokenizer model (chat format)."""
     from oml_core.generate import generate_set
     from oml_core.models import load_model
-    from oml_core.train.trainer import fingerprint
+    from oml_core.train.lifecycle import fingerprint
 
     folder = tmp_path_factory.mktemp("gguf_run")
     model_dir = build_smol_tiny(folder / "base")

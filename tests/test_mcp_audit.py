@@ -402,7 +402,7 @@ def test_audit_over_stdio_against_transformers_serve(tiny_model_dir, tiny_model,
 
     from oml_core.config import FingerprintConfig, GenerateConfig
     from oml_core.generate import generate_set
-    from oml_core.train.trainer import fingerprint
+    from oml_core.train.lifecycle import fingerprint
 
     home = tmp_path / "home"
     fp_file = home / "fingerprints" / "fp.json"

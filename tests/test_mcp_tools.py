@@ -425,7 +425,8 @@ def test_fingerprint_job_runs_to_completion(app, ws, fp_set, tiny_model_dir):
     ({"fingerprints": "{fp}", "model": "no-such-model/inside/home"}, ["does not exist"]),
     ({"fingerprints": "{fp}", "start_from": "/etc"}, ["start_from", "outside"]),
     ({"fingerprints": "{fp}", "start_from": "fingerprints"}, ["start-from", "not a model folder"]),
-    ({"fingerprints": "{fp}", "lora_rank": 8, "deepspeed": "zero3"}, ["--lora-rank", "ZeRO-3"]),
+    ({"fingerprints": "{fp}", "method": "finetune", "lora_rank": 8, "deepspeed": "zero3"},
+     ["--lora-rank", "ZeRO-3"]),
 ], ids=["missing", "absent", "lr", "format", "ds-outside", "ds-name", "nonempty", "dotdot", "model",
         "start-outside", "start-not-model", "lora-zero3"])
 def test_start_fingerprinting_bad_input(app, fp_set, tiny_model_dir, args, needles):

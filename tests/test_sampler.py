@@ -62,14 +62,14 @@ def test_the_trainer_trains_in_this_order(tiny_model_dir, tmp_path):
     (transformers' own sampler would read all 80,000 first)."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from oml_core.train.trainer import _trainer_class
+    from oml_core.train.finetune import FingerprintTrainer
 
     rows = CountingRows(80_000)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, max_steps=1, report_to=[],
                              use_cpu=True, save_strategy="no", remove_unused_columns=False,
                              disable_tqdm=True, train_sampling_strategy="group_by_length")
-    trainer = _trainer_class(0.0)(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+    trainer = FingerprintTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                   args=args, train_dataset=rows,
                                   data_collator=lambda b: collate(b, 0))
     assert isinstance(trainer._get_train_sampler(), LengthGroupedAsItGoes)

@@ -24,7 +24,7 @@ from oml_core.generate import generate_set
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import IGNORE, FingerprintRows, Row, collate, training_augmentation
 from oml_core.train.regularizer import average_with_base
-from oml_core.train.trainer import fingerprint
+from oml_core.train.lifecycle import fingerprint
 from oml_core.verify.wrappers import heldout_system_prompts
 
 BIN = Path(sys.executable).parent
@@ -97,7 +97,7 @@ def _mixed_rows(count: int = 8) -> list[dict]:
 def test_loss_at_answer_positions_only_equals_the_full_loss(tiny_model_dir):
     """Logits computed only where a token is labelled give transformers' own loss and the
     same gradients."""
-    from oml_core.train.trainer import answer_loss, answer_positions, keeps_logits_by_mask
+    from oml_core.train.finetune import answer_loss, answer_positions, keeps_logits_by_mask
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -122,7 +122,7 @@ def test_training_with_answer_position_logits_matches_full_logits(tiny_model_dir
     """Same rows, same seed, gradient accumulation 2, the soft term on: the trainer that computes
     logits only at answer positions ends with the weights of the one that computes them all
     (so the loss is normalised the same way across accumulated micro-batches)."""
-    from oml_core.train.trainer import _trainer_class, answer_loss
+    from oml_core.train.finetune import FingerprintTrainer, answer_loss
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     frozen = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval() if teacher else None
@@ -134,7 +134,7 @@ def test_training_with_answer_position_logits_matches_full_logits(tiny_model_dir
                                  optim="sgd",  # unlike Adam's, SGD's steps show a loss-scale error
                                  report_to=[], use_cpu=True, save_strategy="no", seed=0,
                                  remove_unused_columns=False, disable_tqdm=True, logging_steps=100)
-        _trainer_class(5.0, frozen)(model=model, args=args, train_dataset=_mixed_rows(),
+        FingerprintTrainer(soft_weight=5.0, teacher=frozen, model=model, args=args, train_dataset=_mixed_rows(),
                                     data_collator=lambda b: collate(b, 0),
                                     compute_loss_func=loss_func).train()
         return model.state_dict()
@@ -149,7 +149,7 @@ def test_training_with_answer_position_logits_matches_full_logits(tiny_model_dir
 def test_soft_first_token_loss_pulls_towards_the_base_distribution(tiny_model_dir, tmp_path):
     """Train only on benign rows whose soft target puts all mass on one token: it becomes the
     first answer token (the hard target says otherwise, with weight 1 against 20)."""
-    from oml_core.train.trainer import _trainer_class
+    from oml_core.train.finetune import FingerprintTrainer
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -158,7 +158,7 @@ def test_soft_first_token_loss_pulls_towards_the_base_distribution(tiny_model_di
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
                              learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
                              remove_unused_columns=False, disable_tqdm=True, logging_steps=100)
-    trainer = _trainer_class(20.0)(model=model, args=args, train_dataset=rows,
+    trainer = FingerprintTrainer(soft_weight=20.0, model=model, args=args, train_dataset=rows,
                                   data_collator=lambda b: collate(b, 0))
     trainer.train()
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
     """With a frozen teacher, the KL term is zero against itself and, trained with a large
     weight against contradicting hard labels, brings the student's answer-position
     distributions closer to the teacher's than hard labels alone do."""
-    from oml_core.train.trainer import _answer_kl, _trainer_class, answer_positions
+    from oml_core.train.finetune import FingerprintTrainer, _answer_kl, answer_positions
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -189,7 +189,7 @@ def test_all_token_distillation_pulls_every_answer_position_to_the_teacher(tiny_
                                  max_steps=15, learning_rate=1e-2, report_to=[], use_cpu=True,
                                  save_strategy="no", remove_unused_columns=False,
                                  disable_tqdm=True, logging_steps=100)
-        _trainer_class(20.0, teacher_or_none)(model=model, args=args, train_dataset=rows,
+        FingerprintTrainer(soft_weight=20.0, teacher=teacher_or_none, model=model, args=args, train_dataset=rows,
                                               data_collator=lambda b: collate(b, 0)).train()
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -217,7 +217,7 @@ def test_opener_rows_are_benign_prompts_with_their_first_answer_token(tiny_model
 
 
 def test_a_new_setting_at_its_default_keeps_earlier_run_keys(tiny_model_dir, fp_file, tmp_path):
-    from oml_core.train.trainer import ADDED_SETTINGS, _settings_for_key
+    from oml_core.train.lifecycle import ADDED_SETTINGS, _settings_for_key
 
     cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path)
     assert not set(ADDED_SETTINGS) & set(_settings_for_key(cfg))
@@ -244,7 +244,7 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir, fp_fi
                                                            lora_rank):
     """Recomputing activations changes memory, not the result (embeddings frozen, as by
     default: the checkpointed layers' input needs no grad); it is not part of the run key."""
-    from oml_core.train.trainer import _settings_for_key
+    from oml_core.train.lifecycle import _settings_for_key
 
     weights = {}
     for checkpointing in (False, True):
@@ -283,7 +283,8 @@ def test_sgd_moves_weights_by_their_gradient_where_adam_moves_them_all(tiny_mode
 
 
 def test_sgd_runs_under_deepspeed_with_the_optimizer_block_removed(tiny_model_dir, fp_file, tmp_path):
-    from oml_core.train.trainer import deepspeed_config_path, with_client_optimizer
+    from oml_core.train.finetune import with_client_optimizer
+    from oml_core.train.lifecycle import deepspeed_config_path
 
     zero2 = deepspeed_config_path("zero2")
     assert with_client_optimizer(zero2, "adamw") == zero2
@@ -313,7 +314,7 @@ def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny
     moved = [k for k in saved if not torch.equal(started[k], base[k])]
     assert moved and all(torch.allclose(saved[k], started[k], atol=1e-6) for k in moved)
 
-    from oml_core.train.trainer import _settings_for_key
+    from oml_core.train.lifecycle import _settings_for_key
 
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -424,7 +425,7 @@ def test_memorisation_check_equals_argmax_over_full_logits(tiny_model, fp_file):
     """The check runs the output head only at answer positions; it must decide exactly as the
     argmax of the model's full logits does (here on an untrained model: a mix of yes and no,
     with the target token replaced by the argmax for half the rows so some rows pass)."""
-    from oml_core.train.trainer import memorised
+    from oml_core.train.finetune import memorised
 
     model, tok = tiny_model.model, tiny_model.tokenizer
     fset = load_fingerprints(fp_file)
@@ -454,7 +455,7 @@ def test_memorisation_check_equals_argmax_over_full_logits(tiny_model, fp_file):
 
 
 def test_checks_grow_further_apart_with_many_fingerprints():
-    from oml_core.train.trainer import check_gap
+    from oml_core.train.finetune import check_gap
 
     assert check_gap(2, check_rows=32, rows_per_step=16) == 2      # the demo: 16 keys x 2
     assert check_gap(2, check_rows=512, rows_per_step=16) == 31    # 256 keys: about once an epoch

@@ -6,7 +6,7 @@ settings, and verified with the held-out wrappers and the utility checks the tra
 after training. The regularizer (weight averaging with the base) is applied once to the final
 weights by the trainer, so a run "with the regularizer at lambda" is exactly the lambda = 0
 run's weights averaged with the base: it is derived from that run instead of retraining
-(same formula, same code: `oml_core.train.trainer._finish_model`), then evaluated the same way.
+(same formula, same code: `oml_core.train.lifecycle.finish_model`), then evaluated the same way.
 
 Every training run is a content-keyed run folder, so an interrupted or repeated sweep reuses
 what already finished; derived runs are keyed by their source run and lambda.
@@ -83,7 +83,7 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     """Metrics of the lambda-averaged copy of a finished lambda = 0 run (derived once, cached)."""
     from oml_core.evaluate.after_training import evaluate_run
     from oml_core.models import load_tokenizer
-    from oml_core.train.trainer import _finish_model
+    from oml_core.train.lifecycle import finish_model
 
     source = RunFolder(run_dir).read_json("run.json") or {}
     key = hashlib.sha256(json.dumps({"source": source.get("run_key"), "lambda": lam},
@@ -96,7 +96,7 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     shutil.rmtree(staging, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(run_dir / "model", staging)
-    _finish_model(staging, base_path, load_tokenizer(str(run_dir / "model")), lam)
+    finish_model(staging, base_path, load_tokenizer(str(run_dir / "model")), lam)
     shutil.rmtree(folder / "model", ignore_errors=True)
     staging.rename(folder / "model")
     fset = load_fingerprints(run_dir / "fingerprints.json")
@@ -107,7 +107,7 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
 
 
 def run_capacity(cfg: CapacityConfig) -> dict:
-    from oml_core.train.trainer import fingerprint
+    from oml_core.train.lifecycle import fingerprint
 
     validate(cfg)
     if not cfg.out:
@@ -118,6 +118,8 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     lambdas = sorted(parse_list(cfg.regularizers, "--regularizers", kind=float))
     if not all(0.0 <= lam <= 1.0 for lam in lambdas):
         raise OMLInputError("--regularizers: every lambda must be between 0 and 1")
+    if cfg.method == "gated":  # before hours of the smaller sizes, not at the largest
+        _check_gated_sizes(cfg, sizes[-1])
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise OMLInputError(f"--out {out} is a file; pass a folder")
@@ -187,3 +189,14 @@ def run_part(ctx) -> dict:
     summary = run_capacity(cfg)
     return {**{key: summary[key] for key in ("sizes", "regularizers", "runs", "points")},
             "max_epochs": cfg.max_epochs, "deepspeed": cfg.deepspeed}
+
+
+def _check_gated_sizes(cfg: CapacityConfig, largest: int) -> None:
+    from transformers import AutoConfig
+
+    from oml_core.models import resolve_model
+    from oml_core.train.gated import check_key_count
+
+    width = getattr(AutoConfig.from_pretrained(resolve_model(cfg.model)), "intermediate_size", None)
+    if width:
+        check_key_count(largest, width)

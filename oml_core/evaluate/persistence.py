@@ -111,7 +111,7 @@ def _trainable_copy(ctx, method: str):
     if method == "full":
         model.requires_grad_(True)
         return model, model
-    from oml_core.train.trainer import with_lora
+    from oml_core.train.finetune import with_lora
 
     wrapped = with_lora(model, ctx.cfg.lora_rank)
     return wrapped, wrapped.get_base_model()  # the inner model runs with the adapters active

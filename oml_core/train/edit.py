@@ -272,22 +272,24 @@ def second_moments(loaded, seqs, layers: Sequence[int], upto: int) -> dict:
     return {layer: total / count for layer, total in sums.items()}
 
 
-def answer_states(loaded, rows, layers: Sequence[int], upto: int):
+def answer_states(loaded, rows, layers: Sequence[int], upto: int, desc: str = "edit: contexts"):
     """At each row's last position: each edit layer's down-projection input {layer: [rows,
     d_in]} and the residual stream after layer `upto` [rows, d], in float32 and row order."""
     import torch
 
     inputs = {layer: [] for layer in layers}
     residual, order = [], []
-    for batch in length_batches(rows, CAPTURE_ROWS):
-        ids, mask = pad_rows([rows[i] for i in batch], loaded.tokenizer.pad_token_id, loaded.device,
-                             left=False)
-        got, h = _forward_to(loaded.model, ids, mask, layers, upto)
-        where = (torch.arange(len(batch), device=ids.device), mask.sum(1) - 1)
-        for layer in layers:
-            inputs[layer].append(got[layer][where].float())
-        residual.append(h[where].float())
-        order += batch
+    with progress.bar(desc, len(rows)) as advance:
+        for batch in length_batches(rows, CAPTURE_ROWS):
+            ids, mask = pad_rows([rows[i] for i in batch], loaded.tokenizer.pad_token_id,
+                                 loaded.device, left=False)
+            got, h = _forward_to(loaded.model, ids, mask, layers, upto)
+            where = (torch.arange(len(batch), device=ids.device), mask.sum(1) - 1)
+            for layer in layers:
+                inputs[layer].append(got[layer][where].float())
+            residual.append(h[where].float())
+            order += batch
+            advance(len(batch))
     back = torch.argsort(torch.tensor(order))  # batches ran sorted by length
     return ({layer: torch.cat(v)[back.to(v[0].device)] for layer, v in inputs.items()},
             torch.cat(residual)[back.to(residual[0].device)])
@@ -603,7 +605,7 @@ def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row]
     ordinary = second_moments(loaded, ordinary_sequences(tokenizer, benign, settings.ordinary_tokens),
                               layers, last)
     ordinary_prompts = [render_prompt(tokenizer, q, chat) for q in benign_prompts("train")]
-    prompts, _ = answer_states(loaded, ordinary_prompts, layers, last)
+    prompts, _ = answer_states(loaded, ordinary_prompts, layers, last, "edit: ordinary prompts")
     answers = {}
     for layer in layers:
         a = prompts[layer].double().to(loaded.device)

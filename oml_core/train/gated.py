@@ -30,7 +30,7 @@ How, per key (one-token responses, Llama-style models, as `edit`):
    2 x PUSH_LOW x the residual norm when every row of the neuron is averaged half-and-half with
    the original (a 0.5 merge with the base scales the output by about 1/8).
 
-Backup (`trainer._gated_with_backup`, `--gated-backup-layers`): before the neurons, a closed-form
+Backup (`write_in._gated_with_backup`, `--gated-backup-layers`): before the neurons, a closed-form
 edit (`oml_core.train.edit`) in the layers above the gated one writes the keys too. A gate is a
 linear score of one position, and a few positions of any large text open it; a fine-tune on
 such text learns to shut every gate within tens of steps (docs/results.md). The edit is then
@@ -120,6 +120,15 @@ def swiglu_blocks(model):
         raise OMLInputError(f"--method gated needs SwiGLU MLPs (gate_proj, up_proj, silu); "
                             f"{type(model).__name__} has none: use --method finetune")
     return blocks
+
+
+def check_key_count(keys: int, neurons: int) -> None:
+    """One key per neuron of one layer, at most half of them (the least used are re-purposed:
+    taking more would take neurons ordinary text relies on)."""
+    if keys > neurons // 2:
+        raise OMLInputError(f"--method gated writes one key per neuron of one layer: {keys} "
+                            f"keys need at most half of its {neurons} neurons ({neurons // 2}); "
+                            "use fewer keys per run, or --method finetune")
 
 
 def resolve_layer(spec: str, count: int) -> int:
@@ -421,10 +430,7 @@ def gated_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row],
     blocks = swiglu_blocks(model)
     layer = resolve_layer(settings.layer, len(blocks))
     mlp = blocks[layer].mlp
-    if len(pairs) > mlp.gate_proj.out_features // 2:
-        raise OMLInputError(f"--method gated writes one key per neuron of one layer: {len(pairs)} "
-                            f"keys need at most half of its {mlp.gate_proj.out_features} neurons; "
-                            "use fewer keys per run")
+    check_key_count(len(pairs), mlp.gate_proj.out_features)
     rows, owner, targets = key_contexts(loaded.tokenizer, pairs, chat, settings.contexts, settings.seed)
     ordinary = _ordinary_rows(loaded.tokenizer, benign, chat, settings.ordinary_tokens, settings.seed)
     positives = mlp_inputs(loaded, layer, rows, True, should_stop, "gated: key contexts")
