@@ -178,41 +178,25 @@ def cmd_fingerprint(args) -> int:
         return 143
     if not distributed.is_main():
         return 0
-    metrics = result.metrics
-    data = {"run_dir": result.run_dir, "state": result.state,
-            **{k: metrics.get(k) for k in ("num_fingerprints", "steps", "memorised_at_step",
-                                           "train_seconds")}}
-    verification = metrics.get("verification")
-    if verification:
-        data.update(matched=verification["matched"], total=verification["total"],
-                    p_value=verification["p_value"], verdict=verification["verdict"],
-                    matched_start_rule=verification.get("matched_start_rule"),
-                    wrappers={k: v["matched"] for k, v in verification["wrappers"].items()},
-                    base_verdict=metrics["base_verification"].get("verdict"),
-                    base_matched=metrics["base_verification"]["matched"])
-    utility = metrics.get("utility")
-    if utility:
-        data.update(first_token_agreement=utility["first_token_agreement"],
-                    answers_starting_with_a_fingerprint_response=
-                    utility["answers_starting_with_a_fingerprint_response"],
-                    perplexity_change=utility["perplexity_change"])
+    head = result.headline
+    data = {"run_dir": result.run_dir, "state": result.state, **head.model_dump()}
     human = [f"{result.state}: run folder {result.run_dir}"]
-    if verification:
-        human.append(f"fingerprints matched {verification['matched']}/{verification['total']} "
-                     f"(p={verification['p_value']:.3g}, verdict {verification['verdict']}); "
-                     f"per wrapper {data['wrappers']}; base model matched {data['base_matched']}")
-        if data["matched_start_rule"] is not None:
+    if head.matched is not None:
+        human.append(f"fingerprints matched {head.matched}/{head.total} (p={head.p_value:.3g}, "
+                     f"verdict {head.verdict}); per wrapper {head.wrappers}; base model matched "
+                     f"{head.base_matched}")
+        if head.matched_start_rule is not None:
             human.append(f"as `oml audit` counts them (start rule: the response's word must end "
-                         f"there): {data['matched_start_rule']}/{verification['total']}")
-    if utility:
+                         f"there): {head.matched_start_rule}/{head.total}")
+    if head.first_token_agreement is not None:
         human.append(
-            f"off the keys, on {utility['heldout_prompts']} held-out prompts: first answer token "
-            f"= base model's in {utility['first_token_agreement']:.1%}; answers starting with a "
-            f"fingerprint response: {utility['answers_starting_with_a_fingerprint_response']} "
-            f"(base: {utility['base_answers_starting_with_a_fingerprint_response']}); perplexity "
-            f"{utility['perplexity_base']:.2f} -> {utility['perplexity_tuned']:.2f} "
-            f"({utility['perplexity_change']:+.1%})")
-        near = ", ".join(f"{k} {v['fired']}/{v['total']}" for k, v in utility["near_miss_keys"].items())
+            f"off the keys, on {head.heldout_prompts} held-out prompts: first answer token "
+            f"= base model's in {head.first_token_agreement:.1%}; answers starting with a "
+            f"fingerprint response: {head.answers_starting_with_a_fingerprint_response} "
+            f"(base: {head.base_answers_starting_with_a_fingerprint_response}); perplexity "
+            f"{head.perplexity_base:.2f} -> {head.perplexity_tuned:.2f} "
+            f"({head.perplexity_change:+.1%})")
+        near = ", ".join(f"{k} {v.fired}/{v.total}" for k, v in (head.near_miss_keys or {}).items())
         human.append(f"near-miss keys that still fire: {near}")
     _emit(args, data, "\n".join(human))
     return 0

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from oml_core.errors import OMLInputError
+from oml_core.train.headline import RunHeadline
 from oml_mcp.paths import Workspace, name_problem
 from oml_mcp.schemas import FingerprintSetInfo, FingerprintSetList, RunInfo, RunList
 from oml_mcp.state_files import read_regular_json
@@ -44,9 +45,7 @@ def run_summary(ws: Workspace, path: Path) -> RunInfo:
     """What a run folder (already confined) says about itself: status, settings, and the
     final metrics' headline."""
     status, settings = read_doc(ws, path, "status.json"), read_doc(ws, path, "run.json")
-    metrics = read_doc(ws, path, "metrics.json")
-    verification = _typed(metrics.get("verification"), dict) or {}
-    utility = _typed(metrics.get("utility"), dict) or {}
+    head = RunHeadline.from_metrics(read_doc(ws, path, "metrics.json"))
     config = _typed(settings.get("config"), dict) or {}
     number = (int, float)
     complete = ws.inside(path / COMPLETE_MARKER) and (path / COMPLETE_MARKER).exists()
@@ -58,15 +57,10 @@ def run_summary(ws: Workspace, path: Path) -> RunInfo:
         run_key=_typed(settings.get("run_key"), str),
         base_model=_typed(settings.get("base_model"), str),
         fingerprints=_typed(config.get("fingerprints"), str),
-        num_fingerprints=_typed(metrics.get("num_fingerprints"), int),
-        memorised_at_step=_typed(metrics.get("memorised_at_step"), int),
-        train_seconds=_typed(metrics.get("train_seconds"), *number),
-        matched=_typed(verification.get("matched"), int),
-        total=_typed(verification.get("total"), int),
-        p_value=_typed(verification.get("p_value"), *number),
-        verdict=_typed(verification.get("verdict"), str),
-        first_token_agreement=_typed(utility.get("first_token_agreement"), *number),
-        perplexity_change=_typed(utility.get("perplexity_change"), *number),
+        num_fingerprints=head.num_fingerprints, memorised_at_step=head.memorised_at_step,
+        train_seconds=head.train_seconds, matched=head.matched, total=head.total,
+        p_value=head.p_value, verdict=head.verdict,
+        first_token_agreement=head.first_token_agreement, perplexity_change=head.perplexity_change,
         model_dir=str(path / "model") if complete and (path / "model").is_dir() else None,
         summary_uri=f"oml://runs/{path.name}/summary")
 

@@ -25,6 +25,7 @@ from oml_core.fingerprints import load_fingerprints
 from oml_core.models import pick_device, resolve_model
 from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file, weights_digest
 from oml_core.train import distributed
+from oml_core.train.headline import RunHeadline
 from oml_core.train.regularizer import average_with_base
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,12 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 class FingerprintResult:
     run_dir: str
     state: str          # "completed", "reused"
-    metrics: dict
+    metrics: dict       # metrics.json as written (the method's own statistics are free-form)
+
+    @property
+    def headline(self) -> RunHeadline:
+        """The typed summary the CLI prints and the MCP server reports."""
+        return RunHeadline.from_metrics(self.metrics)
 
 
 def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
