@@ -354,17 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     p = command("fingerprint", cmd_fingerprint,
-                "write a fingerprint set into a model (fine-tune with HF Trainer + DeepSpeed, or "
-                "--method edit: a closed-form edit), then verify")
+                "write a fingerprint set into a model, then verify (--method gated, the default: "
+                "gated MLP neurons + a backup edit, kept through merges; edit: a closed-form "
+                "edit; finetune: HF Trainer + DeepSpeed)")
     _add_config_flags(p, cfgmod.FingerprintConfig)
     p.add_argument("--no-deepspeed", action="store_true", help="same as --deepspeed none")
     # the deepspeed launcher appends --local_rank=N; ranks are read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
 
-    p = command("eval", cmd_eval,
-                "measure a fingerprinted run: utility, persistence, false positives, robustness "
-                "(report in RUN/eval); `oml eval capacity` sweeps the number of fingerprints")
+    _add_eval_commands(command("eval", cmd_eval,
+                               "measure a fingerprinted run: utility, persistence, false positives, "
+                               "robustness (report in RUN/eval); `oml eval capacity` sweeps the "
+                               "number of fingerprints"))
+    _add_set_commands(command)
+    # Commands from other packages (e.g. `oml audit` from clients/) register themselves through
+    # this entry point group, so the engine never imports them.
+    for entry in importlib.metadata.entry_points(group="oml.commands"):
+        entry.load()(sub)
+    return parser
+
+
+def _add_eval_commands(p) -> None:
     _add_config_flags(p, cfgmod.EvalConfig)
     eval_sub = p.add_subparsers(dest="eval_command", required=False, parser_class=_Parser,
                                 metavar="{capacity}")
@@ -379,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                       skip=("out_dir", "num_fingerprints", "forgetting_regularizer", "verify_after"))
     cap.add_argument("--no-deepspeed", action="store_true", help="same as --deepspeed none")
 
+
+def _add_set_commands(command) -> None:
+    """Commitment, reveal and import: they read a set file only, no model."""
     p = command("commit", cmd_commit, "print the public commitment (no secrets) of a set")
     p.add_argument("--fingerprints", required=True, help="fingerprint set (our format)")
     p.add_argument("--out", help="also write the manifest here")
@@ -396,12 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprints", required=True, help="seed file (list of {key, response})")
     p.add_argument("--out", required=True, help="where to write the set in our format")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
-
-    # Commands from other packages (e.g. `oml audit` from clients/) register themselves through
-    # this entry point group, so the engine never imports them.
-    for entry in importlib.metadata.entry_points(group="oml.commands"):
-        entry.load()(sub)
-    return parser
 
 
 def _quiet_libraries() -> None:

@@ -23,8 +23,8 @@ from a server variable on an allow-list, header values only as $API_KEY, no cred
 base URL. `reveal_keys` is not offered: nothing the server writes or returns holds a key.
 """
 
-# no `from __future__ import annotations`: the tools' annotations name closure variables
-# (max_listed) that the SDK evaluates to build their schemas
+# no `from __future__ import annotations`: the SDK evaluates the methods' annotations (which
+# name MAX_LISTED) to build the tools' schemas
 import contextlib
 import inspect
 import os
@@ -49,6 +49,7 @@ from oml_mcp.audit_inputs import (
     request_template,
 )
 from oml_mcp.job_records import FINAL_STATES
+from oml_mcp.lifecycle_tools import MAX_LISTED
 from oml_mcp.schemas import (
     AuditList,
     AuditPlan,
@@ -97,32 +98,50 @@ def _parameters() -> list[inspect.Parameter]:
     return params
 
 
-def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
-                    read_only: ToolAnnotations) -> None:
+def add_audit_tools(app, ws, jobs, *, register, start_job, read_only: ToolAnnotations) -> None:
     """Register start_audit, list_audits, audit_result and the report resource on `app`."""
-    from clients.audit_preview import audit_folder, preview_audit
+    tools = AuditTools(ws, jobs, start_job)
+    register(app, tools.start_audit, name="start_audit", annotations=SPENDS_KEYS,
+             signature=inspect.Signature(_parameters(), return_annotation=AuditStarted),
+             description=START_AUDIT)
+    register(app, tools.list_audits, name="list_audits", annotations=read_only, description=(
+        "List endpoint audits (newest first): endpoint, model, state, and once finished the "
+        "verdict, p-value and keys matched/total. No keys, answers or evidence."))
+    register(app, tools.audit_result, name="audit_result", annotations=read_only, description=(
+        "The verdict of a finished audit: match / no_match / inconclusive, the corrected "
+        "p-value, keys matched/total, per-layer counts and p-values, notes, the verdict in plain "
+        "words and the report files; the report itself is the resource "
+        "oml://audits/{audit_id}/report. No keys or answers."))
+    app.resource("oml://audits/{audit_id}/report", mime_type="text/markdown",
+                 description="An audit's report.md: verdict, per-layer table, decision rule "
+                             "(no keys or responses)")(tools.audit_report_resource)
 
-    audits_dir = ws.home / "audits"
 
-    def audit_jobs() -> list[dict]:
-        return [j for j in jobs.list(10_000)[0] if j["kind"] == "audit" and j.get("run_dir")]
+START_AUDIT = (
+    "Audit a remote chat endpoint (OpenAI-compatible, or any JSON API with adapter 'http') for "
+    "a fingerprint set: probe it with secret keys under several wrappings (layers) and turn the "
+    "answers into a verdict with a false-positive bound. Every probed key is shown to the "
+    "endpoint and recorded as spent in its key ledger, so call it first with plan_only=true and "
+    "show the plan (keys, calls, token estimate) to the user; by default the audit is "
+    "sequential, so those are the most it may spend: it stops as soon as the evidence decides "
+    "and keys it never sends stay unspent (exhaustive=true sends every key). Then it runs as a "
+    "background job that outlives this call: poll job_status (probes answered/planned, p-value "
+    "so far), then audit_result; cancel_job stops it and the same call resumes it. The API key "
+    "is read from the server's environment variable named by api_key_env (OPENAI_API_KEY or "
+    "OML_AUDIT_*), never passed or returned.")
 
-    def active_folders() -> dict[str, str]:
-        return {j["run_dir"]: j["job_id"] for j in audit_jobs() if j["state"] not in FINAL_STATES}
 
-    def locate(audit_id: str) -> Path:
-        """The folder of an audit id, or of an audit job's id."""
-        if audit_id.startswith("audit-"):
-            with contextlib.suppress(OMLInputError):
-                job = jobs.status(audit_id)
-                folder = Path(job["run_dir"] or "")
-                if job["kind"] == "audit" and folder.is_absolute() and ws.inside(folder):
-                    return folder.resolve()
-        return audit_folders.find_audit(ws, audits_dir, [j["run_dir"] for j in audit_jobs()],
-                                        audit_id)
+class AuditTools:
+    """One workspace's audit tools; `start_job` is the lifecycle tools' job runner."""
 
-    # -- start ---------------------------------------------------------------------------------
-    def start_audit(**values) -> AuditStarted:
+    def __init__(self, ws, jobs, start_job):
+        self.ws, self.jobs, self.start_job = ws, jobs, start_job
+        self.audits_dir = ws.home / "audits"
+
+    def start_audit(self, **values) -> AuditStarted:
+        from clients.audit_preview import audit_folder, preview_audit
+
+        ws = self.ws
         plan_only = values.pop("plan_only")
         values.update(base_url=check_base_url(values.get("base_url")),
                       model=check_model_name(values.get("model")),
@@ -137,7 +156,7 @@ def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
         cfg = AuditConfig(**values)
         with _tool_words():
             validate_audit(cfg)
-            folder = audit_folder(cfg, audits_dir)
+            folder = audit_folder(cfg, self.audits_dir)
         # the default folder is confined too: OML_HOME/audits may be a planted link
         cfg.out = str(ws.output(folder, "out"))
         with _tool_words():
@@ -148,7 +167,7 @@ def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
                 f"show the user this plan ({plan.keys} keys shown to the endpoint, "
                 f"{plan.calls_to_send} calls); to run it, call start_audit again with the "
                 "same arguments without plan_only"))
-        status = start_job("audit", AuditConfig, cfg, Path(cfg.out), [
+        status = self.start_job("audit", AuditConfig, cfg, Path(cfg.out), [
             "audit", "--progress-file", str(Path(cfg.out) / "progress.json")], skip=(),
             completed_codes=(0, EXIT_INCONCLUSIVE))
         return AuditStarted(plan=plan, job=JobStatus(**status), next_step=(
@@ -157,51 +176,36 @@ def add_audit_tools(app, ws, jobs, *, register, start_job, max_listed: int,
             f"call audit_result with audit_id {status['job_id']}; cancel_job stops it, and "
             "start_audit with the same settings resumes it"))
 
-    register(app, start_audit, name="start_audit", annotations=SPENDS_KEYS,
-             signature=inspect.Signature(_parameters(), return_annotation=AuditStarted),
-             description=(
-                 "Audit a remote chat endpoint (OpenAI-compatible, or any JSON API with "
-                 "adapter 'http') for a fingerprint set: probe it with secret keys under several "
-                 "wrappings (layers) and turn the answers into a verdict with a false-positive "
-                 "bound. Every probed key is shown to the endpoint and recorded as spent in its "
-                 "key ledger, so call it first with plan_only=true and show the plan (keys, "
-                 "calls, token estimate) to the user; by default the audit is sequential, so "
-                 "those are the most it may spend: it stops as soon as the evidence decides "
-                 "and keys it never sends stay unspent (exhaustive=true sends every key). "
-                 "Then it runs as a background job that "
-                 "outlives this call: poll job_status (probes answered/planned, p-value so "
-                 "far), then audit_result; cancel_job stops it and the same call resumes it. "
-                 "The API key is read from the server's environment variable named by "
-                 "api_key_env (OPENAI_API_KEY or OML_AUDIT_*), never passed or returned."))
-
-    # -- listing and results -------------------------------------------------------------------
-    def list_audits(limit: Annotated[int, Field(description="at most this many, newest first",
-                                                ge=1, le=max_listed)] = 20) -> AuditList:
-        found = audit_jobs()
-        return audit_folders.list_audits(ws, audits_dir, [j["run_dir"] for j in found], {
+    def list_audits(self, limit: Annotated[int, Field(description="at most this many, newest first",
+                                                      ge=1, le=MAX_LISTED)] = 20) -> AuditList:
+        found = self._audit_jobs()
+        return audit_folders.list_audits(self.ws, self.audits_dir, [j["run_dir"] for j in found], {
             j["run_dir"]: j["job_id"] for j in found if j["state"] not in FINAL_STATES}, limit)
 
-    register(app, list_audits, name="list_audits", annotations=read_only, description=(
-        "List endpoint audits (newest first): endpoint, model, state, and once finished the "
-        "verdict, p-value and keys matched/total. No keys, answers or evidence."))
-
-    def audit_result(audit_id: Annotated[str, Field(description=(
+    def audit_result(self, audit_id: Annotated[str, Field(description=(
             "the audit's id (list_audits), or the job_id start_audit returned"))]) -> AuditResult:
-        folder = locate(audit_folders.check_id(audit_id))
-        return audit_folders.audit_result(ws, folder, active_folders().get(str(folder)))
+        folder = self._locate(audit_folders.check_id(audit_id))
+        active = {j["run_dir"]: j["job_id"] for j in self._audit_jobs()
+                  if j["state"] not in FINAL_STATES}
+        return audit_folders.audit_result(self.ws, folder, active.get(str(folder)))
 
-    register(app, audit_result, name="audit_result", annotations=read_only, description=(
-        "The verdict of a finished audit: match / no_match / inconclusive, the corrected "
-        "p-value, keys matched/total, per-layer counts and p-values, notes, the verdict in plain "
-        "words and the report files; the report itself is the resource "
-        "oml://audits/{audit_id}/report. No keys or answers."))
-
-    @app.resource("oml://audits/{audit_id}/report", mime_type="text/markdown",
-                  description="An audit's report.md: verdict, per-layer table, decision rule "
-                              "(no keys or responses)")
-    def audit_report_resource(audit_id: str) -> str:
+    def audit_report_resource(self, audit_id: str) -> str:
         try:
-            return audit_folders.report_text(ws, locate(audit_folders.check_id(audit_id)),
+            return audit_folders.report_text(self.ws, self._locate(audit_folders.check_id(audit_id)),
                                              REPORT_MAX_BYTES)
         except OMLInputError as exc:
             raise ResourceError(str(exc)) from None
+
+    def _audit_jobs(self) -> list[dict]:
+        return [j for j in self.jobs.list(10_000)[0] if j["kind"] == "audit" and j.get("run_dir")]
+
+    def _locate(self, audit_id: str) -> Path:
+        """The folder of an audit id, or of an audit job's id."""
+        if audit_id.startswith("audit-"):
+            with contextlib.suppress(OMLInputError):
+                job = self.jobs.status(audit_id)
+                folder = Path(job["run_dir"] or "")
+                if job["kind"] == "audit" and folder.is_absolute() and self.ws.inside(folder):
+                    return folder.resolve()
+        return audit_folders.find_audit(self.ws, self.audits_dir,
+                                        [j["run_dir"] for j in self._audit_jobs()], audit_id)

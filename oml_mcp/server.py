@@ -26,7 +26,7 @@ from oml_core.errors import OMLInputError
 from oml_mcp import listings
 from oml_mcp.audit_tools import add_audit_tools
 from oml_mcp.jobs import JobStore
-from oml_mcp.lifecycle_tools import MAX_LISTED, LifecycleTools
+from oml_mcp.lifecycle_tools import LifecycleTools
 from oml_mcp.paths import Workspace
 from oml_mcp.schemas import GenerateResult, JobStarted, VerifyResult, config_parameters
 
@@ -249,7 +249,7 @@ def build_server(workspace: Workspace | None = None) -> MCPServer:
         _register(app, getattr(tools, spec.name), name=spec.name, annotations=spec.annotations,
                   description=spec.description, signature=signature)
     add_audit_tools(app, ws, jobs, register=_register, start_job=tools.start_job,
-                    max_listed=MAX_LISTED, read_only=READ_ONLY)
+                    read_only=READ_ONLY)
     _add_resources(app, ws, jobs, tools.runs_dir)
     return app
 
