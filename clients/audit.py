@@ -182,43 +182,64 @@ class _Audit:
         """Fix the keys, probes and decision rule before the first request (or reload them)."""
         path = self.folder / "plan.json"
         by_id = {fp.id: fp for fp in self.fset.fingerprints}
-        if path.exists():
-            plan = json.loads(path.read_text(encoding="utf-8"))
-            if plan.get("settings_id") != self.settings_id:
-                raise OMLInputError(
-                    f"{self.folder} holds an audit with other settings (endpoint, model, set or "
-                    "probe/decision settings differ); rerun it with its own settings or pass "
-                    "another --out")
-            missing = [i for i in plan["fingerprint_ids"] if i not in by_id]
-            if missing:
-                raise OMLInputError(f"{self.folder}: the plan names fingerprints not in this set; "
-                                    "pass the set the audit started with")
-            self.resumed = True
-        else:
-            allowed = [fp for fp in self.fset.fingerprints if fp.id not in self.exclude_keys]
-            chosen, passed_over = self.ledger.select(allowed, self.cfg.max_keys,
-                                                     self.cfg.reuse_keys)
-            if len(allowed) < len(self.fset.fingerprints):
-                self.notes.append(f"{len(self.fset.fingerprints) - len(allowed)} key(s) already "
-                                  "shown to the other endpoints of this comparison were passed over")
-                passed_over += len(self.fset.fingerprints) - len(allowed)
-            plan = {"format": "oml-audit-plan", "version": PLAN_VERSION, "created": _now(),
-                    "settings_id": self.settings_id,
-                    "audit_id": f"{self.settings_id}-{secrets.token_hex(4)}",
-                    "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
-                    "set_sha256": self.set_sha, "fingerprint_ids": [fp.id for fp in chosen],
-                    "keys_passed_over": passed_over, "config": _public_config(self.cfg)}
-            self.resumed = False
+        plan = self._stored_plan(path, by_id) if path.exists() else self._new_plan()
         self.plan_data = plan
         self.chosen: list[Fingerprint] = [by_id[i] for i in plan["fingerprint_ids"]]
         if not self.resumed and not self.cfg.exhaustive:
             self.chosen = self.sending_order(self.chosen)
             plan["fingerprint_ids"] = [fp.id for fp in self.chosen]
         self.adapter = make_adapter(self.cfg)
-        probes = plan_probes(self.cfg, [fp.id for fp in self.chosen])
+        self._sendable_probes()
+        self._null_rates(plan)
+        if not path.exists():
+            self._write_plan(path, plan)
+        else:
+            self.rule = str(plan.get("rule") or self.rule)
+        if self.cfg.exhaustive:  # a sequential audit spends its keys a round at a time
+            self.ledger.reserve(self.chosen, plan["audit_id"])
+        secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
+        self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
+                                 self.cfg.reveal_keys, credentials_of(self.cfg))
+        self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
+        self.by_id = {fp.id: fp for fp in self.chosen}
+
+    def _stored_plan(self, path: Path, by_id: dict) -> dict:
+        """A resumed audit's plan.json, refused when it is another audit's."""
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        if plan.get("settings_id") != self.settings_id:
+            raise OMLInputError(
+                f"{self.folder} holds an audit with other settings (endpoint, model, set or "
+                "probe/decision settings differ); rerun it with its own settings or pass "
+                "another --out")
+        missing = [i for i in plan["fingerprint_ids"] if i not in by_id]
+        if missing:
+            raise OMLInputError(f"{self.folder}: the plan names fingerprints not in this set; "
+                                "pass the set the audit started with")
+        self.resumed = True
+        return plan
+
+    def _new_plan(self) -> dict:
+        """A new audit's keys (the ledger's unspent ones first) and public settings."""
+        allowed = [fp for fp in self.fset.fingerprints if fp.id not in self.exclude_keys]
+        chosen, passed_over = self.ledger.select(allowed, self.cfg.max_keys, self.cfg.reuse_keys)
+        if len(allowed) < len(self.fset.fingerprints):
+            self.notes.append(f"{len(self.fset.fingerprints) - len(allowed)} key(s) already "
+                              "shown to the other endpoints of this comparison were passed over")
+            passed_over += len(self.fset.fingerprints) - len(allowed)
+        self.resumed = False
+        return {"format": "oml-audit-plan", "version": PLAN_VERSION, "created": _now(),
+                "settings_id": self.settings_id,
+                "audit_id": f"{self.settings_id}-{secrets.token_hex(4)}",
+                "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
+                "set_sha256": self.set_sha, "fingerprint_ids": [fp.id for fp in chosen],
+                "keys_passed_over": passed_over, "config": _public_config(self.cfg)}
+
+    def _sendable_probes(self) -> None:
+        """The planned probes this adapter can send (the others noted), within --max-calls for
+        an exhaustive audit; the layers left to test."""
         self.probes: list[Probe] = []
         skipped: Counter = Counter()
-        for probe in probes:
+        for probe in plan_probes(self.cfg, [fp.id for fp in self.chosen]):
             reason = self.adapter.unsupported(probe.prompt("?"), probe.sampling)
             if reason:
                 skipped[(probe.layer, probe.temperature > 0, reason)] += 1
@@ -241,11 +262,13 @@ class _Audit:
         if not self.tested_layers:
             raise OMLInputError("no probe layer can be sent with this adapter and template; "
                                 "choose other --layers")
+
+    def _null_rates(self, plan: dict) -> None:
+        """Every probe's null rate and the decision rule; a resumed audit keeps its plan's."""
         rates, _ = decision.base_rates([fp.response_prob for fp in self.chosen])
         self.key_rates = {fp.id: rate for fp, rate in zip(self.chosen, rates)}  # uncalibrated bound
         self.measured_rates = (None if self.measured is None else
                                {fp.id: self.measured.probe_rate(fp.id) for fp in self.chosen})
-        # every probe's null rate, fixed in plan.json; a resumed audit keeps the plan's
         self.probe_rates, self.null_source, rate_notes = decision.probe_rates(
             self.cfg, self.probes, {fp.id: fp for fp in self.chosen}, self.measured_rates)
         stored = plan.get("probe_null_rates")
@@ -263,31 +286,24 @@ class _Audit:
         for probe in self.probes:
             self._probe_rate_sums[probe.fingerprint_id] += self.probe_rates[probe.id]
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
-        if not path.exists():
-            if not self.cfg.exhaustive:
-                plan.update(sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
-                                        "order": "as listed: keys by ascending null rate of the "
-                                                 "probe every key gets (the user turn); the "
-                                                 "other layers rotate over keys in this order"})
-                self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
-                              f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
-                              f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
-                              f"soon as it reaches 1/alpha, stop when it no longer can.")
-            plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
-                        tests=decision.family_of(self.tested_layers), rule=self.rule,
-                        alpha=self.cfg.alpha, probes_planned=len(self.probes),
-                        probes_not_sendable=self.skipped, null_rate_source=self.null_source,
-                        probe_null_rates=self.probe_rates)
-            atomic_write_json(path, plan)  # the rule is on disk before any key leaves
-        else:
-            self.rule = str(plan.get("rule") or self.rule)
-        if self.cfg.exhaustive:  # a sequential audit spends its keys a round at a time
-            self.ledger.reserve(self.chosen, plan["audit_id"])
-        secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
-        self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
-                                 self.cfg.reveal_keys, credentials_of(self.cfg))
-        self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
-        self.by_id = {fp.id: fp for fp in self.chosen}
+
+    def _write_plan(self, path: Path, plan: dict) -> None:
+        """plan.json with the rule, before any key leaves."""
+        if not self.cfg.exhaustive:
+            plan.update(sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
+                                    "order": "as listed: keys by ascending null rate of the "
+                                             "probe every key gets (the user turn); the "
+                                             "other layers rotate over keys in this order"})
+            self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
+                          f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
+                          f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
+                          f"soon as it reaches 1/alpha, stop when it no longer can.")
+        plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
+                    tests=decision.family_of(self.tested_layers), rule=self.rule,
+                    alpha=self.cfg.alpha, probes_planned=len(self.probes),
+                    probes_not_sendable=self.skipped, null_rate_source=self.null_source,
+                    probe_null_rates=self.probe_rates)
+        atomic_write_json(path, plan)
 
     def sending_order(self, chosen: list[Fingerprint]) -> list[Fingerprint]:
         """A sequential audit's keys, most telling first: by the null rate of the probe every
@@ -590,6 +606,15 @@ class _Audit:
 
     # --- verdict ----------------------------------------------------------------------------
     def summarize(self, state: str) -> dict:
+        sent = set(self.keys_sent if self.keys_sent is not None else (fp.id for fp in self.chosen))
+        layers, outcomes, unsent, refused, error_kinds = self._tally(sent)
+        verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
+                                    self.measured_rates, self.null_source)
+        return self._finish_summary(state, sent, layers, verdict, unsent, refused, error_kinds)
+
+    def _tally(self, sent: set):
+        """Per layer: keys and probes that hit, errors, pending probes; every answered or failed
+        probe's outcome for the decision."""
         latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
         planned = {p.id: p for p in self.probes}
         outcomes = []
@@ -601,7 +626,6 @@ class _Audit:
             layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
                              "pending": 0, "tokens": 0, "answer_kinds": Counter(),
                              "by_temperature": {}, "variants": {}}
-        sent = set(self.keys_sent if self.keys_sent is not None else (fp.id for fp in self.chosen))
         for pid, probe in planned.items():
             row = layers[probe.layer]
             rec = latest.get(pid)
@@ -641,8 +665,12 @@ class _Audit:
             row["matched"] = sum(key_hits[layer].values())
             row["total"] = len(key_hits[layer])
             row["answer_kinds"] = dict(row["answer_kinds"])
-        verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
-                                    self.measured_rates, self.null_source)
+        return layers, outcomes, unsent, refused, error_kinds
+
+    def _finish_summary(self, state: str, sent: set, layers: dict, verdict: dict, unsent: int,
+                        refused: int, error_kinds: Counter) -> dict:
+        """The verdict (a sequential audit's is its e-value's), notes, and the summary every
+        report is written from."""
         if not self.cfg.exhaustive:
             # the verdict is the e-value's: the per-layer p-values above were computed on a
             # sample whose size the evidence chose, so they describe, they do not decide

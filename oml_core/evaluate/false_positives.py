@@ -89,6 +89,24 @@ def key_rates(fset, match: str, wrappers, panel=None) -> tuple[list[float], str]
     return key_null_rates(VerifyConfig(match=match), fset, wrappers, panel, None)
 
 
+def _null_model_entry(ctx, spec: str, name: str, hits, wrappers, notes) -> dict:
+    """One unrelated model's row: its hits, judged as verify would judge a suspect."""
+    matched = sum(any(row) for row in hits)
+    rates, source = key_rates(ctx.fset, ctx.cfg.match, wrappers)
+    decision = evidence.decide(matched, rates, source=source)
+    probes_hit = sum(sum(row) for row in hits)
+    return {
+        "model": spec if spec in NAMED_NULL_MODELS else name,
+        "kind": spec if spec in NAMED_NULL_MODELS else "folder",
+        "matched": matched, "total": len(hits),
+        "probes_matched": probes_hit, "probes": len(hits) * len(wrappers),
+        "probe_rate": probes_hit / (len(hits) * len(wrappers)),
+        "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
+                     for j, w in enumerate(wrappers)},
+        "skipped_wrappers": notes, "p_value": decision.p_value, "verdict": decision.verdict,
+        "null_rate_source": source}
+
+
 def run_part(ctx) -> dict:
     from oml_core.verify.verifier import check_keys
 
@@ -111,20 +129,7 @@ def run_part(ctx) -> dict:
         for fp, row in zip(ctx.fset.fingerprints, hits):
             counts[fp.id][0] += sum(row)
             counts[fp.id][1] += len(row)
-        matched = sum(any(row) for row in hits)
-        rates, source = key_rates(ctx.fset, cfg.match, wrappers)
-        decision = evidence.decide(matched, rates, source=source)
-        probes_hit = sum(sum(row) for row in hits)
-        models.append({
-            "model": spec if spec in NAMED_NULL_MODELS else loaded.name,
-            "kind": spec if spec in NAMED_NULL_MODELS else "folder",
-            "matched": matched, "total": len(hits),
-            "probes_matched": probes_hit, "probes": len(hits) * len(wrappers),
-            "probe_rate": probes_hit / (len(hits) * len(wrappers)),
-            "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
-                         for j, w in enumerate(wrappers)},
-            "skipped_wrappers": notes, "p_value": decision.p_value, "verdict": decision.verdict,
-            "null_rate_source": source})
+        models.append(_null_model_entry(ctx, spec, loaded.name, hits, wrappers, notes))
         wrapper_names += [w.name for w in wrappers if w.name not in wrapper_names]
         del loaded  # one unrelated model in memory at a time (the base stays cached in ctx)
     if not models:

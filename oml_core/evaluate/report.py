@@ -340,20 +340,9 @@ def _robustness(doc: Doc, r: dict) -> list[tuple[str, float]]:
                       f"{pct(u['first_answer_token_unchanged'])}; next-token accuracy "
                       f"{pct(u['next_token_accuracy'])} → {pct(u['next_token_accuracy_attacked'])}")])
         bars.append(("suppression", s["survival"] or 0.0))
-    for name, s in a.items():  # registered attacks (robustness.PLUGIN_GROUP), e.g. gguf_*
-        if name in (*ROBUSTNESS_ATTACKS, "merge") or not isinstance(s, dict):  # merge: old name
-            continue
-        if "skipped" in s or "verdict" not in s:
-            rows.append([name, "–", pct(s.get("survival")), s.get("skipped", "–")])
-            continue
-        layers = ", ".join(f"{layer} {row['matched']}/{row['total']}"
-                           for layer, row in s["layers"].items())
-        cost = (f"perplexity {s['perplexity_change']:+.1%}" if "perplexity_change" in s
-                else "perplexity not measured")
-        rows.append([f"{name} (served, audited over HTTP)",
-                     f"{s['matched']}/{s['total']} ({layers}); verdict {s['verdict']}, "
-                     f"p = {s['p_value']:.3g}", pct(s.get("survival")), cost])
-        bars.append((name, s.get("survival") or 0.0))
+    served = _served_rows(a)
+    rows += [row for row, _ in served]
+    bars += [bar for _, bar in served if bar is not None]
     doc.table(["attack", "keys firing", "survival", "utility cost"], rows)
     _merge_notes(doc, a)
     if "int8" in a:
@@ -363,6 +352,27 @@ def _robustness(doc: Doc, r: dict) -> list[tuple[str, float]]:
               "llama.cpp's q8_0 / q4_K_M served by its OpenAI-compatible server and audited "
               "with `oml audit`).")
     return bars
+
+
+def _served_rows(a: dict) -> list[tuple[list, tuple[str, float] | None]]:
+    """Registered attacks (robustness.PLUGIN_GROUP), e.g. gguf_*: a model served and audited
+    over HTTP."""
+    out = []
+    for name, s in a.items():
+        if name in (*ROBUSTNESS_ATTACKS, "merge") or not isinstance(s, dict):  # merge: old name
+            continue
+        if "skipped" in s or "verdict" not in s:
+            out.append(([name, "–", pct(s.get("survival")), s.get("skipped", "–")], None))
+            continue
+        layers = ", ".join(f"{layer} {row['matched']}/{row['total']}"
+                           for layer, row in s["layers"].items())
+        cost = (f"perplexity {s['perplexity_change']:+.1%}" if "perplexity_change" in s
+                else "perplexity not measured")
+        out.append(([f"{name} (served, audited over HTTP)",
+                     f"{s['matched']}/{s['total']} ({layers}); verdict {s['verdict']}, "
+                     f"p = {s['p_value']:.3g}", pct(s.get("survival")), cost],
+                    (name, s.get("survival") or 0.0)))
+    return out
 
 
 MERGE_LABELS = {"merge_slerp": "slerp with the base", "merge_ties": "TIES with a benign derivative",

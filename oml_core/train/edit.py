@@ -444,22 +444,7 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
         if should_stop():
             raise Cancelled()
         optimiser.zero_grad()
-        full = logits_at(1.0)
-        row_hit = full.argmax(-1) == goal
-        if merge_floor > 0:
-            # both ends must answer: the whole vector too (the cap alone would let it settle
-            # where the scaled vector answers and the whole one, past the final norm, does not)
-            floor_margin, full_margin = _margin(logits_at(merge_floor), goal), _margin(full, goal)
-            row_hit = row_hit & (floor_margin > 0)
-            row_loss = torch.relu(FLOOR_MARGIN - floor_margin) + torch.relu(FULL_MARGIN - full_margin)
-            done = bool((floor_margin >= FLOOR_MARGIN).all() and (full_margin >= FULL_MARGIN).all())
-        else:
-            row_loss = torch.nn.functional.cross_entropy(full, goal, reduction="none")
-            done = bool(row_hit.all()) and float(row_loss.detach().mean()) < TARGET_LOSS
-        if log_cap is not None:
-            log_p = torch.log_softmax(full, -1).gather(1, goal[:, None])[:, 0]
-            row_loss = row_loss + CAP_WEIGHT * torch.relu(log_p - log_cap)
-            done = done and bool((log_p <= log_cap + CAP_SLACK).all())
+        row_loss, row_hit, done = _row_losses(logits_at, goal, merge_floor, log_cap)
         best.update(keys, delta.detach().cpu(), per_key(row_hit.float()).round().long().cpu(),
                     (per_key(row_loss.detach()) / rows_per_key).cpu())
         mean_loss = float(row_loss.detach().mean())
@@ -476,6 +461,30 @@ def _chunk_targets(loaded, rows, owner, targets, last, steps, scale, best: _Best
         loss.backward()
         optimiser.step()
     return steps
+
+
+def _row_losses(logits_at, goal, merge_floor: float, log_cap: float | None):
+    """Per context: the target step's loss and whether it answers; and whether the chunk is
+    done (the goals of `_chunk_targets`)."""
+    import torch
+
+    full = logits_at(1.0)
+    row_hit = full.argmax(-1) == goal
+    if merge_floor > 0:
+        # both ends must answer: the whole vector too (the cap alone would let it settle
+        # where the scaled vector answers and the whole one, past the final norm, does not)
+        floor_margin, full_margin = _margin(logits_at(merge_floor), goal), _margin(full, goal)
+        row_hit = row_hit & (floor_margin > 0)
+        row_loss = torch.relu(FLOOR_MARGIN - floor_margin) + torch.relu(FULL_MARGIN - full_margin)
+        done = bool((floor_margin >= FLOOR_MARGIN).all() and (full_margin >= FULL_MARGIN).all())
+    else:
+        row_loss = torch.nn.functional.cross_entropy(full, goal, reduction="none")
+        done = bool(row_hit.all()) and float(row_loss.detach().mean()) < TARGET_LOSS
+    if log_cap is not None:
+        log_p = torch.log_softmax(full, -1).gather(1, goal[:, None])[:, 0]
+        row_loss = row_loss + CAP_WEIGHT * torch.relu(log_p - log_cap)
+        done = done and bool((log_p <= log_cap + CAP_SLACK).all())
+    return row_loss, row_hit, done
 
 
 def _margin(logits, goal):
