@@ -437,18 +437,10 @@ class _Audit:
                     self.notes.append(f"stopped at the call budget (--max-calls "
                                       f"{self.cfg.max_calls}); {len(order) - done} key(s) not sent")
                     break
-                latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
-                ids = {fp.id for fp in batch}
-                pending = [p for p in self.pending(latest) if p.fingerprint_id in ids]
-                if pending:
-                    self.ledger.reserve(batch, self.plan_data["audit_id"])
-                    state = await self.probe_all(pending, close=False)
-                    latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
-                self.keys_sent += [fp.id for fp in batch]
+                state, outcomes = await self._send_round(batch, by_key)
                 calls += sum(len(by_key[fp.id]) for fp in batch)
                 if state != "complete":
                     break  # the run timeout: the next run resumes from here
-                outcomes = [self.key_outcome(by_key[fp.id], latest) for fp in batch]
                 for fp, (hit, rate) in zip(batch, outcomes):
                     self.sequential.add(fp.id, hit, rate, calls=len(by_key[fp.id]))
                 done += len(batch)
@@ -467,6 +459,20 @@ class _Audit:
         finally:
             await self.close_adapter()
         return state
+
+    async def _send_round(self, batch: list[Fingerprint], by_key: dict[str, list[Probe]]):
+        """Send the round's keys' probes not answered yet (a rerun replays the others from the
+        evidence); returns the run's state and each key's (hit or None, summed null rate)."""
+        latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
+        ids = {fp.id for fp in batch}
+        pending = [p for p in self.pending(latest) if p.fingerprint_id in ids]
+        state = "complete"
+        if pending:
+            self.ledger.reserve(batch, self.plan_data["audit_id"])
+            state = await self.probe_all(pending, close=False)
+            latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
+        self.keys_sent += [fp.id for fp in batch]
+        return state, [self.key_outcome(by_key[fp.id], latest) for fp in batch]
 
     def affordable(self, keys: list[Fingerprint], by_key: dict[str, list[Probe]],
                    calls: int) -> list[Fingerprint]:

@@ -122,7 +122,6 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
     """Export, serve, audit, stop; the attack's result (counts and verdict, no secrets)."""
     from clients.audit import run_audit
     from clients.config import AuditConfig
-    from oml_core.evaluate.context import retention
 
     cfg = ctx.cfg
     work = ctx.out_dir / "gguf"
@@ -155,10 +154,24 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
         summary = run_audit(AuditConfig(base_url=server.base_url, **settings))
         audit_s = time.monotonic() - audit_started
 
+    result = _attack_result(summary, baseline, folder, quant, gguf)
+    result.update(export_seconds=round(export_s, 1), audit_seconds=round(audit_s, 1))
+    try:
+        ppl_q = gguf_perplexity(gguf, chunks, THREADS)
+        result.update(perplexity=ppl_q, perplexity_change=ppl_q / ppl - 1)
+    except RuntimeError as exc:  # optional: the keys' numbers stand without it
+        result["perplexity_skipped"] = str(exc)
+    return result
+
+
+def _attack_result(summary: dict, baseline: dict, folder, quant: str, gguf) -> dict:
+    """The audit's counts and verdict as the attack's result (no secrets)."""
+    from oml_core.evaluate.context import retention
+
     hits = _hit_ids(folder)
     kept = retention(baseline, {"hit_ids": {"audit": sorted(set().union(*hits.values()))}})["any"]
     tests = summary["decision"]["tests"]
-    result = {
+    return {
         "method": (f"llama.cpp GGUF {quant} (llama-cpp-python {LLAMA_CPP_VERSION}), served by its "
                    f"OpenAI-compatible server on loopback and audited with `oml audit` "
                    f"(layers {LAYERS}, greedy, match rule start)"),
@@ -171,14 +184,7 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
                    for name, row in summary["layers"].items()},
         "survival": kept["retention"], "retention": {"any": kept},
         "probes": summary["probes_done"], "audit_folder": str(folder),
-        "export_seconds": round(export_s, 1), "audit_seconds": round(audit_s, 1),
     }
-    try:
-        ppl_q = gguf_perplexity(gguf, chunks, THREADS)
-        result.update(perplexity=ppl_q, perplexity_change=ppl_q / ppl - 1)
-    except RuntimeError as exc:  # optional: the keys' numbers stand without it
-        result["perplexity_skipped"] = str(exc)
-    return result
 
 
 def _check(cfg) -> None:
