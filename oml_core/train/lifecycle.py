@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import signal
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
