@@ -191,6 +191,21 @@ def test_target_steps_see_the_same_logits_as_whole_forwards(tiny_model, one_toke
     assert losses[0] == pytest.approx(float(whole.mean()), rel=1e-4)
 
 
+def test_a_stop_request_during_the_solve_cancels_it_before_any_weight_changes(tiny_model,
+                                                                              one_token_set):
+    """The solve's passes take minutes at hundreds of keys and have no target steps: a stop
+    request must be read between its layers too."""
+    settings = edit.EditSettings("0,1", TINY_STRENGTH, 32.0, 1, 2, 2000, 0)
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints[:2]]
+    problem = edit.prepare_edit(tiny_model, pairs, [], True, settings,
+                                lambda: False, lambda *a: None)
+    before = [b.mlp.down_proj.weight.clone() for b in edit.decoder_blocks(tiny_model.model)]
+    with pytest.raises(Cancelled):
+        edit.solve_edit(tiny_model, problem, TINY_STRENGTH, 32.0, should_stop=lambda: True)
+    after = [b.mlp.down_proj.weight for b in edit.decoder_blocks(tiny_model.model)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
 def test_a_stop_request_cancels_the_edit(tiny_model, one_token_set):
     from oml_core.fingerprints import load_fingerprints
 

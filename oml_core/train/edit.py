@@ -513,7 +513,8 @@ def solve_layer(down_proj, keys, share, moment, strength: float) -> float:
 
 
 def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: dict,
-               strength: float, merge_floor: float = 0.0, floor_goal=None) -> dict:
+               strength: float, merge_floor: float = 0.0, floor_goal=None,
+               should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Spread the residual change `goal - now` (at the contexts' answer positions, after layer
     `last`) over the layers' down-projections, each layer solved after the ones before it
     changed, taking its share of what is still missing. Returns each one's relative change.
@@ -528,6 +529,8 @@ def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: di
     original = _down_projections(blocks, layers) if merge_floor > 0 else {}
     changed = {}
     for index, layer in enumerate(layers):
+        if should_stop():  # a layer's pass takes minutes at hundreds of keys
+            raise Cancelled()
         keys, now = answer_states(loaded, rows, layers, last)
         left = len(layers) - index
         inputs, share = keys[layer], (goal - now) / left
@@ -631,7 +634,8 @@ def prepare_edit(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row]
 
 
 def solve_edit(loaded, problem: EditProblem, strength: float, answer_weight: float,
-               overshoot: float = 1.0, merge_floor: float = 0.0) -> dict:
+               overshoot: float = 1.0, merge_floor: float = 0.0,
+               should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Apply the closed-form change to `loaded.model`; each layer's relative weight change.
     `overshoot` scales the residual change asked for: the hold on ordinary outputs (`strength`)
     shrinks the change it gets, most along the directions ordinary inputs use. With a merge
@@ -641,7 +645,7 @@ def solve_edit(loaded, problem: EditProblem, strength: float, answer_weight: flo
     change = overshoot * (problem.goal - problem.start)
     return apply_edit(loaded, problem.rows, problem.layers, problem.layers[-1],
                       problem.start + change, moments, strength, merge_floor,
-                      problem.start + merge_floor * change)
+                      problem.start + merge_floor * change, should_stop)
 
 
 def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], chat: bool,
@@ -656,7 +660,7 @@ def edit_model(loaded, pairs: Sequence[tuple[str, str]], benign: Sequence[Row], 
     blocks = decoder_blocks(loaded.model)
     original = _down_projections(blocks, problem.layers) if settings.merge_floor > 0 else {}
     changed = solve_edit(loaded, problem, settings.strength, settings.answer_weight,
-                         merge_floor=settings.merge_floor)
+                         merge_floor=settings.merge_floor, should_stop=should_stop)
     answers, ends = slice(0, problem.answer_rows), slice(problem.answer_rows, None)
     floor = {}
     if settings.merge_floor > 0:  # what a merge keeping that share of the edit still answers
