@@ -12,7 +12,6 @@ Imported only for this method: it imports transformers' Trainer at module level.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
@@ -34,7 +33,6 @@ from oml_core.train.lifecycle import complete_run, finish_model, prepared_set
 from oml_core.train.near_miss import near_miss_rows
 from oml_core.train.sampler import LengthGroupedAsItGoes
 
-log = logging.getLogger(__name__)
 
 
 def train(cfg: FingerprintConfig, fset, base_path: str, device: str, ds_config: str | None,
