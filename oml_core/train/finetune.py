@@ -34,7 +34,6 @@ from oml_core.train.near_miss import near_miss_rows
 from oml_core.train.sampler import LengthGroupedAsItGoes
 
 
-
 def train(cfg: FingerprintConfig, fset, base_path: str, device: str, ds_config: str | None,
           run: RunFolder, stop_flag: dict) -> dict:
     """Train `fset` into the base model in `run`; returns the run's metrics ({} on ranks > 0)."""
