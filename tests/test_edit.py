@@ -352,3 +352,43 @@ def test_a_merge_floor_edit_still_answers_when_averaged_with_the_base(tiny_model
     count = len(pairs) * 4
     assert answered[0.5][0] == count and answered[0.5][1] >= count - 1, answered
     assert answered[0.0][1] < answered[0.5][1], answered
+
+
+def test_kept_layer_states_read_what_whole_forwards_give_after_each_change(tiny_model,
+                                                                           one_token_set):
+    """The solve reads states from the block it last changed on, from states kept entering it:
+    after each change to that block or above, a read must equal a whole forward's."""
+    from oml_core.train.layer_states import LayerStates
+
+    pairs = [(fp.key, fp.response) for fp in load_fingerprints(one_token_set).fingerprints]
+    rows, _owner, _targets = edit.key_contexts(tiny_model.tokenizer, pairs, True, 3, 0)
+    blocks = edit.decoder_blocks(tiny_model.model)
+    upto = len(blocks) - 1
+    saved = [b.mlp.down_proj.weight.clone() for b in blocks]
+    generator = torch.Generator().manual_seed(0)
+
+    def change(layer):
+        weight = blocks[layer].mlp.down_proj.weight
+        with torch.no_grad():
+            weight += 0.05 * torch.randn(weight.shape, generator=generator)
+
+    def same(got, layer):
+        inputs, residual = edit.answer_states(tiny_model, rows, [layer], upto)
+        assert torch.allclose(got[0], inputs[layer], atol=1e-5)
+        assert torch.allclose(got[1], residual, atol=1e-5)
+
+    try:
+        kept = LayerStates(tiny_model, rows, upto)
+        same(kept.read(0), 0)
+        twin = kept.fork()
+        change(0)
+        same(kept.read(1), 1)
+        change(1)
+        same(kept.read(1), 1)  # the same block again: read from the states entering it
+        same(twin.read(upto), upto)  # the fork read from block 0, before block 0's change
+        with pytest.raises(ValueError):
+            kept.read(0)
+    finally:
+        with torch.no_grad():
+            for block, weight in zip(blocks, saved):
+                block.mlp.down_proj.weight.copy_(weight)

@@ -525,22 +525,28 @@ def apply_edit(loaded, rows, layers: Sequence[int], last: int, goal, moments: di
     inputs depend on the layers before it), so this is solved, not assumed."""
     import torch
 
+    from oml_core.train.layer_states import LayerStates
+
     blocks = decoder_blocks(loaded.model)
     original = _down_projections(blocks, layers) if merge_floor > 0 else {}
     changed = {}
+    whole, floor = LayerStates(loaded, rows, last), None
     for index, layer in enumerate(layers):
         if should_stop():  # a layer's pass takes minutes at hundreds of keys
             raise Cancelled()
-        keys, now = answer_states(loaded, rows, layers, last)
+        keys, now = whole.read(layer)
         left = len(layers) - index
-        inputs, share = keys[layer], (goal - now) / left
+        inputs, share = keys, (goal - now) / left
         if merge_floor > 0:
-            with _scaled_changes(blocks, original, layers, merge_floor):
-                floor_keys, floor_now = answer_states(loaded, rows, layers, last)
+            if floor is None:  # nothing is changed yet: the scaled model is the model
+                floor, (floor_keys, floor_now) = whole.fork(), (keys, now)
+            else:
+                with _scaled_changes(blocks, original, layers, merge_floor):
+                    floor_keys, floor_now = floor.read(layer)
             # the layer's own change is scaled too: a dW x = r is dW x = r / a, written so
             # (not as dW (a x) = r) that these rows weigh in the least squares as much as the
             # whole model's rows do, instead of a^2 as much against the same hold
-            inputs = torch.cat([inputs, floor_keys[layer]])
+            inputs = torch.cat([inputs, floor_keys])
             share = torch.cat([share, (floor_goal - floor_now) / (left * merge_floor)])
         changed[layer] = solve_layer(blocks[layer].mlp.down_proj, inputs.to(loaded.device),
                                      share.to(loaded.device), moments[layer], strength)
