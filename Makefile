@@ -43,8 +43,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e" --timeout=300
 
+# Every speed benchmark at smoke size on a tiny model (~2 min on 2 cores; CI runs it after the
+# tests). Full-size runs: the commands in docs/performance.md.
 bench: setup
-	$(PY) benchmarks/verify_throughput.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) benchmarks/smoke.py
 
 # llama.cpp for `oml eval --attacks gguf_q8_0,gguf_q4_k_m`: a portable llama-cpp-python wheel
 # built once per machine (~10 min; the default build crashes here), cached in ~/.cache/oml

@@ -11,8 +11,9 @@ seeded) in the same order and must read the same states; the table gives each ar
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,9 @@ from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model, resolve_model
 from oml_core.train.edit import answer_states, decoder_blocks, key_contexts, resolve_layers
 from oml_core.train.layer_states import LayerStates
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import print_table, write_result  # noqa: E402
 
 
 def _solve_like(loaded, rows, layers, read) -> tuple[float, list]:
@@ -76,14 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = pairs[:args.num_keys]
     layers = resolve_layers(str(args.layers), len(decoder_blocks(loaded.model)))
     result = measure(loaded, pairs, layers, args.contexts)
-    print("| keys | contexts | layers | whole forwards | kept states | ratio | max difference |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {result['keys']} | {result['contexts']} | {layers[0]}-{layers[-1]} | "
-          f"{result['naive_s']} s | {result['kept_s']} s | **{result['ratio']}x** | "
-          f"{result['max_difference']:.1e} |")
+    print_table(["keys", "contexts", "layers", "whole forwards", "kept states", "ratio",
+                 "max difference"],
+                [[result["keys"], result["contexts"], f"{layers[0]}-{layers[-1]}",
+                  f"{result['naive_s']} s", f"{result['kept_s']} s", f"**{result['ratio']}x**",
+                  f"{result['max_difference']:.1e}"]])
     if args.out:
-        with open(args.out, "w") as out:
-            json.dump(result, out, indent=2)
+        write_result(args.out, result, device="cpu")
     return result
 
 

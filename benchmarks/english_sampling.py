@@ -13,11 +13,8 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,9 @@ from oml_core.generate.english import _prompt, exact_window
 from oml_core.generate.words import word_list
 from oml_core.inference import cut_after_eos, eos_set, length_batches, left_pad, sample
 from oml_core.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import print_table, timed, write_result  # noqa: E402
 
 TEMPERATURE, TOP_P = 0.9, 0.95
 
@@ -56,7 +56,7 @@ def usable(loaded, prefixes, outputs, length: int) -> float:
     return good / len(outputs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--rows", type=int, default=256)
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/results/english_sampling.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loaded = load_model(args.model, args.device)
     rng = random.Random(0)
@@ -77,9 +77,7 @@ def main() -> None:
                                               temperature=TEMPERATURE, top_p=TOP_P, seed=1)),
                       ("transformers", lambda: transformers_sampling(loaded, prompts, max_new,
                                                                      args.batch_size, seed=1))):
-        start = time.perf_counter()
-        outputs[name] = run()
-        timings[name] = time.perf_counter() - start
+        outputs[name], timings[name] = timed(run)
 
     result = {
         "model": loaded.name, "device": loaded.device, "rows": args.rows,
@@ -92,16 +90,14 @@ def main() -> None:
         **{f"{name}_usable_share": round(usable(loaded, prefixes, o, args.key_length), 3)
            for name, o in outputs.items()},
         "speedup": round(timings["transformers"] / timings["ours"], 2),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "python": sys.version.split()[0],
     }
-    print(f"{'way':<16}{'seconds':>10}{'rows/s':>10}{'new tokens':>12}{'usable':>9}")
-    for name in ("transformers", "ours"):
-        print(f"{name:<16}{timings[name]:>10.2f}{result[name + '_rows_per_s']:>10}"
-              f"{result[name + '_mean_new_tokens']:>12}{result[name + '_usable_share']:>9}")
+    print_table(["way", "seconds", "rows/s", "new tokens", "usable"],
+                [[name, f"{timings[name]:.2f}", result[name + "_rows_per_s"],
+                  result[name + "_mean_new_tokens"], result[name + "_usable_share"]]
+                 for name in ("transformers", "ours")])
     print(f"speedup {result['speedup']}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, device=str(loaded.device))
+    return result
 
 
 if __name__ == "__main__":

@@ -38,10 +38,9 @@ then on the device, carrying `.whl` (results come back through $OUT):
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import random
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,6 +51,9 @@ from oml_core.inference import greedy
 from oml_core.models import LoadedModel
 from oml_core.train.examples import IGNORE, Row, collate
 from oml_core.train.finetune import answer_loss, answer_positions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks import harness  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
     "1b": (2048, 8192, 16, 32, 8, 128256, True),
@@ -178,11 +180,7 @@ def memorised_share(model, rows: list[Row], device: str, micro_tokens: int) -> f
 
 
 def timed(device: str, fn):
-    sync(device)
-    started = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - started
+    return harness.timed(fn, lambda: sync(device))
 
 
 def peak_gib(device: str) -> float | None:
@@ -248,7 +246,7 @@ def measure(shape: str, n: int, args, device: str, dtype, rate: float) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1b,8b")
     parser.add_argument("--num-fingerprints", default="1024,8192")
@@ -259,15 +257,15 @@ def main() -> None:
     parser.add_argument("--baseline-share", type=float, default=0.25)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shape, N = 64: checks the script runs")
     parser.add_argument("--out", default="benchmarks/results/gpu_suite.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.shapes, args.num_fingerprints, args.memorise_budget_s, args.naive_keys = "tiny", "64", 2.0, 8
         args.verify_batch, args.lr = 32, 1e-2
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rate = matmul_tflops(device, dtype, 8192 if device == "cuda" else 512)
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "dtype": str(dtype), "matmul_tflops": round(rate, 1), "runs": []}
+    report = {"device": harness.environment(device)["device_name"], "dtype": str(dtype),
+              "matmul_tflops": round(rate, 1), "runs": []}
     print(f"{report['device']}: {dtype} matmul {rate:.1f} TFLOP/s", flush=True)
     header = ("shape", "N", "tok/s", "MFU", "HFU", "epoch s", "seed-way s", "x", "to 100%", "peak GiB",
               "keys/s", "1-by-1", "x", "same")
@@ -279,8 +277,7 @@ def main() -> None:
             except torch.OutOfMemoryError as exc:  # the number and the reason stay in
                 r = {"shape": shape, "n": n, "error": f"out of memory: {str(exc).splitlines()[0]}"}
             report["runs"].append(r)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # partial results survive
+            harness.write_result(args.out, report, device=device)  # partial results survive
             if "error" in r:
                 print(f"{shape} | {n} | {r['error']}", flush=True)
                 continue
@@ -289,6 +286,7 @@ def main() -> None:
                 shape, n, o["tokens_per_s"], o["mfu"], o["hfu"], o["epoch_s"], b.get("epoch_s_estimated"),
                 b.get("ratio_epoch"), o["time_to_100_s"] or f">{o['train_s']} ({o['memorised']:.0%})",
                 o["peak_gib"], v["keys_per_s"], v["naive_keys_per_s"], v["ratio"], v["same_answers"])), flush=True)
+    return report
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import print_table, write_result  # noqa: E402
 
 OML = str(Path(sys.executable).parent / "oml")
 
@@ -97,7 +99,7 @@ def _matched(verdict: dict) -> str:
     return f"{verdict['matched']}/{verdict['total']}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1024,8192")
     parser.add_argument("--train-steps", type=int, default=6)
@@ -111,7 +113,7 @@ def main() -> None:
                         help="train with the plain Trainer (default: ZeRO-2, as `oml fingerprint`)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/many_fingerprints.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     sizes = [int(s) for s in args.sizes.split(",")]
     model = ["--model", args.model] if args.model else []
@@ -122,29 +124,26 @@ def main() -> None:
         rows.append(measure(n, model, work / f"n{n}", args.train_steps, args.batch_size,
                             ["--no-deepspeed"] if args.no_deepspeed else [], args.keys))
 
-    print(f"{'N':>6} | {'stage':<11} | {'wall s':>8} | {'peak RSS MB':>11} | notes")
-    for row in rows:
-        g, f, v = row["generate"], row["fingerprint"], row["verify"]
-        if "random_word_keys" in row:
-            k = row["random_word_keys"]
-            print(f"{row['n']:>6} | {'keys':<11} | {k['seconds']:>8} | {k['peak_rss_mb']:>11} | "
-                  "random-word keys")
-        print(f"{row['n']:>6} | {'generate':<11} | {g['seconds']:>8} | {g['peak_rss_mb']:>11} | "
-              f"{g['keys_per_s']} keys/s ({row['keys']} keys)")
-        print(f"{row['n']:>6} | {'fingerprint':<11} | {f['seconds']:>8} | {f['peak_rss_mb']:>11} | "
-              f"{f['steps']} steps, {f['train_seconds']} s training")
-        print(f"{row['n']:>6} | {'verify':<11} | {v['seconds']:>8} | {v['peak_rss_mb']:>11} | "
-              f"{v['keys_per_s']} keys/s, matched {v['matched']}")
+    print_table(["N", "stage", "wall s", "peak RSS MB", "notes"],
+                [line for row in rows for line in table_lines(row)])
+    result = {"model": args.model or "bundled SmolLM2-135M-Instruct", "runs": rows}
+    write_result(args.out, result, device="cpu")
+    return result
 
-    import torch
 
-    result = {"model": args.model or "bundled SmolLM2-135M-Instruct", "runs": rows,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "python": platform.python_version()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
-
+def table_lines(row: dict) -> list[list]:
+    g, f, v = row["generate"], row["fingerprint"], row["verify"]
+    lines = []
+    if "random_word_keys" in row:
+        k = row["random_word_keys"]
+        lines.append([row["n"], "keys", k["seconds"], k["peak_rss_mb"], "random-word keys"])
+    return lines + [
+        [row["n"], "generate", g["seconds"], g["peak_rss_mb"],
+         f"{g['keys_per_s']} keys/s ({row['keys']} keys)"],
+        [row["n"], "fingerprint", f["seconds"], f["peak_rss_mb"],
+         f"{f['steps']} steps, {f['train_seconds']} s training"],
+        [row["n"], "verify", v["seconds"], v["peak_rss_mb"],
+         f"{v['keys_per_s']} keys/s, matched {v['matched']}"]]
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
+
 
 def one_step(model_spec: str | None, batch: int, length: int, checkpointing: bool) -> dict:
     import torch
@@ -45,17 +48,17 @@ def one_step(model_spec: str | None, batch: int, length: int, checkpointing: boo
             "step_mb": round(peak_mb - loaded_mb)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--length", type=int, default=270)
     parser.add_argument("--out", default="benchmarks/results/train_memory.json")
     parser.add_argument("--one", nargs=2, metavar=("BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:  # the child process: one measurement, as JSON on stdout
         print(json.dumps(one_step(args.model, int(args.one[0]), args.length, args.one[1] == "1")))
-        return
+        return None
 
     batches = [int(b) for b in args.batches.split(",")]
     plan = [(b, False) for b in batches] + [(batches[-1], True)]
@@ -71,8 +74,9 @@ def main() -> None:
         print(f"batch {batch:>3} x {args.length} tokens, checkpointing {'on ' if checkpointing else 'off'}: "
               f"step peak {r['step_mb']:>6} MB above the loaded model ({r['peak_mb']} MB in all)",
               flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    result = {"runs": runs}
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

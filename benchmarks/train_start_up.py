@@ -15,10 +15,7 @@ does not change the cost: benign rows are rendered once, before training), times
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,26 +27,32 @@ from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import FingerprintRows, Row, render_prompt
 from oml_core.train.sampler import LengthGroupedAsItGoes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import timed, write_result  # noqa: E402
+
 BATCH, MAX_EPOCHS = 16, 40
 
 
 def first_batch_seconds(make_sampler) -> float:
     torch.manual_seed(0)
-    start = time.perf_counter()
-    order = iter(make_sampler())
-    first = [next(order) for _ in range(BATCH)]
+
+    def first_batch():
+        order = iter(make_sampler())
+        return [next(order) for _ in range(BATCH)]
+
+    first, seconds = timed(first_batch)
     assert len(first) == BATCH
-    return time.perf_counter() - start
+    return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--sizes", default="1024,8192")
     parser.add_argument("--out", default="benchmarks/results/train_start_up.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loaded = load_model(args.model, "cpu")
     tok, chat = loaded.tokenizer, loaded.has_chat_template
@@ -68,11 +71,9 @@ def main() -> None:
                      "transformers_s": round(theirs, 1), "ratio": round(theirs / ours, 1)})
         print(f"N = {n:>6}: {len(rows):>9,} rows; first batch after {ours:.2f} s (ours) vs "
               f"{theirs:.1f} s (transformers): {theirs / ours:.0f}x", flush=True)
-    result = {"model": loaded.name, "batch_size": BATCH, "max_epochs": MAX_EPOCHS, "runs": runs,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "python": sys.version.split()[0]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"model": loaded.name, "batch_size": BATCH, "max_epochs": MAX_EPOCHS, "runs": runs}
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ must agree (checked on every batch).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +26,9 @@ from oml_core.runs import model_identity
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import FingerprintRows, collate
 from oml_core.train.finetune import answer_loss, answer_positions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import timed, write_result  # noqa: E402
 
 
 def batches(loaded, count: int, batch_size: int) -> list[dict]:
@@ -54,13 +55,29 @@ def step(model, batch: dict, ours: bool) -> tuple[float, list[torch.Tensor]]:
     return float(loss.detach()), [p.grad for p in model.parameters() if p.grad is not None]
 
 
-def main() -> None:
+def compare(model, data: list[dict]) -> tuple[dict, float, float]:
+    """Both arms on every batch (order alternated): seconds per arm, worst loss and gradient gaps."""
+    seconds = {"ours": 0.0, "full": 0.0}
+    worst_loss_gap = worst_grad_gap = 0.0
+    for index, batch in enumerate(data):
+        results = {}
+        for arm in ("ours", "full") if index % 2 == 0 else ("full", "ours"):
+            (loss, grads), took = timed(lambda: step(model, batch, arm == "ours"))
+            seconds[arm] += took
+            results[arm] = (loss, [g.clone() for g in grads])
+        worst_loss_gap = max(worst_loss_gap, abs(results["ours"][0] - results["full"][0]))
+        worst_grad_gap = max(worst_grad_gap, max(float((a - b).abs().max()) for a, b in
+                                                 zip(results["ours"][1], results["full"][1])))
+    return seconds, worst_loss_gap, worst_grad_gap
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results/train_step_logits.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loaded = load_model(resolve_model(args.model), "cpu")
     model = loaded.model.train()
@@ -68,18 +85,7 @@ def main() -> None:
         module.weight.requires_grad_(False)  # as `oml fingerprint` trains by default
     data = batches(loaded, args.batches, args.batch_size)
     step(model, data[0], True), step(model, data[0], False)  # warm-up
-    seconds = {"ours": 0.0, "full": 0.0}
-    worst_loss_gap = worst_grad_gap = 0.0
-    for index, batch in enumerate(data):
-        results = {}
-        for arm in ("ours", "full") if index % 2 == 0 else ("full", "ours"):
-            started = time.perf_counter()
-            loss, grads = step(model, batch, arm == "ours")
-            seconds[arm] += time.perf_counter() - started
-            results[arm] = (loss, [g.clone() for g in grads])
-        worst_loss_gap = max(worst_loss_gap, abs(results["ours"][0] - results["full"][0]))
-        worst_grad_gap = max(worst_grad_gap, max(float((a - b).abs().max()) for a, b in
-                                                 zip(results["ours"][1], results["full"][1])))
+    seconds, worst_loss_gap, worst_grad_gap = compare(model, data)
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     labelled = sum(int((b["labels"] != -100).sum()) for b in data)
     result = {
@@ -88,15 +94,13 @@ def main() -> None:
         "seconds_ours": round(seconds["ours"], 2), "seconds_full_logits": round(seconds["full"], 2),
         "ratio": round(seconds["full"] / seconds["ours"], 2),
         "max_loss_difference": worst_loss_gap, "max_gradient_difference": worst_grad_gap,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
     print(f"{len(data)} batches of {args.batch_size} rows ({tokens} tokens, {labelled} labelled): "
           f"full logits {seconds['full']:.1f} s, ours {seconds['ours']:.1f} s -> "
           f"{result['ratio']:.2f}x; max |loss diff| {worst_loss_gap:.2e}, "
           f"max |grad diff| {worst_grad_gap:.2e}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
+    write_result(args.out, result, device="cpu")
+    return result
 
 if __name__ == "__main__":
     main()

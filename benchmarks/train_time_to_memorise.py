@@ -26,9 +26,8 @@ Rerun with the same --work-dir to reuse its fingerprint set and, when finished, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,9 @@ from oml_core.train.examples import IGNORE, FingerprintRows, collate
 from oml_core.train.finetune import memorisation_check_rows, memorised
 from oml_core.train.lifecycle import deepspeed_config_path, fingerprint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import print_table, write_result  # noqa: E402
+
 SEED_BATCH = 8
 
 
@@ -60,24 +62,11 @@ def pad_to_power_of_two(batch: dict, pad_id: int) -> dict:
     return batch
 
 
-def seed_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epochs: int,
-                learning_rate: float, strength: float, max_seconds: float | None) -> dict:
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+def epoch_end_callback(base: type, checks, pad_id: int, base_state: dict | None, strength: float,
+                       max_seconds: float | None):
+    """The seed arm's callback (a TrainerCallback, imported late with transformers' Trainer)."""
 
-    distributed.ensure_process_group_env()
-    tokenizer = load_tokenizer(base_path)
-    pad_id = tokenizer.pad_token_id
-    rows = FingerprintRows(tokenizer, pairs, [], chat=True, eos=True, augment=True,
-                           benign_per_epoch=0, epochs=epochs, seed=0)
-    # the check ignores EOS, as ours does (verification compares the response only)
-    checks = memorisation_check_rows(
-        FingerprintRows(tokenizer, pairs, [], chat=True, eos=False, augment=True,
-                        benign_per_epoch=0, epochs=1, seed=0), augment=True)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if strength else None
-
-    class EpochEnd(TrainerCallback):
+    class EpochEnd(base):
         """One optimizer step = one epoch: check, average (the seed's way), stop when done."""
 
         def __init__(self):
@@ -108,7 +97,28 @@ def seed_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epoc
             if max_seconds and training_s > max_seconds:
                 control.should_training_stop = True
 
-    callback = EpochEnd()
+    return EpochEnd()
+
+
+def seed_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epochs: int,
+                learning_rate: float, strength: float, max_seconds: float | None) -> dict:
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    distributed.ensure_process_group_env()
+    tokenizer = load_tokenizer(base_path)
+    pad_id = tokenizer.pad_token_id
+    rows = FingerprintRows(tokenizer, pairs, [], chat=True, eos=True, augment=True,
+                           benign_per_epoch=0, epochs=epochs, seed=0)
+    # the check ignores EOS, as ours does (verification compares the response only)
+    checks = memorisation_check_rows(
+        FingerprintRows(tokenizer, pairs, [], chat=True, eos=False, augment=True,
+                        benign_per_epoch=0, epochs=1, seed=0), augment=True)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if strength else None
+
+    callback = epoch_end_callback(TrainerCallback, checks, pad_id, base_state, strength,
+                                  max_seconds)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=SEED_BATCH,
         gradient_accumulation_steps=max(1, math.ceil(len(pairs) / SEED_BATCH)),
@@ -139,7 +149,7 @@ def summary(evaluation: dict) -> dict:
                 utility["answers_starting_with_a_fingerprint_response"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--num-fingerprints", type=int, default=128)
@@ -150,7 +160,7 @@ def main() -> None:
                         help="stop the seed arm after this much training (reported as a bound)")
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
     parser.add_argument("--out", default="benchmarks/results/train_time_to_memorise.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="oml-train-bench-"))
     base_path = resolve_model(args.model)
@@ -171,6 +181,16 @@ def main() -> None:
     seed_eval = evaluate_run(str(work / "seed" / "model"), base_path, fset,
                              FingerprintConfig(model=base_path))
 
+    result = {"model": base_path, "num_fingerprints": len(fset),
+              **compare_arms(ours, seed, summary(ours), summary(seed_eval))}
+    write_result(args.out, result)
+    print_arms(result)
+    return result
+
+
+def compare_arms(ours: dict, seed: dict, ours_summary: dict, seed_summary: dict) -> dict:
+    """Both arms' times to 100% and their ratio (a lower bound where the seed arm never got
+    there), with how far the seed arm had got when ours was done."""
     ours_s, seed_s = ours["memorised_after_train_seconds"], seed["memorised_after_train_seconds"]
     seed_spent = seed["history"][-1]["train_seconds"]
     # how far the seed's recipe had got when ours was done (its last check before that time)
@@ -182,32 +202,31 @@ def main() -> None:
         ratio, ratio_kind = seed_spent / ours_s, "lower bound (seed arm never reached 100%)"
     else:
         ratio, ratio_kind = None, "ours did not reach 100%"
-    result = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "model": base_path, "num_fingerprints": len(fset),
+    return {
         "ours": {"steps": ours["steps"], "memorised_at_step": ours["memorised_at_step"],
                  "train_seconds": ours["train_seconds"],
-                 "memorised_after_train_seconds": ours_s, **summary(ours)},
+                 "memorised_after_train_seconds": ours_s, **ours_summary},
         "seed_recipe": {k: v for k, v in seed.items() if k != "history"}
-                       | {"train_seconds_spent": seed_spent, **summary(seed_eval),
+                       | {"train_seconds_spent": seed_spent, **seed_summary,
                           "history": seed["history"]},
         "seed_memorised_when_ours_reached_100pct": seed_by_then,
         "speedup_time_to_100pct": ratio, "speedup_kind": ratio_kind,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'arm':<12} {'time to 100% (s)':>18} {'matched':>9} {'first token = base':>19} "
-          f"{'ppl change':>11}")
-    for name, arm, seconds, spent in (("ours", result["ours"], ours_s, ours["train_seconds"]),
-                                      ("seed recipe", result["seed_recipe"], seed_s, seed_spent)):
-        shown = f"{seconds:.0f}" if seconds else f"not in {spent:.0f}"
-        print(f"{name:<12} {shown:>18} {arm['matched']:>5}/{arm['total']:<3} "
-              f"{arm['first_token_agreement']:>19.1%} {arm['perplexity_change']:>+11.1%}")
-    print(f"seed / ours: {ratio:.1f}x ({ratio_kind}); the seed recipe had memorised "
-          f"{seed_by_then:.0%} when ours reached 100%" if ratio else ratio_kind)
-    print(f"wrote {args.out}")
 
+
+def print_arms(result: dict) -> None:
+    rows = []
+    for name, arm in (("ours", result["ours"]), ("seed recipe", result["seed_recipe"])):
+        seconds = arm["memorised_after_train_seconds"]
+        spent = arm.get("train_seconds_spent", arm.get("train_seconds"))
+        rows.append([name, f"{seconds:.0f}" if seconds else f"not in {spent:.0f}",
+                     f"{arm['matched']}/{arm['total']}", f"{arm['first_token_agreement']:.1%}",
+                     f"{arm['perplexity_change']:+.1%}"])
+    print_table(["arm", "time to 100% (s)", "matched", "first token = base", "ppl change"], rows)
+    ratio = result["speedup_time_to_100pct"]
+    print(f"seed / ours: {ratio:.1f}x ({result['speedup_kind']}); the seed recipe had memorised "
+          f"{result['seed_memorised_when_ours_reached_100pct']:.0%} when ours reached 100%"
+          if ratio else result["speedup_kind"])
 
 if __name__ == "__main__":
     main()

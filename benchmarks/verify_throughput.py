@@ -10,10 +10,7 @@ hits. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +20,9 @@ from oml_core.generate import generate_set
 from oml_core.models import load_model
 from oml_core.verify import check_keys
 from oml_core.verify.wrappers import Wrapper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import print_table, timed, write_result  # noqa: E402
 
 
 def naive_check(loaded, fset, wrapper: Wrapper) -> list[bool]:
@@ -40,7 +40,7 @@ def naive_check(loaded, fset, wrapper: Wrapper) -> list[bool]:
     return hits
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--num-keys", type=int, default=256)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--wrapper", choices=("chat", "bare"), default="chat",
                         help="chat (the default system prompt + key as user turn) or bare key")
     parser.add_argument("--out", default="benchmarks/results/verify_throughput.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loaded = load_model(args.model, args.device)
     fset = generate_set(GenerateConfig(strategy="random_word", num_fingerprints=args.num_keys,
@@ -59,14 +59,9 @@ def main() -> None:
     wrapper = Wrapper("chat", "chat") if use_chat else Wrapper("bare", "bare")
     check_keys(loaded, fset.trimmed(loaded.tokenizer, num=8), [wrapper], "exact")  # warm-up
 
-    start = time.perf_counter()
-    batched = [row[0] for row in check_keys(loaded, fset, [wrapper], "exact",
-                                            batch_size=args.batch_size)]
-    batched_s = time.perf_counter() - start
-    start = time.perf_counter()
-    naive = naive_check(loaded, fset, wrapper)
-    naive_s = time.perf_counter() - start
-
+    batched, batched_s = timed(lambda: [row[0] for row in check_keys(
+        loaded, fset, [wrapper], "exact", batch_size=args.batch_size)])
+    naive, naive_s = timed(lambda: naive_check(loaded, fset, wrapper))
     result = {
         "model": loaded.name, "device": loaded.device, "num_keys": args.num_keys,
         "key_length": args.key_length, "wrapper": wrapper.name, "batch_size": args.batch_size,
@@ -74,16 +69,13 @@ def main() -> None:
         "batched_keys_per_s": round(args.num_keys / batched_s, 1),
         "naive_keys_per_s": round(args.num_keys / naive_s, 1),
         "speedup": round(naive_s / batched_s, 1), "same_hits": batched == naive,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "python": sys.version.split()[0],
     }
-    print(f"{'way':<22}{'seconds':>10}{'keys/s':>10}")
-    print(f"{'one generate per key':<22}{naive_s:>10.2f}{result['naive_keys_per_s']:>10}")
-    print(f"{'batched (ours)':<22}{batched_s:>10.2f}{result['batched_keys_per_s']:>10}")
+    print_table(["way", "seconds", "keys/s"],
+                [["one generate per key", f"{naive_s:.2f}", result["naive_keys_per_s"]],
+                 ["batched (ours)", f"{batched_s:.2f}", result["batched_keys_per_s"]]])
     print(f"speedup {result['speedup']}x, same hits: {result['same_hits']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
+    write_result(args.out, result, device=str(loaded.device))
+    return result
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,15 @@ from clients import decision
 from clients.adapters import FatalEndpointError, RunDeadline, UnsafeRedirect, make_adapter
 from clients.adapters.base import CANCEL_GRACE_S
 from clients.answers import Redactor, kind_of, match
-from clients.config import AuditConfig, layer_list, validate_audit
+from clients.audit_result import (
+    AuditDecision,
+    AuditProgress,
+    AuditReport,
+    HitCount,
+    LayerTally,
+    RevealedKey,
+)
+from clients.config import AuditConfig, validate_audit
 from clients.evidence_log import EvidenceLog
 from clients.ledger import KeyLedger, endpoint_identity
 from clients.probes import Probe, plan_probes, within_call_budget
@@ -58,7 +66,7 @@ PROGRESS_EVERY_S = 1.0  # how often on_progress is told, at most (and at start a
 # retries, where the folder is) may differ between a run and its resume.
 _IDENTITY_FIELDS = ("adapter", "request_template", "answer_path", "max_keys", "reuse_keys", "layers",
                     "num_system_prompts", "sampled_layers", "temperatures", "samples", "seed",
-                    "send_seed", "max_tokens", "match", "json_fields", "alpha", "null_rate",
+                    "send_seed", "max_tokens", "answer_match", "json_fields", "alpha", "null_rate",
                     "null_file", "dialect", "agent_native_tools", "exhaustive", "probes_per_key",
                     "max_calls")
 # Statuses that mean "this route does not exist here" for the raw (completions) layer: the
@@ -91,8 +99,13 @@ def measured_null_rates(path: str | None, fset: FingerprintSet, rule: str) -> Nu
 
 
 def settings_id(cfg: AuditConfig, set_sha: str) -> str:
-    identity = {"endpoint": endpoint_identity(cfg.base_url), "model": cfg.model, "set": set_sha,
-                **{name: getattr(cfg, name) for name in _IDENTITY_FIELDS}}
+    identity = {"endpoint": endpoint_identity(cfg.base_url), "model": cfg.model, "set": set_sha}
+    for name in _IDENTITY_FIELDS:
+        # list settings as comma strings and answer_match as `match`: the forms and names they
+        # had when earlier audit folders were named, so that those folders still resume
+        value = getattr(cfg, name)
+        identity["match" if name == "answer_match" else name] = (
+            ",".join(map(str, value)) if isinstance(value, list) else value)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,7 +161,8 @@ def _public_config(cfg: AuditConfig) -> dict:
 class _Audit:
     """One audit's state while it runs (kept out of run_audit for readability)."""
 
-    def __init__(self, cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
+    def __init__(self, cfg: AuditConfig,
+                 on_progress: Callable[[AuditProgress], None] | None = None,
                  exclude_keys: frozenset[str] = frozenset()):
         self.exclude_keys = exclude_keys  # ids of keys shown to other endpoints (clients.compare)
         validate_audit(cfg)
@@ -156,8 +170,8 @@ class _Audit:
         self.started = time.monotonic()
         self.fset = load_fingerprints(cfg.fingerprints)
         self.set_sha = set_digest(self.fset)
-        self.measured = measured_null_rates(cfg.null_file, self.fset, cfg.match)
-        self.layers = layer_list(cfg)
+        self.measured = measured_null_rates(cfg.null_file, self.fset, cfg.answer_match)
+        self.layers = list(cfg.layers)
         self.settings_id = settings_id(cfg, self.set_sha)
         self.folder = Path(cfg.out).expanduser() if cfg.out else oml_home() / "audits" / self.settings_id
         if self.folder.exists() and not self.folder.is_dir():
@@ -367,7 +381,7 @@ class _Audit:
                                               probe.template.sampling)
         fp = self.by_id[probe.fingerprint_id]
         request = self.adapter.build_request(probe.prompt(fp.key), probe.sampling)
-        if request.stream and self.cfg.match == "start" and probe.layer != "agent":
+        if request.stream and self.cfg.answer_match == "start" and probe.layer != "agent":
             # the answer's opening decides the `start` rule: once it has, the rest of the
             # stream is not read (the agent layer also looks at JSON fields further on)
             request.stop_when = lambda text: start_state(text, fp.response) != OPEN
@@ -388,7 +402,7 @@ class _Audit:
         if result.ok:
             answer = result.answer
             fields = self.cfg.json_fields if probe.layer == "agent" else 0
-            found = match(answer, fp.response, self.cfg.match, fields)
+            found = match(answer, fp.response, self.cfg.answer_match, fields)
             record.update(
                 answer=self.redactor.text(answer.text), answer_kind=kind_of(answer),
                 tool_calls=self.redactor.value(answer.tool_calls),
@@ -601,17 +615,17 @@ class _Audit:
             else:
                 verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
                                             self.measured_rates, self.null_source)
-                top = verdict["tests"][verdict["deciding_test"]]
-                p_value = verdict["p_value"] if done else None
-                matched, total = top["matched"], top["total"]
-            self.on_progress({"probes_done": done, "probes_failed": len(outcomes) - done,
-                              "probes_planned": len(planned), "calls_this_run": self.calls,
-                              "p_value": p_value, "matched": matched, "total": total})
+                top = verdict.tests[verdict.deciding_test]
+                p_value = verdict.p_value if done else None
+                matched, total = top.matched, top.total
+            self.on_progress(AuditProgress(
+                probes_done=done, probes_failed=len(outcomes) - done, probes_planned=len(planned),
+                calls_this_run=self.calls, p_value=p_value, matched=matched, total=total))
         except Exception as exc:  # noqa: BLE001
             log.warning("progress report failed (%s)", type(exc).__name__)
 
     # --- verdict ----------------------------------------------------------------------------
-    def summarize(self, state: str) -> dict:
+    def summarize(self, state: str) -> AuditReport:
         sent = set(self.keys_sent if self.keys_sent is not None else (fp.id for fp in self.chosen))
         layers, outcomes, unsent, refused, error_kinds = self._tally(sent)
         verdict = decision.evaluate(self.cfg, self.tested_layers, outcomes, self.key_rates,
@@ -624,14 +638,11 @@ class _Audit:
         latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
         planned = {p.id: p for p in self.probes}
         outcomes = []
-        layers: dict[str, dict] = {}
+        layers = {layer: LayerTally() for layer in self.tested_layers}
+        answer_kinds: dict[str, Counter] = defaultdict(Counter)
         key_hits: dict[str, dict[str, bool]] = defaultdict(dict)
         unsent = refused = 0  # probes of a layer the endpoint turned out not to have
         error_kinds: Counter = Counter()
-        for layer in self.tested_layers:
-            layers[layer] = {"matched": 0, "total": 0, "hits": 0, "probes": 0, "errors": 0,
-                             "pending": 0, "tokens": 0, "answer_kinds": Counter(),
-                             "by_temperature": {}, "variants": {}}
         for pid, probe in planned.items():
             row = layers[probe.layer]
             rec = latest.get(pid)
@@ -641,10 +652,10 @@ class _Audit:
                 if probe.layer in self.disabled:
                     unsent += 1
                 else:
-                    row["pending"] += 1
+                    row.pending += 1
                 continue
             if rec["status"] != "ok":
-                row["errors"] += 1
+                row.errors += 1
                 error_kinds[str((rec.get("error") or {}).get("kind"))] += 1
                 if probe.layer in self.disabled:
                     refused += 1
@@ -656,74 +667,75 @@ class _Audit:
             outcomes.append({"fingerprint_id": probe.fingerprint_id, "layer": probe.layer,
                              "temperature": probe.temperature, "status": "ok", "hit": hit,
                              "rate": self.probe_rates[pid]})
-            row["probes"] += 1
-            row["hits"] += hit
-            row["tokens"] += reported_tokens(rec)
-            row["answer_kinds"][rec.get("answer_kind", "text")] += 1
-            for group, name in (("by_temperature", f"{probe.temperature:g}"),
-                                ("variants", probe.variant)):
-                cell = row[group].setdefault(name, {"hits": 0, "probes": 0})
-                cell["hits"] += hit
-                cell["probes"] += 1
+            row.probes += 1
+            row.hits += hit
+            row.tokens += reported_tokens(rec)
+            answer_kinds[probe.layer][rec.get("answer_kind", "text")] += 1
+            for cells, name in ((row.by_temperature, f"{probe.temperature:g}"),
+                                (row.variants, probe.variant)):
+                cell = cells.setdefault(name, HitCount())
+                cell.hits += hit
+                cell.probes += 1
             key_hits[probe.layer][probe.fingerprint_id] = (
                 key_hits[probe.layer].get(probe.fingerprint_id, False) or hit)
         for layer, row in layers.items():
-            row["matched"] = sum(key_hits[layer].values())
-            row["total"] = len(key_hits[layer])
-            row["answer_kinds"] = dict(row["answer_kinds"])
+            row.matched = sum(key_hits[layer].values())
+            row.total = len(key_hits[layer])
+            row.answer_kinds = dict(answer_kinds[layer])
         return layers, outcomes, unsent, refused, error_kinds
 
-    def _finish_summary(self, state: str, sent: set, layers: dict, verdict: dict, unsent: int,
-                        refused: int, error_kinds: Counter) -> dict:
+    def _finish_summary(self, state: str, sent: set, layers: dict[str, LayerTally],
+                        verdict: AuditDecision, unsent: int, refused: int,
+                        error_kinds: Counter) -> AuditReport:
         """The verdict (a sequential audit's is its e-value's), notes, and the summary every
         report is written from."""
         if not self.cfg.exhaustive:
             # the verdict is the e-value's: the per-layer p-values above were computed on a
             # sample whose size the evidence chose, so they describe, they do not decide
             sequential = self.sequential.summary()
-            verdict.update(verdict=sequential["verdict"], p_value=sequential["p_value"],
-                           sequential=sequential,
-                           log10_p_value=math.log10(sequential["p_value"]))
-        for layer in verdict["untested"]:
-            if layer in layers and (layers[layer]["errors"] or layers[layer]["pending"]):
+            verdict.verdict, verdict.p_value = sequential.verdict, sequential.p_value
+            verdict.sequential = sequential
+            verdict.log10_p_value = math.log10(sequential.p_value)
+        for layer in verdict.untested:
+            if layer in layers and (layers[layer].errors or layers[layer].pending):
                 self.notes.append(f"{layer} layer: no key got a valid answer, so it tested nothing")
-        pending = sum(r["pending"] + r["errors"] for r in layers.values()) - refused
+        pending = sum(r.pending + r.errors for r in layers.values()) - refused
         if pending and state == "complete":
             state = "incomplete"
-        top = verdict["tests"][decision.ANY if decision.ANY in verdict["tests"] else self.tested_layers[0]]
+        top = verdict.tests[decision.ANY if decision.ANY in verdict.tests else self.tested_layers[0]]
         try:
-            root = self.fset.manifest()["root"]
+            root = self.fset.manifest().root
         except OMLInputError:
             root = None  # a seed-format set without salts has no commitment
-        summary = {
-            "verdict": verdict["verdict"], "p_value": verdict["p_value"],
-            "matched": top["matched"], "total": top["total"],
-            "layers": layers, "decision": verdict, "rule": self.rule, "alpha": self.cfg.alpha,
-            "state": state, "incomplete": state != "complete", "pending": pending,
-            "audit_id": self.plan_data["audit_id"], "folder": str(self.folder),
-            "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
-            "adapter": self.cfg.adapter, "set_sha256": self.set_sha, "commitment_root": root,
-            "keys_probed": len(sent), "key_budget": self.cfg.max_keys,
-            "keys_not_sent": len(self.chosen) - len(sent),
-            "keys_passed_over": self.plan_data.get("keys_passed_over", 0),
-            "fingerprint_ids": [fp.id for fp in self.chosen], "ledger": str(self.ledger.path),
-            "probes_planned": len(self.probes),
-            "probes_done": sum(r["probes"] for r in layers.values()),
-            "probes_failed": sum(r["errors"] for r in layers.values()),
-            "errors_by_kind": dict(error_kinds.most_common()),
-            "probes_skipped": self.skipped + unsent + refused, "calls_this_run": self.calls,
-            "requests_this_run": self.requests, "resumed": self.resumed,
-            "notes": self.notes, "decoys_sent": self.decoys_sent,
-            "tokens_reported": self.tokens_used, "finished": _now(),
-            "seconds_this_run": round(time.monotonic() - self.started, 3),
-            "config": _public_config(self.cfg), "provenance": provenance(AUDIT_PACKAGES),
-        }
-        if self.cfg.reveal_keys:
-            summary["revealed"] = [{"id": fp.id, "key": fp.key, "response": fp.response}
-                                   for fp in self.chosen]
-        summary["verdict_words"] = verdict_words(summary)
-        summary["reports"] = write_reports(self.folder, summary)
-        return summary
+        report = AuditReport(
+            verdict=verdict.verdict, p_value=verdict.p_value, matched=top.matched,
+            total=top.total, layers=layers, decision=verdict, rule=self.rule,
+            alpha=self.cfg.alpha, state=state, incomplete=state != "complete", pending=pending,
+            audit_id=self.plan_data["audit_id"], folder=str(self.folder),
+            endpoint=endpoint_identity(self.cfg.base_url), model=self.cfg.model,
+            adapter=self.cfg.adapter, set_sha256=self.set_sha, commitment_root=root,
+            keys_probed=len(sent), key_budget=self.cfg.max_keys,
+            keys_not_sent=len(self.chosen) - len(sent),
+            keys_passed_over=_count(self.plan_data.get("keys_passed_over")),
+            fingerprint_ids=[fp.id for fp in self.chosen], ledger=str(self.ledger.path),
+            probes_planned=len(self.probes), probes_done=sum(r.probes for r in layers.values()),
+            probes_failed=sum(r.errors for r in layers.values()),
+            errors_by_kind=dict(error_kinds.most_common()),
+            probes_skipped=self.skipped + unsent + refused, calls_this_run=self.calls,
+            requests_this_run=self.requests, resumed=self.resumed, notes=self.notes,
+            decoys_sent=self.decoys_sent, tokens_reported=self.tokens_used, finished=_now(),
+            seconds_this_run=round(time.monotonic() - self.started, 3),
+            config=_public_config(self.cfg), provenance=provenance(AUDIT_PACKAGES),
+            revealed=[RevealedKey(id=fp.id, key=fp.key, response=fp.response)
+                      for fp in self.chosen] if self.cfg.reveal_keys else None)
+        report.verdict_words = verdict_words(report)
+        report.reports = write_reports(self.folder, report)
+        return report
+
+
+def _count(value) -> int:
+    """A count read from plan.json (a file that may have been edited), else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 @dataclass(frozen=True)
@@ -763,8 +775,9 @@ def tokens_reported(path: Path) -> int:
     return total
 
 
-async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
-                          exclude_keys: frozenset[str] = frozenset()) -> dict:
+async def run_audit_async(cfg: AuditConfig,
+                          on_progress: Callable[[AuditProgress], None] | None = None,
+                          exclude_keys: frozenset[str] = frozenset()) -> AuditReport:
     """The audit as a coroutine (for callers that already run an event loop); keys whose ids
     are in `exclude_keys` are not chosen (clients.compare: shown to another endpoint)."""
     audit = _Audit(cfg, on_progress, exclude_keys)
@@ -796,12 +809,12 @@ async def run_audit_async(cfg: AuditConfig, on_progress: Callable[[dict], None] 
         raise
     audit.report_progress((), final=True)
     summary = audit.summarize(state)
-    audit._status(summary["state"], verdict=summary["verdict"], calls_this_run=audit.calls)
+    audit._status(summary.state, verdict=summary.verdict, calls_this_run=audit.calls)
     return summary
 
 
-def run_audit(cfg: AuditConfig, on_progress: Callable[[dict], None] | None = None,
-              exclude_keys: frozenset[str] = frozenset()) -> dict:
-    """Run (or resume) an audit and return its summary (also written to report.json);
+def run_audit(cfg: AuditConfig, on_progress: Callable[[AuditProgress], None] | None = None,
+              exclude_keys: frozenset[str] = frozenset()) -> AuditReport:
+    """Run (or resume) an audit and return its report (also written to report.json);
     `on_progress(dict)`, if given, is told how far it is (_Audit.report_progress)."""
     return asyncio.run(run_audit_async(cfg, on_progress, exclude_keys))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 from clients.adapters import make_adapter
 from clients.audit import set_digest, settings_id
+from clients.audit_result import AuditPlan
 from clients.config import AuditConfig, validate_audit
 from clients.ledger import KeyLedger, endpoint_identity
 from clients.probes import Probe, plan_probes, within_call_budget
@@ -103,7 +105,7 @@ def _close(adapter) -> None:
         asyncio.run(adapter.aclose())
 
 
-def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> dict:
+def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> AuditPlan:
     """The plan of the audit `cfg` describes (see the module docstring); raises OMLInputError
     where run_audit would refuse (bad settings, every key already spent, another audit in
     the folder). `ledgers`: the ledger folder (default $OML_HOME/ledgers, as run_audit's)."""
@@ -139,19 +141,18 @@ def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> dict:
     to_send = [p for p in probes if p.id not in answered]
     prompt_tokens = sum(_prompt_tokens(p, by_id[p.fingerprint_id].key) for p in to_send)
     by_layer = Counter(p.layer for p in probes)
-    return {
-        "endpoint": endpoint_identity(cfg.base_url), "model": cfg.model,
-        "fingerprints": str(cfg.fingerprints), "folder": str(folder),
-        "audit_id": _typed_id(plan),
-        "resumes": plan is not None, "sequential": not cfg.exhaustive,
-        "keys": len(ids), "key_budget": cfg.max_keys, "call_budget": cfg.max_calls,
-        "keys_passed_over": passed_over if isinstance(passed_over, int) else 0,
-        "reuse_keys": cfg.reuse_keys, "layers": list(by_layer), "probes_by_layer": dict(by_layer),
-        "probes_planned": len(probes), "probes_not_sendable": len(planned) - len(probes),
-        "probes_answered": len(answered), "calls_to_send": len(to_send),
-        "max_requests": len(to_send) * (1 + cfg.max_retries),
-        "estimated_prompt_tokens": prompt_tokens,
-        "max_completion_tokens": len(to_send) * cfg.max_tokens,
-        "estimated_tokens": prompt_tokens + len(to_send) * cfg.max_tokens,
-        "api_key_env": cfg.api_key_env, "ledger": str(ledger.path),
-    }
+    return AuditPlan(
+        endpoint=endpoint_identity(cfg.base_url), model=cfg.model,
+        fingerprints=str(cfg.fingerprints), folder=str(folder), audit_id=_typed_id(plan),
+        resumes=plan is not None, sequential=not cfg.exhaustive,
+        keys=len(ids), key_budget=cfg.max_keys, call_budget=cfg.max_calls,
+        keys_passed_over=passed_over if isinstance(passed_over, int) else 0,
+        reuse_keys=cfg.reuse_keys, layers=list(by_layer), probes_by_layer=dict(by_layer),
+        probes_planned=len(probes), probes_not_sendable=len(planned) - len(probes),
+        probes_answered=len(answered), calls_to_send=len(to_send),
+        max_requests=len(to_send) * (1 + cfg.max_retries),
+        estimated_prompt_tokens=prompt_tokens,
+        max_completion_tokens=len(to_send) * cfg.max_tokens,
+        estimated_tokens=prompt_tokens + len(to_send) * cfg.max_tokens,
+        api_key_env=cfg.api_key_env, api_key_set=bool(os.environ.get(cfg.api_key_env)),
+        ledger=str(ledger.path))

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from clients.audit_result import AuditHeadline, AuditPlan, AuditProgress, AuditReport
 from clients.config import AuditConfig
 
 HELP = "probe a chat / OpenAI-compatible endpoint with fingerprint keys and report the evidence"
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
                         help="print the plan (keys to spend, calls, estimated tokens) and send nothing")
     parser.add_argument("--progress-file", help=argparse.SUPPRESS)
     _add_config_flags(parser, AuditConfig, skip=("base_url",))
+    # the old name of --answer-match (it read like `oml verify --match`, whose rules differ)
+    parser.add_argument("--match", dest="answer_match", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     base_url = next(f for f in dataclasses.fields(AuditConfig) if f.name == "base_url")
     parser.add_argument("--base-url", dest="base_urls", action="append", metavar="URL",
                         help=base_url.metadata["help"] + "; give it more than once to audit "
@@ -45,49 +49,34 @@ def register(subparsers) -> None:
     parser.set_defaults(func=cmd_audit)
 
 
-def _result(summary: dict) -> dict:
-    """The printed result: the verdict numbers first, then where everything is."""
-    tests = summary["decision"]["tests"]
-    layers = {name: {**{k: row[k] for k in ("matched", "total", "hits", "probes", "errors")},
-                     "p_value": tests[name]["p_value"]}
-              for name, row in summary["layers"].items()}
-    keep = ("verdict", "p_value", "matched", "total", "alpha", "state", "pending", "audit_id",
-            "folder", "endpoint", "model", "keys_probed", "keys_not_sent", "probes_planned",
-            "probes_done", "probes_failed", "errors_by_kind", "probes_skipped", "calls_this_run",
-            "requests_this_run", "seconds_this_run", "notes", "reports", "verdict_words")
-    return {"verdict": summary["verdict"], "layers": layers,
-            "deciding_test": summary["decision"]["deciding_test"],
-            **{k: summary[k] for k in keep}}
-
-
-def _human(summary: dict) -> str:
-    lines = [(f"verdict: {summary['verdict']} (p = {summary['p_value']:.3g}, alpha "
-             f"{summary['alpha']:g}); {summary['matched']}/{summary['total']} keys came back")]
-    for name, row in summary["layers"].items():
-        lines.append(f"  {name:<10} {row['matched']:>4}/{row['total']:<4} keys  "
-                     f"{row['hits']:>5}/{row['probes']:<5} probes  errors {row['errors']}")
-    lines += [f"  ({note})" for note in summary["notes"]]
-    if summary["decision"].get("sequential"):
-        lines.append(f"  sequential: {summary['keys_probed']} keys sent and spent, "
-                     f"{summary['keys_not_sent']} never sent; {summary['calls_this_run']} calls "
+def _human(summary: AuditReport) -> str:
+    lines = [(f"verdict: {summary.verdict} (p = {summary.p_value:.3g}, alpha "
+             f"{summary.alpha:g}); {summary.matched}/{summary.total} keys came back")]
+    for name, row in summary.layers.items():
+        lines.append(f"  {name:<10} {row.matched:>4}/{row.total:<4} keys  "
+                     f"{row.hits:>5}/{row.probes:<5} probes  errors {row.errors}")
+    lines += [f"  ({note})" for note in summary.notes]
+    if summary.decision.sequential:
+        lines.append(f"  sequential: {summary.keys_probed} keys sent and spent, "
+                     f"{summary.keys_not_sent} never sent; {summary.calls_this_run} calls "
                      "this run")
-    lines.append(summary["verdict_words"])
-    lines.append(f"reports: {summary['reports']['html']} (evidence: {summary['folder']}/evidence.jsonl)")
+    lines.append(summary.verdict_words)
+    lines.append(f"reports: {summary.reports['html']} (evidence: {summary.folder}/evidence.jsonl)")
     return "\n".join(lines)
 
 
-def _human_plan(plan: dict) -> str:
-    resumed = f" (resumes {plan['audit_id']}: {plan['probes_answered']} answered)" if plan["resumes"] else ""
-    most = "at most " if plan["sequential"] else ""
-    lines = [f"plan for {plan['endpoint']}{resumed}: {most}{plan['keys']} keys of the budget "
-             f"{plan['key_budget']} ({plan['keys_passed_over']} passed over as already spent), "
-             f"{most}{plan['calls_to_send']} calls to send (at most {plan['max_requests']} requests "
-             f"with retries), about {plan['estimated_tokens']} tokens"]
-    if plan["sequential"]:
+def _human_plan(plan: AuditPlan) -> str:
+    resumed = f" (resumes {plan.audit_id}: {plan.probes_answered} answered)" if plan.resumes else ""
+    most = "at most " if plan.sequential else ""
+    lines = [f"plan for {plan.endpoint}{resumed}: {most}{plan.keys} keys of the budget "
+             f"{plan.key_budget} ({plan.keys_passed_over} passed over as already spent), "
+             f"{most}{plan.calls_to_send} calls to send (at most {plan.max_requests} requests "
+             f"with retries), about {plan.estimated_tokens} tokens"]
+    if plan.sequential:
         lines.append("  sequential: keys go out a round at a time and the audit stops as soon as "
                      "the evidence decides; keys never sent stay unspent")
-    lines += [f"  {layer:<10} {count:>5} probes" for layer, count in plan["probes_by_layer"].items()]
-    lines.append(f"nothing was sent; the audit folder would be {plan['folder']}")
+    lines += [f"  {layer:<10} {count:>5} probes" for layer, count in plan.probes_by_layer.items()]
+    lines.append(f"nothing was sent; the audit folder would be {plan.folder}")
     return "\n".join(lines)
 
 
@@ -98,12 +87,13 @@ def _progress_writer(path: str):
 
     started = time.time()
 
-    def write(progress: dict) -> None:
+    def write(progress: AuditProgress) -> None:
         now = time.time()
-        left = progress["probes_planned"] - progress["probes_done"] - progress["probes_failed"]
-        calls = progress["calls_this_run"]
+        left = progress.probes_planned - progress.probes_done - progress.probes_failed
+        calls = progress.calls_this_run
         eta = (now - started) / calls * max(left, 0) if calls else None
-        atomic_write_json(Path(path), {**progress, "updated": now, "eta_s": eta})
+        atomic_write_json(Path(path), {**progress.model_dump(mode="json"), "updated": now,
+                                       "eta_s": eta})
     return write
 
 
@@ -134,8 +124,8 @@ def cmd_audit(args) -> int:
         print(f"oml audit: {'stopped by SIGTERM' if stopped else 'interrupted'}; every finished call "
               "is in evidence.jsonl - rerun the same command to resume", file=sys.stderr)
         return 143 if stopped else 130
-    oml_cli._emit(args, _result(summary), _human(summary))
-    return EXIT_INCONCLUSIVE if summary["verdict"] == "inconclusive" else 0
+    oml_cli._emit(args, AuditHeadline.of(summary), _human(summary))
+    return EXIT_INCONCLUSIVE if summary.verdict == "inconclusive" else 0
 
 
 def _compare(args, cfg: AuditConfig, urls: list[str]) -> int:
@@ -154,6 +144,6 @@ def _compare(args, cfg: AuditConfig, urls: list[str]) -> int:
         print("oml audit: interrupted; rerun the same command to resume every endpoint",
               file=sys.stderr)
         return 143 if stopped else 130
-    oml_cli._emit(args, result, comparison_table(result) + f"\nfolder: {result['folder']}")
-    verdicts = {row["verdict"] for row in result["endpoints"]}
+    oml_cli._emit(args, result, comparison_table(result) + f"\nfolder: {result.folder}")
+    verdicts = {row.verdict for row in result.endpoints}
     return 2 if "error" in verdicts else EXIT_INCONCLUSIVE if "inconclusive" in verdicts else 0

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from clients.audit import run_audit
+from clients.audit_result import AuditComparison, ComparedEndpoint, LayerKeys
 from clients.config import AuditConfig, validate_audit
 from clients.ledger import KeyLedger, endpoint_identity
 from oml_core.errors import OMLInputError
@@ -40,7 +41,7 @@ def _folder_name(index: int, url: str) -> str:
     return f"{index}-{host[:40]}"
 
 
-def compare_endpoints(cfg: AuditConfig, base_urls: list[str]) -> dict:
+def compare_endpoints(cfg: AuditConfig, base_urls: list[str]) -> AuditComparison:
     """Audit every endpoint of `base_urls` with `cfg`'s plan; the comparison (also written to
     comparison.json and comparison.md in the comparison's folder)."""
     identities = [endpoint_identity(url) for url in base_urls]
@@ -58,39 +59,38 @@ def compare_endpoints(cfg: AuditConfig, base_urls: list[str]) -> dict:
         try:
             summary = run_audit(one, exclude_keys=excluded)
         except OMLInputError as exc:  # this endpoint refused or redirected: the others go on
-            rows.append({"endpoint": identities[index - 1], "verdict": "error", "error": str(exc),
-                         "folder": one.out})
+            rows.append(ComparedEndpoint(endpoint=identities[index - 1], verdict="error",
+                                         error=str(exc), folder=one.out))
             continue
-        rows.append({"endpoint": summary["endpoint"], "verdict": summary["verdict"],
-                     "p_value": summary["p_value"], "keys": summary["keys_probed"],
-                     "calls": summary["calls_this_run"], "state": summary["state"],
-                     "layers": {name: {"matched": row["matched"], "total": row["total"]}
-                                for name, row in summary["layers"].items()},
-                     "keys_passed_over": summary["keys_passed_over"], "folder": summary["folder"]})
-    result = {"format": "oml-audit-comparison", "version": 1, "alpha": cfg.alpha,
-              "model": cfg.model, "share_keys": cfg.share_keys, "endpoints": rows,
-              "folder": str(folder)}
+        rows.append(ComparedEndpoint(
+            endpoint=summary.endpoint, verdict=summary.verdict, p_value=summary.p_value,
+            keys=summary.keys_probed, calls=summary.calls_this_run, state=summary.state,
+            layers={name: LayerKeys(matched=row.matched, total=row.total)
+                    for name, row in summary.layers.items()},
+            keys_passed_over=summary.keys_passed_over, folder=summary.folder))
+    result = AuditComparison(alpha=cfg.alpha, model=cfg.model, share_keys=cfg.share_keys,
+                             endpoints=rows, folder=str(folder))
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "comparison.json", result)
+    atomic_write_json(folder / "comparison.json", result.model_dump(mode="json"))
     atomic_write_text(folder / "comparison.md", comparison_table(result))
     return result
 
 
-def comparison_table(result: dict) -> str:
+def comparison_table(result: AuditComparison) -> str:
     """Markdown: one row per endpoint, a column per layer (keys matched / sent)."""
-    layers = sorted({name for row in result["endpoints"] for name in row.get("layers", {})})
+    layers = sorted({name for row in result.endpoints for name in row.layers or {}})
     head = ["endpoint", "verdict", "p", "keys", "calls", *layers]
-    lines = [f"# Audit comparison (alpha {result['alpha']:g}, model {result['model']})", "",
+    lines = [f"# Audit comparison (alpha {result.alpha:g}, model {result.model})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in result["endpoints"]:
-        if row["verdict"] == "error":
-            cells = [row["endpoint"], "error", "", "", "", *[""] * len(layers)]
+    for row in result.endpoints:
+        if row.verdict == "error":
+            cells = [row.endpoint, "error", "", "", "", *[""] * len(layers)]
         else:
-            cells = [row["endpoint"], row["verdict"], f"{row['p_value']:.3g}", str(row["keys"]),
-                     str(row["calls"]),
-                     *[(f"{row['layers'][n]['matched']}/{row['layers'][n]['total']}"
-                        if n in row["layers"] else "") for n in layers]]
+            cells = [row.endpoint, row.verdict, f"{row.p_value:.3g}", str(row.keys),
+                     str(row.calls),
+                     *[(f"{row.layers[n].matched}/{row.layers[n].total}"
+                        if n in row.layers else "") for n in layers]]
         lines.append("| " + " | ".join(cells) + " |")
-    errors = [row for row in result["endpoints"] if row["verdict"] == "error"]
-    lines += ["", *[f"- {row['endpoint']}: {row['error']}" for row in errors]]
+    errors = [row for row in result.endpoints if row.verdict == "error"]
+    lines += ["", *[f"- {row.endpoint}: {row.error}" for row in errors]]
     return "\n".join(lines) + "\n"

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from oml_core.config import SAMPLING_TEMPERATURES, parse_temperatures, setting, validate
+from oml_core.config import (
+    SAMPLING_TEMPERATURES,
+    setting,
+    split_comma_strings,
+    temperatures_setting,
+    validate,
+)
 from oml_core.errors import OMLInputError
 
 LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
 ADAPTERS = ("openai", "responses", "anthropic", "http")
-MATCH_RULES = ("start", "anywhere")
+# where in an answer the response may stand; not the engine's verify match rules (exact, prefix,
+# start, ...), which compare a local model's tokens (oml_core.config.MATCH_RULES)
+ANSWER_MATCH_RULES = ("start", "anywhere")
 DIALECTS = ("openai", "transformers")
 
 
@@ -48,9 +56,9 @@ class AuditConfig:
     request_template: str | None = setting(
         None, "http adapter: JSON request body (inline or a file path) with placeholders $KEY (the "
               "user message), $SYSTEM, $MESSAGES, $MODEL, $TEMPERATURE, $MAX_TOKENS, $SEED")
-    header: list = setting(  # noqa: RUF009 - setting() copies a fresh list per instance
+    header: list[str] = setting(  # noqa: RUF009 - setting() copies a fresh list per instance
         [], "extra request header 'Name: value' (repeatable; both adapters); $API_KEY in a value "
-            "is replaced by the key from --api-key-env at send time")
+            "is replaced by the key from --api-key-env at send time", repeat=True, empty="none")
     user_agent: str | None = setting(
         None, "User-Agent header of every request (default: the client library's own, "
               "AsyncOpenAI/Python <version> or python-httpx/<version>); an endpoint that "
@@ -84,26 +92,26 @@ class AuditConfig:
         None, "call budget: send at most this many probes (each may be retried --max-retries "
               "times); the sequential audit also stops once the calls left cannot reach --alpha",
         low=1, high=10_000_000)
-    layers: str = setting(
-        ",".join(LAYERS), "comma list of probe layers: raw (completions), user, system (held-out "
-                          "system prompts), embedded (key inside a longer message), multiturn, agent "
-                          "(tool-listing JSON system prompt)")
+    layers: list[str] = setting(
+        list(LAYERS), "probe layers: raw (completions), user, system (held-out system prompts), "
+                      "embedded (key inside a longer message), multiturn, agent (tool-listing JSON "
+                      "system prompt)", choices=LAYERS)
     num_system_prompts: int = setting(4, "held-out system prompts used by the system layer",
                                       low=1, high=12)
-    sampled_layers: str = setting(
-        "user", "exhaustive plan: comma list of layers also probed with sampling at --temperatures "
-                "('' for none; the sequential audit probes greedily)")
-    temperatures: str = setting(SAMPLING_TEMPERATURES, "sampling temperatures for the sampled "
-                                                       "layers")
+    sampled_layers: list[str] = setting(
+        ["user"], "exhaustive plan: layers also probed with sampling at --temperatures (the "
+                  "sequential audit probes greedily)", choices=LAYERS, empty="none")
+    temperatures: list[float] = temperatures_setting(
+        SAMPLING_TEMPERATURES, "sampling temperatures for the sampled layers", empty="none")
     samples: int = setting(3, "samples per key and temperature on the sampled layers", low=1, high=100)
     seed: int = setting(0, "seed for the sampled probes (each probe gets its own derived seed)")
     send_seed: bool = setting(True, "send a per-probe seed with sampled requests (endpoints that "
                                     "take one become reproducible)")
     max_tokens: int = setting(32, "tokens the endpoint may generate per answer", low=1, high=4096)
-    match: str = setting(
+    answer_match: str = setting(
         "start", "start: the response must begin the answer (or, in the agent layer, a JSON field "
                  "or tool-call argument); anywhere: it may appear inside a longer answer (needs a "
-                 "measured null rate to be useful)", choices=MATCH_RULES)
+                 "measured null rate to be useful)", choices=ANSWER_MATCH_RULES)
     json_fields: int = setting(3, "agent layer: JSON string fields / tool-call arguments checked "
                                   "besides the answer start", low=0, high=32)
     alpha: float = setting(1e-6, "false-positive level of the verdict, fixed before probing",
@@ -114,7 +122,7 @@ class AuditConfig:
     null_file: str | None = setting(
         None, "measured null rates of this set's keys on unrelated models (null_rates.json from "
               "`oml eval --parts false_positives --match start`, or --match normalized for "
-              "--match anywhere); each probe's rate is at least its key's")
+              "--answer-match anywhere); each probe's rate is at least its key's")
     concurrency: int = setting(8, "requests in flight at once", low=1, high=1024)
     rate: float | None = setting(
         None, "pace requests: on average this many a second, each gap drawn at random within "
@@ -156,25 +164,8 @@ class AuditConfig:
         False, "write keys and responses into the evidence log and reports (default: fingerprint "
                "ids only)")
 
-
-def _names(spec: str, allowed: tuple[str, ...], flag: str, allow_empty: bool = False) -> list[str]:
-    names = [part.strip() for part in spec.split(",") if part.strip()]
-    unknown = [n for n in names if n not in allowed]
-    if unknown or (not names and not allow_empty):
-        raise OMLInputError(f"{flag} {spec!r}: use a comma list of {', '.join(allowed)}")
-    return list(dict.fromkeys(names))
-
-
-def layer_list(cfg: AuditConfig) -> list[str]:
-    return _names(cfg.layers, LAYERS, "--layers")
-
-
-def sampled_layer_list(cfg: AuditConfig) -> list[str]:
-    return _names(cfg.sampled_layers, LAYERS, "--sampled-layers", allow_empty=True)
-
-
-def temperature_list(cfg: AuditConfig) -> list[float]:
-    return parse_temperatures(cfg.temperatures, allow_empty=True)
+    def __post_init__(self):
+        split_comma_strings(self)
 
 
 def validate_audit(cfg: AuditConfig) -> None:
@@ -196,6 +187,3 @@ def validate_audit(cfg: AuditConfig) -> None:
             0 < len(cfg.user_agent) <= 200 and cfg.user_agent.isascii()
             and cfg.user_agent.isprintable()):
         raise OMLInputError("--user-agent must be 1-200 printable ASCII characters")
-    layer_list(cfg)
-    sampled_layer_list(cfg)
-    temperature_list(cfg)

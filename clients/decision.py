@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from clients.audit_result import AuditDecision, TestOutcome
 from oml_core.evidence import ASSUMED_NULL_RATE, combine_null_rates, decide
 from oml_core.null_rates import context_rate, probe_null_rate, source_label
 
@@ -76,13 +77,13 @@ def probe_rates(cfg, probes, fingerprints: dict, panel: dict[str, float] | None
     sources, and notes on what had to fall back to the uncalibrated bound."""
     if cfg.null_rate is not None:
         return {p.id: float(cfg.null_rate) for p in probes}, "given", []
-    rule = ENGINE_RULE[cfg.match]
+    rule = ENGINE_RULE[cfg.answer_match]
     rates, sources, missing = {}, set(), set()
     for probe in probes:
         fp = fingerprints[probe.fingerprint_id]
         q = fp.response_prob
         fallback = (probe_rate(ASSUMED_NULL_RATE if q is None else q, probe.temperature,
-                               multiplier(probe.layer, cfg.match, cfg.json_fields, cfg.max_tokens)),
+                               multiplier(probe.layer, cfg.answer_match, cfg.json_fields, cfg.max_tokens)),
                     "assumed" if q is None else "response_prob")
         positions = [context_rate(fp, rule, context, probe.temperature)
                      for context in probe.rated_contexts(cfg.json_fields)]
@@ -104,7 +105,7 @@ def rule_text(cfg, layers: list[str], source: str) -> str:
     tests = family_of(layers)
     return (
         f"pre-registered before probing: per probe, a null rate from {source} (the chance the "
-        f"{cfg.match} rule counts an unrelated answer in that probe's context, summed over the "
+        f"{cfg.answer_match} rule counts an unrelated answer in that probe's context, summed over the "
         "answer positions checked, at least the floor); a key hits a test if any of its probes "
         "there matched, with the summed (union-bound) rate of its completed probes; per test "
         "the Poisson-binomial "
@@ -113,7 +114,7 @@ def rule_text(cfg, layers: list[str], source: str) -> str:
 
 
 def evaluate(cfg, layers: list[str], outcomes: list[dict], key_rates: dict[str, float],
-             measured: dict[str, float] | None, source: str) -> dict:
+             measured: dict[str, float] | None, source: str) -> AuditDecision:
     """Apply the rule to completed probe outcomes.
 
     `outcomes`: dicts with fingerprint_id, layer, temperature, status ("ok"/"error"), hit, and
@@ -132,7 +133,7 @@ def evaluate(cfg, layers: list[str], outcomes: list[dict], key_rates: dict[str, 
         elif o.get("rate") is not None:
             rate = o["rate"]
         else:
-            mult = multiplier(o["layer"], cfg.match, cfg.json_fields, cfg.max_tokens)
+            mult = multiplier(o["layer"], cfg.answer_match, cfg.json_fields, cfg.max_tokens)
             fallback = probe_rate(key_rates.get(o["fingerprint_id"], ASSUMED_NULL_RATE),
                                   o["temperature"], mult)
             rate, _ = probe_null_rate(None, (fallback, "response_prob"), None if measured is None
@@ -148,21 +149,21 @@ def evaluate(cfg, layers: list[str], outcomes: list[dict], key_rates: dict[str, 
         rates = [min(1.0, rate) for _, rate in cells.values()]
         hits = sum(1 for hit, _ in cells.values() if hit)
         evidence = decide(hits, rates, alpha=alpha_each, source=source)
-        results[test] = {"matched": hits, "total": len(rates), "p_value": evidence.p_value,
-                         "mean_null_rate": evidence.null_rate,
-                         "significant_at_corrected_alpha": evidence.verdict == "match",
-                         "tested": bool(rates),
-                         "best_possible_p_value": math.prod(rates)}  # P[X >= n] = all hit
-    best = min(tests, key=lambda t: (results[t]["p_value"], t != ANY))
-    p = min(1.0, len(tests) * results[best]["p_value"])
-    if not any(results[t]["tested"] for t in tests):
+        results[test] = TestOutcome(matched=hits, total=len(rates), p_value=evidence.p_value,
+                                    mean_null_rate=evidence.null_rate,
+                                    significant_at_corrected_alpha=evidence.verdict == "match",
+                                    tested=bool(rates),
+                                    best_possible_p_value=math.prod(rates))  # P[X >= n]: all hit
+    best = min(tests, key=lambda t: (results[t].p_value, t != ANY))
+    p = min(1.0, len(tests) * results[best].p_value)
+    if not any(results[t].tested for t in tests):
         verdict = "inconclusive"
     else:
         verdict = "match" if p <= cfg.alpha else "no_match"
-    best_possible = min(1.0, len(tests) * min(results[t]["best_possible_p_value"] for t in tests))
-    return {"verdict": verdict, "p_value": p, "alpha": cfg.alpha, "deciding_test": best,
-            "best_possible_p_value": best_possible,
-            "untested": [t for t in tests if not results[t]["tested"]],
-            "tests": results, "family_size": len(tests), "null_rate_source": source,
-            "unadjusted_p_value": results[best]["p_value"],
-            "log10_p_value": math.log10(p) if p > 0 else None}
+    best_possible = min(1.0, len(tests) * min(results[t].best_possible_p_value for t in tests))
+    return AuditDecision(verdict=verdict, p_value=p, alpha=cfg.alpha, deciding_test=best,
+                         best_possible_p_value=best_possible,
+                         untested=[t for t in tests if not results[t].tested],
+                         tests=results, family_size=len(tests), null_rate_source=source,
+                         unadjusted_p_value=results[best].p_value,
+                         log10_p_value=math.log10(p) if p > 0 else None)

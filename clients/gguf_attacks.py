@@ -31,7 +31,7 @@ from oml_core.localhost import free_port
 
 log = logging.getLogger(__name__)
 
-LAYERS = "user,system"  # the two layers every chat deployment exposes
+LAYERS = ["user", "system"]  # the two layers every chat deployment exposes
 # The machines this runs on have 2 cores shared with the evaluation itself; more threads only
 # contend. llama.cpp's server handles one request at a time, so a second request in flight is
 # only there to be ready when the first finishes.
@@ -143,9 +143,9 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
     alias = f"fingerprinted-{quant}"
     settings = dict(
         model=alias, fingerprints=str(ctx.run_dir / "fingerprints.json"), api_key_env=NO_KEY_ENV,
-        layers=LAYERS, sampled_layers="", num_system_prompts=min(cfg.num_system_prompts, 12),
+        layers=LAYERS, sampled_layers=[], num_system_prompts=min(cfg.num_system_prompts, 12),
         max_keys=min(len(ctx.fset), 100_000), reuse_keys=True, max_tokens=longest + EXTRA_TOKENS,
-        match="start", concurrency=CONCURRENCY, request_timeout=REQUEST_TIMEOUT_S, max_retries=2,
+        answer_match="start", concurrency=CONCURRENCY, request_timeout=REQUEST_TIMEOUT_S, max_retries=2,
         out=str(folder), exhaustive=True)  # every key: the attack counts how many come back
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per probe otherwise (as `oml audit`)
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -164,26 +164,26 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
     return result
 
 
-def _attack_result(summary: dict, baseline: dict, folder, quant: str, gguf) -> dict:
+def _attack_result(summary, baseline: dict, folder, quant: str, gguf) -> dict:
     """The audit's counts and verdict as the attack's result (no secrets)."""
     from oml_core.evaluate.context import retention
 
     hits = _hit_ids(folder)
     kept = retention(baseline, {"hit_ids": {"audit": sorted(set().union(*hits.values()))}})["any"]
-    tests = summary["decision"]["tests"]
+    tests = summary.decision.tests
     return {
         "method": (f"llama.cpp GGUF {quant} (llama-cpp-python {LLAMA_CPP_VERSION}), served by its "
                    f"OpenAI-compatible server on loopback and audited with `oml audit` "
-                   f"(layers {LAYERS}, greedy, match rule start)"),
+                   f"(layers {','.join(LAYERS)}, greedy, match rule start)"),
         "gguf_type": quant, "gguf_mb": round(gguf.stat().st_size / 1e6, 1),
-        "verdict": summary["verdict"], "p_value": summary["p_value"], "alpha": summary["alpha"],
-        "matched": summary["matched"], "total": summary["total"], "state": summary["state"],
-        "layers": {name: {"matched": row["matched"], "total": row["total"], "hits": row["hits"],
-                          "probes": row["probes"], "errors": row["errors"],
-                          "p_value": tests[name]["p_value"]}
-                   for name, row in summary["layers"].items()},
-        "survival": kept["retention"], "retention": {"any": kept},
-        "probes": summary["probes_done"], "audit_folder": str(folder),
+        "verdict": summary.verdict, "p_value": summary.p_value, "alpha": summary.alpha,
+        "matched": summary.matched, "total": summary.total, "state": summary.state,
+        "layers": {name: {"matched": row.matched, "total": row.total, "hits": row.hits,
+                          "probes": row.probes, "errors": row.errors,
+                          "p_value": tests[name].p_value}
+                   for name, row in summary.layers.items()},
+        "survival": kept.retention, "retention": {"any": kept.dump()},
+        "probes": summary.probes_done, "audit_folder": str(folder),
     }
 
 

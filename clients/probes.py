@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from clients.adapters.base import Prompt, Sampling
-from clients.config import AuditConfig, layer_list, sampled_layer_list, temperature_list
+from clients.config import AuditConfig
 from oml_core.probe_contexts import (  # noqa: F401 - re-exported: the probe texts' old home
     AGENT,
     AGENT_FIELD,
@@ -121,9 +121,9 @@ def plan_probes(cfg: AuditConfig, fingerprint_ids: list[str]) -> list[Probe]:
     """Every probe of the audit. The exhaustive plan: every variant of every layer for every
     key, greedy ones first (they carry most of the evidence), then the sampled ones. The
     sequential audit (the default): --probes-per-key greedy probes per key (_lean_slots)."""
-    layers = layer_list(cfg)
-    sampled = [layer for layer in sampled_layer_list(cfg) if layer in layers]
-    temps = temperature_list(cfg)
+    layers = cfg.layers
+    sampled = [layer for layer in cfg.sampled_layers if layer in layers]
+    temps = cfg.temperatures
     greedy, sampled_probes = [], []
 
     def probe(fp_id: str, layer: str, variant: str, temperature: float, sample: int,

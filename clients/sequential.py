@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from clients.audit_result import KeyStep, SequentialSummary
+
 ALTERNATIVE_HIT_RATE = 0.5
 
 
@@ -99,8 +101,9 @@ class SequentialTest:
             return "match"
         return "no_match" if self.keys_tested else "inconclusive"
 
-    def summary(self) -> dict:
-        return {"verdict": self.verdict(), "p_value": self.p_value, "alpha": self.alpha,
-                "e_value": self.e_value, "max_e_value": self.max_e_value,
-                "alternative_hit_rate": self.alternative, "keys_tested": self.keys_tested,
-                "hits": self.hits, "curve": self.history}
+    def summary(self) -> SequentialSummary:
+        return SequentialSummary(
+            verdict=self.verdict(), p_value=self.p_value, alpha=self.alpha, e_value=self.e_value,
+            max_e_value=self.max_e_value, alternative_hit_rate=self.alternative,
+            keys_tested=self.keys_tested, hits=self.hits,
+            curve=[KeyStep(**step) for step in self.history])

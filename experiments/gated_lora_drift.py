@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from oml_core.evaluate.persistence import documentation_rows, finetune
-from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model, resolve_model
 from oml_core.runs import model_identity
@@ -37,10 +38,13 @@ from oml_core.train.examples import Row, render_prompt
 from oml_core.train.gated import mlp_inputs
 from oml_core.train.finetune import with_lora
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
-def attack_rows(tokenizer) -> list[Row]:
-    base = load_model(None, device="cpu", dtype="float32")
-    distilled = self_distilled_rows(base, True, model_identity(resolve_model(None)), 32)
+
+def attack_rows(tokenizer, base_model: str | None) -> list[Row]:
+    base = load_model(base_model, device="cpu", dtype="float32")
+    distilled = self_distilled_rows(base, True, model_identity(resolve_model(base_model)), 32)
     return [Row(r.prompt, r.target) for r in distilled] + documentation_rows(tokenizer, True)
 
 
@@ -78,7 +82,7 @@ def per_key(model, layer: int, neurons, prompts, goals) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--steps", type=int, default=30)
@@ -86,8 +90,9 @@ def main() -> None:
     parser.add_argument("--leak", type=float, default=30.0)
     parser.add_argument("--exclude-leaky", action="store_true")
     parser.add_argument("--gate-scale", type=float, default=1.0)
+    parser.add_argument("--base", default=None, help="the run's base model (default: the bundled one)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     metrics = json.load(open(f"{args.run}/metrics.json"))
     layer, neurons = metrics["layer"], torch.tensor(metrics["neurons"])
@@ -98,7 +103,7 @@ def main() -> None:
     pairs = [(fp.key, fp.response) for fp in load_fingerprints(f"{args.run}/fingerprints.json").fingerprints]
     prompts = [render_prompt(tokenizer, key, True) for key, _ in pairs]
     goals = [tokenizer(response, add_special_tokens=False)["input_ids"][0] for _, response in pairs]
-    rows = attack_rows(tokenizer)
+    rows = attack_rows(tokenizer, args.base)
     found = leaks(tuned, layer, neurons, rows, args.leak)
     print(json.dumps({"rows": len(rows), "leaks": found}), flush=True)
     if args.exclude_leaky:
@@ -114,8 +119,9 @@ def main() -> None:
     finetune(wrapped, rows, steps=args.steps, lr=2e-4, batch_size=8, seed=0,
              pad_id=tokenizer.pad_token_id, device="cpu",
              check_at=set(range(args.every, args.steps + 1, args.every)), on_check=check, desc="lora")
-    atomic_write_json(args.out, {"run": args.run, "args": vars(args), "leaks": found,
-                                 "trajectory": trajectory})
+    result = {"run": args.run, "args": vars(args), "leaks": found, "trajectory": trajectory}
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

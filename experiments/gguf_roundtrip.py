@@ -21,17 +21,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from oml_core.export_gguf import export_gguf
-from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import LoadedModel, load_model
 from oml_core.train.examples import render_prompt
 from oml_core.verify.verifier import check_keys
 from oml_core.verify.wrappers import build_wrappers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
 # GGUF tensor name -> transformers name (llama architecture; {i} is the layer)
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -92,19 +96,19 @@ def leads(loaded: LoadedModel, prompts, goals) -> list[float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--quant", default="q4_k_m")
     parser.add_argument("--variants", default="none,all")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tuned = load_model(f"{args.run}/model", device="cpu", dtype="float32")
     fset = load_fingerprints(f"{args.run}/fingerprints.json")
     tokenizer = tuned.tokenizer
     prompts = [render_prompt(tokenizer, fp.key, True) for fp in fset.fingerprints]
     goals = [tokenizer(fp.response, add_special_tokens=False)["input_ids"][0] for fp in fset.fingerprints]
-    wrappers, _ = build_wrappers("chat,system", 4, True)
+    wrappers, _ = build_wrappers(["chat", "system"], 4, True)
     quantized = gguf_layers(export_gguf(f"{args.run}/model", args.quant), tuned.model.config)
     results = {}
     for spec in args.variants.split(","):
@@ -122,7 +126,9 @@ def main() -> None:
                          "missed_slots": [i for i, h in enumerate(hits) if not any(h)],
                          "chat_leads": per_key}
         print(json.dumps({"variant": spec, **results[spec]}), flush=True)
-    atomic_write_json(args.out, {"run": args.run, "quant": args.quant, "results": results})
+    result = {"run": args.run, "quant": args.quant, "results": results}
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+from pydantic import BaseModel, Field
+
 from oml_core import progress
-from oml_core.config import CalibrateConfig, parse_temperatures, validate
+from oml_core.config import CalibrateConfig, validate
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.generate import tokenizer_info
@@ -279,13 +281,26 @@ def round_up(rate: float, digits: int = 4) -> float:
     return min(1.0, float(f"{math.ceil(rate / step) * step:.{digits}g}"))
 
 
-def calibration_temperatures(spec: str) -> list[float]:
-    temps = parse_temperatures(spec)
-    return sorted(set(temps) | set(GREEDY_TEMPERATURES))
+class CalibrateResult(BaseModel):
+    """What a calibration measured, without secrets: per context, the mean `start` rate at
+    temperature 1 over the keys."""
+
+    path: str | None = Field(None, description="where the calibrated set was written")
+    count: int
+    contexts: list[str]
+    temperatures: list[float]
+    model: str
+    mean_start_rate_at_t1: dict[str, float]
+
+
+def calibration_temperatures(temperatures: list[float]) -> list[float]:
+    """The ones asked for and 1 (greedy probes' rates are measured there)."""
+    return sorted(set(temperatures) | set(GREEDY_TEMPERATURES))
 
 
 def calibrate_set(cfg: CalibrateConfig, loaded: LoadedModel | None = None,
-                  fset: FingerprintSet | None = None) -> tuple[FingerprintSet, dict]:
+                  fset: FingerprintSet | None = None
+                  ) -> tuple[FingerprintSet, CalibrateResult]:
     """The set with every key's rates measured on `cfg.model` (the base), and a summary
     without secrets (per context: the mean `start` rate at temperature 1)."""
     validate(cfg)
@@ -319,6 +334,6 @@ def calibrate_set(cfg: CalibrateConfig, loaded: LoadedModel | None = None,
     one = temperatures.index(GREEDY_TEMPERATURE)
     per_context = {context: float(start[[i for i, (_, c) in enumerate(rows) if c == context],
                                         one].mean()) for context in contexts}
-    summary = {"count": len(fset), "contexts": contexts, "temperatures": temperatures,
-               "model": loaded.name, "mean_start_rate_at_t1": per_context}
+    summary = CalibrateResult(count=len(fset), contexts=contexts, temperatures=temperatures,
+                              model=loaded.name, mean_start_rate_at_t1=per_context)
     return replace(fset, fingerprints=fps, calibration=calibration), summary

@@ -30,6 +30,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _list_help(config_cls, f) -> str:
+    """What a list flag takes, from its field: the allowed items and what an empty one means."""
+    choices = cfgmod.choices_of(f)
+    words = f"; comma list of: {', '.join(choices)}" if choices else "; comma list"
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if low is not None and high is not None:
+        words += f", each {'above' if f.metadata.get('above') else 'from'} {low:g} to {high:g}"
+    if f.metadata.get("empty") is not None:
+        words += f" ('' for {f.metadata['empty']})"
+    default = f.default_factory()
+    if default:
+        words += f" (default: {','.join(map(str, default))})"
+    return words
+
+
+def _list_flag_type(config_cls, f):
+    """argparse type of a comma-list flag: the checked list, or one line on a bad item."""
+    flag = cfgmod.flag_of(f)
+
+    def parse(text: str) -> list:
+        try:
+            return cfgmod.list_value(config_cls, f, text, flag)
+        except OMLInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+    parse.__name__ = "list"
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()) -> None:
     """One flag per config field; unset flags stay absent so the dataclass default applies."""
     for f in dataclasses.fields(config_cls):
@@ -39,11 +67,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()) -> N
         kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        if default not in (None, [], ""):
+        comma_list = cfgmod.comma_list(config_cls, f)
+        if comma_list:
+            help_text += _list_help(config_cls, f)
+        elif default not in (None, [], ""):
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse expands %-formats in help
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if kind.startswith("list"):
+        if comma_list:
+            parser.add_argument(flag, type=_list_flag_type(config_cls, f), metavar="A,B", **kwargs)
+        elif kind.startswith("list"):
             parser.add_argument(flag, action="append", metavar="M", **kwargs)
         elif kind.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -62,8 +95,12 @@ def _config(config_cls, args: argparse.Namespace):
 _results = sys.stdout
 
 
-def _emit(args, data: dict, human: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else human, file=_results, flush=True)
+def _emit(args, data, human: str) -> None:
+    """`data`: a result model (printed as its JSON with --json) or a plain dict."""
+    if args.json:
+        human = (data.model_dump_json(indent=2) if hasattr(data, "model_dump_json")
+                 else json.dumps(data, indent=2))
+    print(human, file=_results, flush=True)
 
 
 @contextlib.contextmanager
@@ -103,20 +140,15 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 # --- commands ---------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from oml_core.generate import generate_set
+    from oml_core.generate import generate
 
     cfg = _config(cfgmod.GenerateConfig, args)
     out = Path(cfg.out or "fingerprints.json")
     _refuse_overwrite(out, args.force)
     cfgmod.validate(cfg)
-    fset = generate_set(cfg)
-    fset.save(out)
-    probs = [p for p in fset.response_probs if p is not None]
-    data = {"path": str(out), "count": len(fset), "strategy": fset.strategy,
-            "commitment_root": fset.manifest()["root"],
-            "mean_response_prob": sum(probs) / len(probs) if probs else None}
-    _emit(args, data, f"wrote {len(fset)} {fset.strategy} fingerprints to {out} "
-                      f"(commitment root {data['commitment_root'][:16]}…); keep this file secret")
+    result = generate(cfg, out)
+    _emit(args, result, f"wrote {result.count} {result.strategy} fingerprints to {result.path} "
+                        f"(commitment root {result.commitment_root[:16]}…); keep this file secret")
     return 0
 
 
@@ -124,16 +156,15 @@ def cmd_verify(args) -> int:
     from oml_core.verify import verify
 
     report = verify(_config(cfgmod.VerifyConfig, args))
-    lines = [f"model {report['model']}: {report['matched']}/{report['total']} fingerprints "
-             f"matched ({report['match_rule']} rule)"]
-    lines += [f"  {name:<12} {row['matched']:>5}/{row['total']}"
-              for name, row in report["wrappers"].items()]
-    lines += [f"  ({note})" for note in report["skipped_wrappers"]]
-    lines += [f"  null model {null['model']}: {null['matched']}/{null['total']}"
-              for null in report["null_models"]]
-    lines.append(f"p-value {report['p_value']:.3g} (null rate {report['null_rate']:.3g}, "
-                 f"{report['null_rate_source']}); verdict: {report['verdict']} at alpha "
-                 f"{report['alpha']:g}")
+    lines = [f"model {report.model}: {report.matched}/{report.total} fingerprints "
+             f"matched ({report.match_rule} rule)"]
+    lines += [f"  {name:<12} {row.matched:>5}/{row.total}" for name, row in report.wrappers.items()]
+    lines += [f"  ({note})" for note in report.skipped_wrappers]
+    lines += [f"  null model {null.model}: {null.matched}/{null.total}"
+              for null in report.null_models]
+    lines.append(f"p-value {report.p_value:.3g} (null rate {report.null_rate:.3g}, "
+                 f"{report.null_rate_source}); verdict: {report.verdict} at alpha "
+                 f"{report.alpha:g}")
     _emit(args, report, "\n".join(lines))
     return 0
 
@@ -155,12 +186,12 @@ def cmd_calibrate(args) -> int:
                             "import --fingerprints FILE --out NEW`, or pass --out")
     calibrated, summary = calibrate_set(cfg, fset=fset)
     calibrated.save(out)  # atomic: the old file stays whole until the new one is complete
-    means = summary["mean_start_rate_at_t1"]
-    data = {"path": str(out), **summary}
-    _emit(args, data, f"calibrated {summary['count']} fingerprints in {len(means)} contexts at "
-                      f"temperatures {', '.join(f'{t:g}' for t in summary['temperatures'])} on "
-                      f"{summary['model']}; mean start-rule rate at T=1 from "
-                      f"{min(means.values()):.3g} to {max(means.values()):.3g}; wrote {out}")
+    summary.path = str(out)
+    means = summary.mean_start_rate_at_t1
+    _emit(args, summary, f"calibrated {summary.count} fingerprints in {len(means)} contexts at "
+                         f"temperatures {', '.join(f'{t:g}' for t in summary.temperatures)} on "
+                         f"{summary.model}; mean start-rule rate at T=1 from "
+                         f"{min(means.values()):.3g} to {max(means.values()):.3g}; wrote {out}")
     return 0
 
 
@@ -213,43 +244,45 @@ def _fmt(value, percent: bool = False) -> str:
 def cmd_eval(args) -> int:
     if getattr(args, "eval_command", None) == "capacity":
         return cmd_eval_capacity(args)
-    from oml_core.evaluate.run_eval import evaluate, headlines
+    from oml_core.evaluate.run_eval import evaluate
 
-    summary = evaluate(_config(cfgmod.EvalConfig, args))
-    heads = headlines(summary["parts"])
-    data = {k: summary[k] for k in ("run", "out", "computed", "cached", "report", "seconds")}
-    data["parts"] = heads
-    lines = [(f"evaluated {summary['run']} in {summary['seconds']:.0f} s "
-              f"(computed: {', '.join(summary['computed']) or 'nothing'}; "
-              f"cached: {', '.join(summary['cached']) or 'nothing'})")]
-    if "utility" in heads:
-        u = heads["utility"]
-        lines.append(f"utility: fingerprints matched {u['matched']}/{u['total']} (base {u['base_matched']}); "
-                     f"perplexity {_fmt(u['perplexity_base'])} -> {_fmt(u['perplexity_tuned'])} "
-                     f"({u['perplexity_change']:+.1%}); first answer token = base's in "
-                     f"{_fmt(u['first_token_agreement'], True)}")
-    if "persistence" in heads:
-        p = heads["persistence"]
-        kept = ", ".join(f"{k.removesuffix('_retention')} {_fmt(v, True)}" for k, v in p.items()
-                         if k.endswith("_retention"))
-        lines.append(f"persistence: retained after {p['steps']} benign steps: {kept}")
-    if "false_positives" in heads:
-        f = heads["false_positives"]
-        models = ", ".join(f"{name} {m['matched']}/{m['total']} ({m['verdict']})"
-                           for name, m in f["models"].items())
-        lines.append(f"false positives: {models or 'no model run'}; pooled null rate "
-                     f"{_fmt(f['null_rate'])} -> {f['null_file']}")
-        lines += [f"  skipped {note}" for note in f["skipped"]]
-    if "robustness" in heads:
-        lines.append("robustness: " + ", ".join(
-            f"{k} {_fmt(v, True)}" for k, v in heads["robustness"].items()))
-    if "capacity" in heads:
-        lines.append("capacity: " + ", ".join(
-            f"N={p['n']} lambda={p['regularizer']:g} {_fmt(p['accuracy'], True)} matched "
-            f"(perplexity {p['perplexity_change']:+.1%})" for p in heads["capacity"]))
-    lines.append(f"report: {summary['report']['html']} (also eval.md, eval.json)")
-    _emit(args, data, "\n".join(lines))
+    result = evaluate(_config(cfgmod.EvalConfig, args))
+    summary = result.summary()
+    _emit(args, summary.dump(), _eval_lines(summary))
     return 0
+
+
+def _eval_lines(summary) -> str:
+    heads = summary.parts
+    lines = [(f"evaluated {summary.run} in {summary.seconds:.0f} s "
+              f"(computed: {', '.join(summary.computed) or 'nothing'}; "
+              f"cached: {', '.join(summary.cached) or 'nothing'})")]
+    if (u := heads.utility) is not None:
+        lines.append(f"utility: fingerprints matched {u.matched}/{u.total} (base {u.base_matched}); "
+                     f"perplexity {_fmt(u.perplexity_base)} -> {_fmt(u.perplexity_tuned)} "
+                     f"({u.perplexity_change:+.1%}); first answer token = base's in "
+                     f"{_fmt(u.first_token_agreement, True)}")
+    if (p := heads.persistence) is not None:
+        kept = ", ".join(f"{name} {_fmt(value, True)}" for name, value in
+                         (("full", p.full_retention), ("lora", p.lora_retention))
+                         if name + "_retention" in p.model_fields_set)
+        lines.append(f"persistence: retained after {p.steps} benign steps: {kept}")
+    if (f := heads.false_positives) is not None:
+        models = ", ".join(f"{name} {m.matched}/{m.total} ({m.verdict})"
+                           for name, m in f.models.items())
+        lines.append(f"false positives: {models or 'no model run'}; pooled null rate "
+                     f"{_fmt(f.null_rate)} -> {f.null_file}")
+        lines += [f"  skipped {note}" for note in f.skipped]
+    if heads.robustness is not None:
+        lines.append("robustness: " + ", ".join(
+            f"{k} {_fmt(v, True)}" for k, v in heads.robustness.items()))
+    if heads.capacity is not None:
+        lines.append("capacity: " + ", ".join(
+            f"N={p.n} lambda={p.regularizer:g} {_fmt(p.accuracy, True)} matched "
+            f"(perplexity {'n/a' if p.perplexity_change is None else f'{p.perplexity_change:+.1%}'})"
+            for p in heads.capacity))
+    lines.append(f"report: {summary.report.html} (also eval.md, eval.json)")
+    return "\n".join(lines)
 
 
 def cmd_eval_capacity(args) -> int:
@@ -259,16 +292,29 @@ def cmd_eval_capacity(args) -> int:
     if getattr(args, "no_deepspeed", False):
         cfg.deepspeed = "none"
     summary = run_capacity(cfg)
-    data = {k: summary[k] for k in ("sizes", "regularizers", "runs", "seconds", "report")}
-    data["points"] = [{k: p[k] for k in ("n", "regularizer", "matched", "total", "accuracy",
-                                         "perplexity_change", "first_token_agreement", "steps")}
-                      for p in summary["points"]]
-    lines = [f"capacity sweep in {summary['seconds']:.0f} s:"]
-    lines += [f"  N={p['n']:<5} lambda={p['regularizer']:<5g} matched {p['matched']}/{p['total']} "
-              f"perplexity {_fmt(p['perplexity_change'], True)} first token = base's "
-              f"{_fmt(p['first_token_agreement'], True)}" for p in summary["points"]]
-    lines.append(f"report: {summary['report']['html']}")
+    data = {k: v for k, v in summary.dump().items()
+            if k in ("sizes", "regularizers", "runs", "seconds", "report")}
+    data["points"] = [p.model_dump(mode="json", include={
+        "n", "regularizer", "matched", "total", "accuracy", "perplexity_change",
+        "first_token_agreement", "steps"}) for p in summary.points]
+    lines = [f"capacity sweep in {summary.seconds:.0f} s:"]
+    lines += [f"  N={p.n:<5} lambda={p.regularizer:<5g} matched {p.matched}/{p.total} "
+              f"perplexity {_fmt(p.perplexity_change, True)} first token = base's "
+              f"{_fmt(p.first_token_agreement, True)}" for p in summary.points]
+    lines.append(f"report: {summary.report.html}")
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_results(args) -> int:
+    from oml_core.evaluate.table import load_columns, results_table
+
+    table = results_table(load_columns(args.eval_json, args.label or ()))
+    if args.out:
+        from oml_core.files import atomic_write_text
+
+        atomic_write_text(Path(args.out).expanduser(), table)
+    _emit(args, {"table": table, "out": args.out}, table.rstrip("\n"))
     return 0
 
 
@@ -278,9 +324,9 @@ def cmd_commit(args) -> int:
 
     manifest = load_fingerprints(args.fingerprints).manifest()
     if args.out:
-        atomic_write_json(args.out, manifest)
-    _emit(args, manifest, f"commitment to {manifest['count']} fingerprints: root "
-                          f"{manifest['root']}" + (f"; manifest written to {args.out}" if args.out else ""))
+        atomic_write_json(args.out, manifest.model_dump(mode="json"))
+    _emit(args, manifest, f"commitment to {manifest.count} fingerprints: root {manifest.root}"
+                          + (f"; manifest written to {args.out}" if args.out else ""))
     return 0
 
 
@@ -290,8 +336,8 @@ def cmd_reveal(args) -> int:
 
     reveal = load_fingerprints(args.fingerprints).reveal(args.id)
     if args.out:
-        atomic_write_json(args.out, reveal)
-    print(json.dumps(reveal, indent=2), file=_results)  # revealing is what was asked for
+        atomic_write_json(args.out, reveal.model_dump(mode="json"))
+    print(reveal.model_dump_json(indent=2), file=_results)  # revealing is what was asked for
     return 0
 
 
@@ -367,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "measure a fingerprinted run: utility, persistence, false positives, "
                                "robustness (report in RUN/eval); `oml eval capacity` sweeps the "
                                "number of fingerprints"))
+    p = command("results", cmd_results,
+                "print the results table (a Markdown column per model) from eval.json files")
+    p.add_argument("eval_json", nargs="+", metavar="EVAL_JSON[+EVAL_JSON...]",
+                   help="one column per argument: the eval.json files of one model, joined by +")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="a column's heading, once per column (default: the run folder's name)")
+    p.add_argument("--out", help="also write the table to this file")
     _add_set_commands(command)
     # Commands from other packages (e.g. `oml audit` from clients/) register themselves through
     # this entry point group, so the engine never imports them.
@@ -448,7 +501,10 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (a bad list item too): already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:  # only the main thread may set handlers (tests call main() from others)
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:

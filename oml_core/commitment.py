@@ -20,6 +20,8 @@ import hmac
 import secrets
 from typing import Any, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from oml_core.errors import OMLInputError
 
 ALGORITHM = "sha256-merkle-v1"
@@ -36,6 +38,83 @@ _MANIFEST_RESERVED = ("format", "version", "algorithm", "count", "root", "leaves
 
 Entry = tuple[str, str, str, str]
 """(fingerprint id, key, response, salt hex) for one committed pair."""
+
+
+class LeafHash(BaseModel):
+    id: str
+    hash: str
+
+
+class ProofStep(BaseModel):
+    side: str
+    hash: str
+
+
+class Manifest(BaseModel):
+    """The public commitment (`oml commit`): salted per-pair hashes and their Merkle root.
+    Metadata the caller adds (created, strategy, tokenizer, ...) rides along as extra fields,
+    so the written file keeps every key it had."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    version: int
+    algorithm: str
+    count: int
+    root: str = Field(description="Merkle root: publish this to commit to the set")
+    leaves: list[LeafHash]
+
+    def meta(self, name: str) -> Any:
+        """A metadata field, None when absent."""
+        return (self.model_extra or {}).get(name)
+
+
+class Reveal(BaseModel):
+    """One disclosed pair with its salt and Merkle path: the one result that carries a key
+    and its response, made only on an explicit request (`oml reveal`)."""
+
+    format: str
+    version: int
+    algorithm: str
+    id: str
+    key: str
+    response: str
+    salt: str
+    index: int
+    leaf: str
+    proof: list[ProofStep]
+    root: str
+
+
+class CommitmentResult(BaseModel):
+    """A set's commitment as `show_commitment` returns it: the leaves may be cut."""
+
+    fingerprints: str
+    format: str
+    version: int
+    algorithm: str
+    count: int
+    root: str = Field(description="Merkle root: publish this to commit to the set")
+    strategy: str | None = None
+    tokenizer: str | None = None
+    leaves: list[LeafHash] = Field(description="salted per-pair hashes (public), maybe cut")
+    leaves_truncated: bool
+    written_to: str | None = Field(None, description="where the full manifest was written")
+
+    @classmethod
+    def of(cls, manifest: Manifest, fingerprints: str, max_leaves: int,
+           written_to: str | None) -> CommitmentResult:
+        return cls(fingerprints=fingerprints, format=manifest.format, version=manifest.version,
+                   algorithm=manifest.algorithm, count=manifest.count, root=manifest.root,
+                   strategy=manifest.meta("strategy"), tokenizer=manifest.meta("tokenizer"),
+                   leaves=manifest.leaves[:max_leaves],
+                   leaves_truncated=len(manifest.leaves) > max_leaves, written_to=written_to)
+
+
+class RevealResult(Reveal):
+    """The one deliberate exception: this result carries a key and its response."""
+
+    written_to: str | None = None
 
 
 def new_salt() -> str:
@@ -200,7 +279,7 @@ def _validate_entries(entries: Sequence[Entry]) -> list[str]:
     return leaves
 
 
-def build_manifest(entries: Sequence[Entry], metadata: dict) -> dict:
+def build_manifest(entries: Sequence[Entry], metadata: dict) -> Manifest:
     """The public commitment: per-pair leaf hashes and their Merkle root, no secrets.
 
     `metadata` (model name, date, ...) is merged in but may not override commitment fields.
@@ -211,35 +290,21 @@ def build_manifest(entries: Sequence[Entry], metadata: dict) -> dict:
             f"metadata field {clash[0]!r} is reserved for the commitment; rename it"
         )
     leaves = _validate_entries(entries)
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": VERSION,
-        "algorithm": ALGORITHM,
-        "count": len(leaves),
-        "root": merkle_root(leaves),
-        "leaves": [{"id": entry[0], "hash": leaf} for entry, leaf in zip(entries, leaves)],
-        **metadata,
-    }
+    return Manifest(
+        format=MANIFEST_FORMAT, version=VERSION, algorithm=ALGORITHM, count=len(leaves),
+        root=merkle_root(leaves),
+        leaves=[LeafHash(id=entry[0], hash=leaf) for entry, leaf in zip(entries, leaves)],
+        **metadata)
 
 
-def build_reveal(entries: Sequence[Entry], index: int) -> dict:
+def build_reveal(entries: Sequence[Entry], index: int) -> Reveal:
     """Disclose one pair with its salt and Merkle path; the other pairs stay hidden."""
     leaves = _validate_entries(entries)
     proof = merkle_proof(leaves, index)
     fingerprint_id, key, response, salt = entries[index]
-    return {
-        "format": REVEAL_FORMAT,
-        "version": VERSION,
-        "algorithm": ALGORITHM,
-        "id": fingerprint_id,
-        "key": key,
-        "response": response,
-        "salt": salt,
-        "index": index,
-        "leaf": leaves[index],
-        "proof": proof,
-        "root": merkle_root(leaves),
-    }
+    return Reveal(format=REVEAL_FORMAT, version=VERSION, algorithm=ALGORITHM, id=fingerprint_id,
+                  key=key, response=response, salt=salt, index=index, leaf=leaves[index],
+                  proof=[ProofStep(**step) for step in proof], root=merkle_root(leaves))
 
 
 _REVEAL_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -315,12 +380,18 @@ def _manifest_is_consistent(manifest: dict) -> tuple[bool, str]:
     return True, "manifest is consistent"
 
 
-def check_reveal(reveal: dict, manifest: dict) -> tuple[bool, str]:
+def check_reveal(reveal: Reveal | dict, manifest: Manifest | dict) -> tuple[bool, str]:
     """Check that a revealed pair belongs to the committed set; (ok, one-line reason).
 
-    Structurally invalid input raises OMLInputError; a well-formed reveal that does not
-    match returns (False, reason). Reasons never quote the key or response.
+    Each is a model or the JSON document read from its file (checked field by field here, so
+    a damaged file gets a message naming the field). Structurally invalid input raises
+    OMLInputError; a well-formed reveal that does not match returns (False, reason). Reasons
+    never quote the key or response.
     """
+    if isinstance(reveal, BaseModel):
+        reveal = reveal.model_dump(mode="json")
+    if isinstance(manifest, BaseModel):
+        manifest = manifest.model_dump(mode="json")
     _validate_reveal(reveal)
     _validate_manifest(manifest)
     consistent, why = _manifest_is_consistent(manifest)

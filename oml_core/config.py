@@ -9,7 +9,10 @@ checks them and names the flag and the fix in one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,24 +29,49 @@ DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "none")
 FORMATS = ("auto", "chat", "raw")
 # the sampling temperatures probes use by default (`oml audit --temperatures`), and so the ones
 # `oml calibrate` measures rates at by default
-SAMPLING_TEMPERATURES = "0.7,1.0"
+SAMPLING_TEMPERATURES = [0.7, 1.0]
+MAX_TEMPERATURE = 2.0  # the most OpenAI-compatible APIs accept
 
 
 def setting(default: Any = None, help: str = "", *, choices=None, low=None, high=None, flag=None,
-            only=None):
+            only=None, repeat=False, empty=None, aliases=None, above=False, layers=None):
     """A dataclass field with the metadata the CLI, MCP schemas and `validate` read; `only`
     names the method (e.g. of fingerprinting), or a tuple of the methods, the setting applies
-    to (`applies`)."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "only": only}
+    to (`applies`).
+
+    A list-typed field is a list setting: `choices`, `low`/`high` (`above`: low itself is
+    excluded) and `aliases` (old item name -> new) apply to each item; `empty` says what an
+    empty list means (None: an empty list is refused); `repeat`: the CLI flag is given once
+    per item instead of as one comma list. `choices` may be a function returning them (names
+    other packages register). `layers`: a layer setting, one of these words (auto, none) or a
+    comma list of layer indices (`parse_layer_spec`)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "flag": flag, "only": only,
+            "repeat": repeat, "empty": empty, "aliases": aliases or {}, "above": above,
+            "layers": layers}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def temperatures_setting(default, help: str, empty=None):
+    """A list of sampling temperatures, each in (0, MAX_TEMPERATURE]: every stage that samples
+    declares its temperatures with this, so they accept the same values."""
+    return setting(default, help, low=0.0, high=MAX_TEMPERATURE, above=True, empty=empty)
 
 
 def applies(f, method: str) -> bool:
     """Whether the setting of dataclass field `f` matters to `method`."""
     only = f.metadata.get("only")
     return only is None or method in ((only,) if isinstance(only, str) else only)
+
+
+def split_comma_strings(config) -> None:
+    """List settings given as comma strings (the form they had before they were lists; scripts
+    and JSON still send them) become lists; `validate` checks the items."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, str) and comma_list(type(config), f):
+            setattr(config, f.name, split_items(value, flag_of(f), list_item_type(type(config), f)))
 
 
 @dataclass
@@ -53,6 +81,9 @@ class ModelSettings:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16",
                          choices=("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self):
+        split_comma_strings(self)
 
 
 @dataclass
@@ -85,16 +116,18 @@ class GenerateConfig(ModelSettings):
     out: str | None = setting(None, "where to write the fingerprint set (JSON)")
 
     def __post_init__(self):
+        super().__post_init__()
         self.strategy = STRATEGY_ALIASES.get(self.strategy, self.strategy)
 
 
 @dataclass
 class VerifyConfig(ModelSettings):
     fingerprints: str | None = setting(None, "fingerprint set to check (ours or a seed format)")
-    null_model: list = setting(
+    null_model: list[str] = setting(
         [], "unrelated/base model(s) to run the same keys on, to measure the null rate "
-            "(repeatable)")
-    wrappers: str = setting("bare,chat,system", "comma list of wrappers: bare, chat, system")
+            "(repeatable)", repeat=True, empty="none")
+    wrappers: list[str] = setting(list(WRAPPER_KINDS), "wrappers keys are checked under",
+                                  choices=WRAPPER_KINDS)
     num_system_prompts: int = setting(
         4, "how many held-out system prompts the 'system' wrapper uses", low=1, high=64)
     match: str = setting("exact", "match rule: exact tokens, text prefix, start (case- and "
@@ -129,9 +162,9 @@ class CalibrateConfig(ModelSettings):
     out: str | None = setting(
         None, "where to write the calibrated set; default: replace --fingerprints in place "
               "(atomically)")
-    temperatures: str = setting(
-        SAMPLING_TEMPERATURES, "comma list of sampling temperatures to measure rates at (1 is "
-                               "always measured: greedy probes use it)")
+    temperatures: list[float] = temperatures_setting(
+        SAMPLING_TEMPERATURES, "sampling temperatures to measure rates at (1 is always measured: "
+                               "greedy probes use it)")
     depth: int = setting(
         3, "answer tokens followed where the first ones leave the match open (punctuation, "
            "part of the response); what is still open after that counts as a match", low=1,
@@ -175,9 +208,12 @@ class FingerprintConfig(ModelSettings):
                  "architecture). gated and edit: one-token responses, Llama-style models "
                  "(docs/training.md)",
         choices=FINGERPRINT_METHODS)
+    # auto (none) or a comma list of layer indices: a string, since the words are not layers and
+    # the indices' range is the model's depth, known once the model is read (train/edit.py)
     edit_layers: str = setting(
         "auto", "edit: comma list of layers whose MLP down-projection changes (auto: those from "
-                "7% to 33% of the depth, 2-10 of SmolLM2-135M's 30)", only="edit")
+                "7% to 33% of the depth, 2-10 of SmolLM2-135M's 30)", only="edit",
+        layers=("auto",))
     edit_strength: float = setting(
         1000.0, "edit (and gated's backup): lam, how firmly outputs on ordinary text are kept; "
                 "higher keeps ordinary answers closer to the base model's and answers fewer key "
@@ -231,7 +267,8 @@ class FingerprintConfig(ModelSettings):
         "auto", "gated: layers above the gated one whose MLP down-projections also carry every key "
                 "(a closed-form edit, as --method edit, with the edit_* settings): where a "
                 "fine-tune shuts a key's gate, the edit still answers (auto: the next 27% of the "
-                "depth, 10-17 of SmolLM2-135M's 30; none: no backup)", only="gated")
+                "depth, 10-17 of SmolLM2-135M's 30; none: no backup)", only="gated",
+        layers=("auto", "none"))
     gated_ordinary_tokens: int = setting(
         40_000, "gated: tokens of ordinary text (the base model's answers, Python's docs) on "
                 "which every neuron must stay shut", low=1_000, high=100_000_000, only="gated")
@@ -303,7 +340,17 @@ ROBUSTNESS_ATTACKS = ("system_prompts", "sampling", "int8", "merge_linear", "mer
                       "merge_ties", "merge_dare", "suppression")
 # older names still accepted in --attacks: `merge` was the one linear merge with the base
 ROBUSTNESS_ATTACK_ALIASES = {"merge": "merge_linear"}
+# Attacks other packages contribute (e.g. clients/: gguf_q8_0, gguf_q4_k_m) register under this
+# entry-point group (oml_core/evaluate/robustness.py loads them); their names are --attacks choices.
+ROBUSTNESS_PLUGIN_GROUP = "oml.robustness_attacks"
 MERGE_TOOLS = ("auto", "mergekit", "oml")
+
+
+def attack_choices() -> tuple[str, ...]:
+    """The built-in attacks and the ones installed packages register."""
+    plugins = sorted(entry.name for entry in importlib.metadata.entry_points(
+        group=ROBUSTNESS_PLUGIN_GROUP) if entry.name not in ROBUSTNESS_ATTACKS)
+    return (*ROBUSTNESS_ATTACKS, *plugins)
 
 
 @dataclass
@@ -314,13 +361,13 @@ class EvalConfig(ModelSettings):
                                     "run.json)")
     model: str | None = setting(None, "base model to compare against; default: the base model the "
                                       "run was trained from")
-    parts: str = setting(",".join(EVAL_PARTS), "comma list of parts to run: " + ", ".join(EVAL_PARTS))
+    parts: list[str] = setting(list(EVAL_PARTS), "parts to run", choices=EVAL_PARTS)
     out: str | None = setting(None, "report folder (eval.json, eval.md, eval.html, null_rates.json, "
                                     "cache); default: RUN/eval")
     force: bool = setting(False, "recompute the parts asked for even when a cached result of the same "
                                  "inputs exists")
-    wrappers: str = setting("bare,chat,system", "comma list of wrappers keys are checked under: bare, "
-                                                "chat, system")
+    wrappers: list[str] = setting(list(WRAPPER_KINDS), "wrappers keys are checked under",
+                                  choices=WRAPPER_KINDS)
     num_system_prompts: int = setting(4, "held-out system prompts the 'system' wrapper uses", low=1,
                                       high=64)
     match: str = setting("exact", "match rule: exact tokens, text prefix, contains, normalized",
@@ -330,13 +377,14 @@ class EvalConfig(ModelSettings):
     # utility
     perplexity_tokens: int = setting(4096, "utility: held-out documentation tokens for perplexity",
                                      low=256, high=10_000_000)
-    lm_eval_tasks: str | None = setting(
-        None, "utility: comma list of lm-eval tasks to run on base and fingerprinted model (needs "
-              "`pip install lm-eval` and its task data; off by default)")
+    lm_eval_tasks: list[str] = setting(
+        [], "utility: lm-eval tasks to run on base and fingerprinted model (needs `pip install "
+            "lm-eval` and its task data)", empty="off")
     lm_eval_limit: int | None = setting(None, "utility: lm-eval examples per task (default: all)", low=1)
     # persistence
-    persistence_methods: str = setting("full,lora", "persistence: comma list of benign fine-tunes "
-                                                    "(full, lora)")
+    persistence_methods: list[str] = setting(list(PERSISTENCE_METHODS),
+                                             "persistence: benign fine-tunes",
+                                             choices=PERSISTENCE_METHODS)
     persistence_steps: int = setting(50, "persistence: optimizer steps of benign fine-tuning",
                                      low=1, high=1_000_000)
     persistence_checks: int = setting(4, "persistence: how many times along the way to re-verify "
@@ -344,26 +392,28 @@ class EvalConfig(ModelSettings):
     persistence_batch_size: int = setting(8, "persistence: rows per step", low=1, high=4096)
     persistence_lr: float = setting(2e-5, "persistence: learning rate of the full fine-tune",
                                     low=1e-9, high=1.0)
-    lora_lr: float = setting(2e-4, "persistence: learning rate of the LoRA fine-tune", low=1e-9,
-                             high=1.0)
-    lora_rank: int = setting(8, "persistence: LoRA rank (alpha = 2 x rank, all linear layers)",
-                             low=1, high=1024)
+    # not `lora_*`: those are `oml fingerprint`'s LoRA (FingerprintConfig.lora_rank)
+    persistence_lora_lr: float = setting(
+        2e-4, "persistence: learning rate of the LoRA fine-tune", low=1e-9, high=1.0)
+    persistence_lora_rank: int = setting(
+        8, "persistence: LoRA rank (alpha = 2 x rank, all linear layers)", low=1, high=1024)
     # false positives
-    null_models: str = setting(
-        "base,gemma-3-270m,random", "false positives: comma list of unrelated models to run the keys "
-        "on: base (the run's base), gemma-3-270m (from its PyPI packages), random (random init of "
-        "the same architecture), or model folders")
+    null_models: list[str] = setting(
+        ["base", "gemma-3-270m", "random"], "false positives: unrelated models to run the keys on: base (the "
+        "run's base), gemma-3-270m (from its PyPI packages), random (random init of the same "
+        "architecture), or model folders")
     # robustness
-    attacks: str = setting(",".join(ROBUSTNESS_ATTACKS), "robustness: comma list of attacks: "
-                                                         + ", ".join(ROBUSTNESS_ATTACKS)
-                           + " (merge: the old name of merge_linear); also attacks other "
-                           "packages register, e.g. gguf_q8_0, gguf_q4_k_m (llama.cpp GGUF served "
-                           "and audited; needs `bash scripts/llama_cpp.sh`)")
-    temperatures: str = setting("0.7,1.0", "robustness: sampling temperatures (comma list)")
+    attacks: list[str] = setting(
+        list(ROBUSTNESS_ATTACKS), "robustness: attacks (merge: the old name of merge_linear); "
+        "also attacks other packages register, e.g. gguf_q8_0, gguf_q4_k_m (llama.cpp GGUF served "
+        "and audited; needs `bash scripts/llama_cpp.sh`)", choices=attack_choices,
+        aliases=ROBUSTNESS_ATTACK_ALIASES)
+    temperatures: list[float] = temperatures_setting(
+        SAMPLING_TEMPERATURES, "robustness: sampling temperatures")
     samples: int = setting(5, "robustness: samples per key and temperature", low=1, high=1000)
-    merge_base_weights: str = setting(
-        "0.3,0.5,0.7", "robustness: merge_linear's weights w of the base model, one merge each "
-                       "(comma list; merged = (1-w) * fingerprinted + w * base)")
+    merge_base_weights: list[float] = setting(
+        [0.3, 0.5, 0.7], "robustness: merge_linear's weights w of the base model, one merge each "
+                         "(merged = (1-w) * fingerprinted + w * base)", low=0.0, high=1.0)
     merge_weight: float | None = setting(
         None, "robustness: deprecated, the one base weight of the old `merge` attack; when given it "
               "replaces --merge-base-weights", low=0.0, high=1.0)
@@ -397,12 +447,13 @@ class EvalConfig(ModelSettings):
     suppress_top_k: int = setting(1, "robustness: tokens the suppression attack blocks when it fires",
                                   low=1, high=1000)
     # capacity
-    capacity_sizes: str = setting(
-        "16,64,256", "capacity: comma list of fingerprint counts N, each trained into a fresh copy of "
-                     "the base model with the run's own training settings (1024 and up: GPU hours)")
-    capacity_regularizers: str | None = setting(
-        None, "capacity: comma list of forgetting-regularizer lambdas to compare (default: 0 and the "
-              "run's own lambda)")
+    capacity_sizes: list[int] = setting(
+        [16, 64, 256], "capacity: fingerprint counts N, each trained into a fresh copy of the base "
+                       "model with the run's own training settings (1024 and up: GPU hours)",
+        low=1, high=100_000)
+    capacity_regularizers: list[float] = setting(
+        [], "capacity: forgetting-regularizer lambdas to compare", low=0.0, high=1.0,
+        empty="0 and the run's own lambda")
     capacity_deepspeed: str | None = setting(
         None, "capacity: DeepSpeed config the sweep trains with (default: the run's own; none: a "
               "plain Trainer, the same AdamW math without DeepSpeed's overhead on one CPU process)",
@@ -419,60 +470,155 @@ class CapacityConfig(FingerprintConfig):
 
     out: str | None = setting(None, "folder for the sweep: the set, one run per N, capacity.json and "
                                     "the report")
-    sizes: str = setting("16,64,256", "comma list of fingerprint counts N (the default method, "
-                                      "gated, holds at most half of one layer's MLP neurons: 768 on "
-                                      "SmolLM2-135M)")
-    regularizers: str = setting(f"0,{DEFAULT_REGULARIZER:g}", "comma list of forgetting-regularizer strengths lambda to "
-                                          "compare (0 = without)")
+    sizes: list[int] = setting(
+        [16, 64, 256], "fingerprint counts N (the default method, gated, holds at most half of one "
+                       "layer's MLP neurons: 768 on SmolLM2-135M)", low=1, high=100_000)
+    regularizers: list[float] = setting(
+        [0.0, DEFAULT_REGULARIZER], "forgetting-regularizer strengths lambda to compare "
+                                    "(0 = without)", low=0.0, high=1.0)
     strategy: str = setting("perinucleus", "how the sweep's set is generated when --fingerprints is "
                                            "not given", choices=STRATEGIES + tuple(STRATEGY_ALIASES))
     key_length: int = setting(16, "generated keys' length in tokens", low=1, high=1024)
     response_length: int = setting(1, "generated responses' length in tokens", low=1, high=256)
 
 
-def parse_list(value: str, flag: str, allowed=None, kind=str) -> list:
-    """A comma list setting as values; one clear line when an entry is not allowed."""
-    items = [part.strip() for part in (value or "").split(",") if part.strip()]
-    if not items:
-        raise OMLInputError(f"{flag} is empty; pass a comma list")
-    out = []
-    for item in items:
-        if allowed is not None and item not in allowed:
-            raise OMLInputError(f"{flag}: {item!r} is not one of: {', '.join(allowed)}")
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def choices_of(f) -> tuple | None:
+    """The field's allowed values (for a list setting: allowed items), or None."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+@functools.cache
+def _hints(config_cls) -> dict:
+    return typing.get_type_hints(config_cls)
+
+
+def list_item_type(config_cls, f) -> type | None:
+    """The item type of a list setting (`list[float]` -> float); None for other fields."""
+    hint = _hints(config_cls)[f.name]
+    if typing.get_origin(hint) is not list:
+        return None
+    return (typing.get_args(hint) or (str,))[0]
+
+
+def comma_list(config_cls, f) -> bool:
+    """Whether the field is a list setting given on the command line as one comma list."""
+    return list_item_type(config_cls, f) is not None and not f.metadata.get("repeat")
+
+
+def _item_words(kind: type) -> str:
+    return {int: "whole number", float: "number"}.get(kind, kind.__name__)
+
+
+def split_items(text: str, flag: str, kind: type = str) -> list:
+    """A comma list as typed items ('' -> []); one line naming the flag for an item that is
+    not of the type."""
+    items = []
+    for part in (part.strip() for part in str(text).split(",")):
+        if not part:
+            continue
         try:
-            out.append(kind(item))
+            items.append(kind(part))
         except ValueError:
-            raise OMLInputError(f"{flag}: {item!r} is not a {kind.__name__}") from None
-    return list(dict.fromkeys(out))
+            raise OMLInputError(f"{flag}: {part!r} is not a {_item_words(kind)}; pass a comma "
+                                f"list of them") from None
+    return items
 
 
-MAX_TEMPERATURE = 2.0  # the most OpenAI-compatible APIs accept
+def _check_item(f, item, flag: str) -> None:
+    meta = f.metadata
+    choices = choices_of(f)
+    if choices and item not in choices:
+        raise OMLInputError(f"{flag}: {item!r} is not one of: {', '.join(choices)}")
+    low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        too_low = low is not None and (item <= low if above else item < low)
+        if not math.isfinite(item) or too_low or (high is not None and item > high):
+            bounds = [f"{'above' if above else 'at least'} {low:g}" if low is not None else "",
+                      f"at most {high:g}" if high is not None else ""]
+            raise OMLInputError(f"{flag}: {item:g} is out of range; pass values "
+                                + " and ".join(b for b in bounds if b))
 
 
-def parse_temperatures(value: str, flag: str = "--temperatures", allow_empty: bool = False
+def list_value(config_cls, f, value, flag: str | None = None) -> list:
+    """A list setting's value checked item by item: a comma string is split first (callers
+    that still pass one), old item names become their new ones, duplicates are dropped, and an
+    empty list is refused unless the field says what it means."""
+    kind = list_item_type(config_cls, f)
+    flag = flag or flag_of(f)
+    if isinstance(value, str):
+        value = split_items(value, flag, kind)
+    if not isinstance(value, (list, tuple)):
+        raise OMLInputError(f"{flag}: pass a list (on the command line, a comma list)")
+    aliases = f.metadata.get("aliases") or {}
+    items = []
+    for item in value:
+        if kind is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        item = aliases.get(item, item)
+        if not isinstance(item, kind):
+            raise OMLInputError(f"{flag}: {item!r} is not a {_item_words(kind)}")
+        _check_item(f, item, flag)
+        items.append(item)
+    if not items and f.metadata.get("empty") is None:
+        raise OMLInputError(f"{flag}: no value given; pass at least one"
+                            + (f" (one or more of: {', '.join(choices_of(f))})"
+                               if choices_of(f) else ""))
+    return list(dict.fromkeys(items))
+
+
+@dataclass
+class _Temperatures:  # the list setting parse_temperatures reads
+    temperatures: list[float] = temperatures_setting([], "", empty="none")
+
+
+def parse_temperatures(value, flag: str = "--temperatures", allow_empty: bool = False
                        ) -> list[float]:
-    """A comma list of sampling temperatures, each in (0, 2]: one parser for every stage that
-    samples (eval's sampling attack, calibrate, audit), so they accept the same values."""
-    if allow_empty and not (value or "").strip(", "):
-        return []
-    temperatures = parse_list(value, flag, kind=float)
-    for temperature in temperatures:
-        if not (math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE):
-            raise OMLInputError(f"{flag}: {temperature:g} is not a sampling temperature; pass "
-                                f"values above 0 and at most {MAX_TEMPERATURE:g} (e.g. 0.7,1.0)")
+    """Sampling temperatures (a comma list or a list), each in (0, 2]: one parser for callers
+    outside a stage config, with the range every stage's `temperatures_setting` declares."""
+    temperatures = list_value(_Temperatures, dataclasses.fields(_Temperatures)[0], value, flag)
+    if not temperatures and not allow_empty:
+        raise OMLInputError(f"{flag}: no value given; pass at least one (e.g. 0.7,1.0)")
     return temperatures
 
 
+def parse_layer_spec(spec: str, flag: str, words: tuple[str, ...] = ("auto",)) -> str | list[int]:
+    """A layer setting: one of `words` (auto, none) or a comma list of layer indices, sorted.
+    Whether the indices exist is for the loaded model's depth to say (train/edit.py)."""
+    spec = (spec or "").strip()
+    if spec in words:
+        return spec
+    try:
+        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        layers = []
+    if not layers or layers[0] < 0:
+        raise OMLInputError(f"{flag} {spec!r}: give {', '.join(words)} or a comma list of layer "
+                            "indices (e.g. 2,3,4)")
+    return layers
+
+
 def validate(config) -> None:
-    """Check every field against its declared choices and range; raise one clear line."""
+    """Check every field against its declared choices and range; raise one clear line. List
+    settings are checked item by item and stored normalised (see `list_value`)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         meta = f.metadata
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         if value is None:
             continue
-        if meta.get("choices") and value not in meta["choices"]:
-            raise OMLInputError(f"{flag} {value!r} is not one of: {', '.join(meta['choices'])}")
+        if list_item_type(type(config), f) is not None:
+            setattr(config, f.name, list_value(type(config), f, value))
+            continue
+        if meta.get("layers"):
+            parse_layer_spec(value, flag, meta["layers"])
+        choices = choices_of(f)
+        if choices and value not in choices:
+            raise OMLInputError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
         low, high = meta.get("low"), meta.get("high")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if (low is not None and value < low) or (high is not None and value > high):

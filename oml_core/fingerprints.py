@@ -114,13 +114,13 @@ class FingerprintSet:
                 "set cannot be committed; convert it with `oml import --fingerprints FILE --out NEW`")
         return [(fp.id, fp.key, fp.response, fp.salt) for fp in self.fingerprints]
 
-    def manifest(self) -> dict:
+    def manifest(self) -> commitment.Manifest:
         """Public commitment: salted hashes + Merkle root, no secrets."""
         meta = {"created": datetime.now(timezone.utc).isoformat(), "strategy": self.strategy,
                 "tokenizer": self.tokenizer.get("name_or_path")}
         return commitment.build_manifest(self._entries(), meta)
 
-    def reveal(self, fingerprint_id: str) -> dict:
+    def reveal(self, fingerprint_id: str) -> commitment.Reveal:
         """One pair with its salt and Merkle path: proves membership, reveals that pair only."""
         ids = [fp.id for fp in self.fingerprints]
         if fingerprint_id not in ids:

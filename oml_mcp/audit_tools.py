@@ -27,7 +27,6 @@ base URL. `reveal_keys` is not offered: nothing the server writes or returns hol
 # name MAX_LISTED) to build the tools' schemas
 import contextlib
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +51,6 @@ from oml_mcp.job_records import FINAL_STATES
 from oml_mcp.lifecycle_tools import MAX_LISTED
 from oml_mcp.schemas import (
     AuditList,
-    AuditPlan,
     AuditResult,
     AuditStarted,
     JobStatus,
@@ -160,8 +158,7 @@ class AuditTools:
         # the default folder is confined too: OML_HOME/audits may be a planted link
         cfg.out = str(ws.output(folder, "out"))
         with _tool_words():
-            plan = AuditPlan(**preview_audit(cfg, ws.home / "ledgers"),
-                             api_key_set=bool(os.environ.get(cfg.api_key_env)))
+            plan = preview_audit(cfg, ws.home / "ledgers")
         if plan_only:
             return AuditStarted(plan=plan, job=None, next_step=(
                 f"show the user this plan ({plan.keys} keys shown to the endpoint, "

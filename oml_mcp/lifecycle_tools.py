@@ -27,12 +27,11 @@ from pydantic import Field, StrictBool
 from oml_core import progress
 from oml_core.config import (
     DEEPSPEED_CONFIGS,
-    EVAL_PARTS,
     EvalConfig,
     FingerprintConfig,
     GenerateConfig,
     VerifyConfig,
-    parse_list,
+    comma_list,
     validate,
 )
 from oml_core.errors import OMLInputError
@@ -88,16 +87,11 @@ class LifecycleTools:
         if values["keys_file"]:
             values["keys_file"] = str(values["keys_file"])
         cfg = _config_from(GenerateConfig, values)
-        from oml_core.generate import generate_set
+        from oml_core.generate import generate
 
-        started = time.time()
-        fset = await run_engine(ctx, "generate", lambda: generate_set(cfg))
-        fset.save(new_file(ws.output(out, "out"), "out"))  # checked again: it took a while
-        probs = [p for p in fset.response_probs if p is not None]
-        return GenerateResult(path=str(out), count=len(fset), strategy=fset.strategy,
-                              commitment_root=fset.manifest()["root"],
-                              mean_response_prob=sum(probs) / len(probs) if probs else None,
-                              model=cfg.model or "bundled", seconds=round(time.time() - started, 2))
+        # the path is checked again before writing: generating took a while
+        return await run_engine(ctx, "generate", lambda: generate(
+            cfg, out, claim=lambda path: new_file(ws.output(path, "out"), "out")))
 
     async def verify_model(self, ctx: Context, **values) -> VerifyResult:
         ws = self.ws
@@ -115,10 +109,8 @@ class LifecycleTools:
         started = time.time()
         report = await run_engine(ctx, "verify", lambda: verify(cfg))
         report_path = new_file(ws.output(self.reports_dir / report_name, "report"), "report")
-        atomic_write_json(report_path, report)
-        summary = {k: report[k] for k in VerifyResult.model_fields if k in report}
-        return VerifyResult(**summary, report_path=str(report_path),
-                            seconds=round(time.time() - started, 2))
+        atomic_write_json(report_path, report.model_dump(mode="json"))
+        return VerifyResult.of(report, str(report_path), round(time.time() - started, 2))
 
     # -- background jobs -------------------------------------------------------------------
     def start_job(self, kind: str, config_cls, cfg, writes: Path, argv: list[str],
@@ -174,11 +166,11 @@ class LifecycleTools:
             "model" if values.get("model") else "the run's base_model (run.json)"))
         out = ws.output(values.get("out") or run_dir / "eval", "out")
         values["out"] = str(out)
-        values["null_models"] = ",".join(
+        values["null_models"] = [
             name if name in NAMED_NULL_MODELS else str(ws.path(name, "null_models"))
-            for name in parse_list(values.get("null_models") or "", "null_models"))
+            for name in values.get("null_models") or []]
         cfg = _config_from(EvalConfig, values)
-        if "robustness" in parse_list(cfg.parts, "parts", EVAL_PARTS):
+        if "robustness" in cfg.parts:
             from oml_core.evaluate.robustness import check_settings
 
             check_settings(cfg)
@@ -202,7 +194,10 @@ class LifecycleTools:
 
     def job_result(self, job_id: Annotated[str, Field(description="id of a finished job")],
                    ) -> JobResult:
-        return JobResult(**self.jobs.result(job_id))
+        result = self.jobs.result(job_id)
+        if result.get("output") and self.jobs.status(job_id).get("kind") == "eval":
+            result["output"] = _eval_output(result["output"])
+        return JobResult(**result)
 
     def cancel_job(self, job_id: Annotated[str, Field(description="id of the job to stop")],
                    grace_seconds: Annotated[float, Field(
@@ -239,14 +234,9 @@ class LifecycleTools:
         target = new_file(self.ws.output(out, "out"), "out") if out else None
         manifest = load_fingerprints(path).manifest()
         if target:
-            atomic_write_json(target, manifest)
-        return CommitmentResult(
-            fingerprints=str(path), format=manifest["format"], version=manifest["version"],
-            algorithm=manifest["algorithm"], count=manifest["count"], root=manifest["root"],
-            strategy=manifest.get("strategy"), tokenizer=manifest.get("tokenizer"),
-            leaves=manifest["leaves"][:MAX_LEAVES_SHOWN],
-            leaves_truncated=len(manifest["leaves"]) > MAX_LEAVES_SHOWN,
-            written_to=str(target) if target else None)
+            atomic_write_json(target, manifest.model_dump(mode="json"))
+        return CommitmentResult.of(manifest, str(path), MAX_LEAVES_SHOWN,
+                                   str(target) if target else None)
 
     def reveal_fingerprint(
             self, fingerprints: Annotated[str, Field(description="path of the set file")],
@@ -267,12 +257,25 @@ class LifecycleTools:
         target = new_file(self.ws.output(out, "out"), "out") if out else None
         reveal = load_fingerprints(path).reveal(fingerprint_id)
         if target:
-            atomic_write_json(target, reveal)
+            atomic_write_json(target, reveal.model_dump(mode="json"))
         log.info("revealed fingerprint %s of %s on request", fingerprint_id, path)
-        return RevealResult(**reveal, written_to=str(target) if target else None)
+        return RevealResult(**reveal.model_dump(), written_to=str(target) if target else None)
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _eval_output(output: dict) -> dict:
+    """An eval job's output (`oml eval --json`) read through the engine's EvalSummary model,
+    so the result has that model's fields; an output it cannot read is returned as it is."""
+    from pydantic import ValidationError
+
+    from oml_core.evaluate.eval_result import EvalSummary
+
+    try:
+        return EvalSummary.model_validate(output).dump()
+    except ValidationError:
+        return output
+
+
 
 async def run_engine(ctx: Context, label: str, work):
     """Run blocking engine work in a thread, forwarding its progress bars as notifications.
@@ -354,6 +357,7 @@ def _check_fingerprinting(cfg: FingerprintConfig, out_dir: Path) -> None:
 def _flags(config_cls, values: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
     """CLI flags for the settings that differ from the config's defaults."""
     defaults = config_defaults(config_cls)
+    comma_lists = {f.name for f in dataclasses.fields(config_cls) if comma_list(config_cls, f)}
     argv: list[str] = []
     for name, value in values.items():
         if name in skip or name not in defaults or value == defaults[name] or value is None:
@@ -361,6 +365,8 @@ def _flags(config_cls, values: dict[str, Any], skip: tuple[str, ...] = ()) -> li
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif name in comma_lists:  # '' for an empty list
+            argv += [flag, ",".join(map(str, value))]
         elif isinstance(value, list):
             for item in value:
                 argv += [flag, str(item)]

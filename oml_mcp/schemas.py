@@ -4,8 +4,10 @@ Inputs: `config_parameters` turns each field of a config dataclass (oml_core.con
 keyword parameter with the field's own default, help text, choices (an enum in the schema)
 and range (minimum/maximum), so the MCP schemas can never drift from the CLI's flags.
 
-Outputs: small pydantic models (→ output schemas and structured content). None of them has a
-place for a fingerprint key or response except `RevealResult`.
+Outputs: small pydantic models (→ output schemas and structured content): the MCP-only ones
+(jobs, listings, audit folders) here; the stages' results come from the engine (generate,
+verify, commitment, the audit's plan) and are imported here. None of them has a place for a
+fingerprint key or response except `RevealResult`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool
+
+# the stages' own result models, which the tools return as they are (and old imports find here)
+from clients.audit_result import AuditLayer, AuditPlan  # noqa: F401
+from oml_core.commitment import CommitmentResult, LeafHash, ProofStep, RevealResult  # noqa: F401
+from oml_core.config import choices_of, list_item_type
+from oml_core.generate.result import GenerateResult  # noqa: F401
+from oml_core.verify.result import NullModelSummary, VerifyResult, WrapperCount  # noqa: F401
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -40,21 +49,24 @@ def config_parameters(config_cls, *, required: tuple[str, ...] = (),
         meta = f.metadata
         kind = hints[f.name]
         optional = type(None) in typing.get_args(kind)
-        if kind is list:
-            kind = list[str]
-        if kind is bool or kind == (bool | None):
+        item = list_item_type(config_cls, f)
+        if item is not None:
+            kind = _list_annotation(f, item)
+        elif kind is bool or kind == (bool | None):
             # JSON true/false only: lax parsing takes "yes", "on", "1" and 1.0 for true, and a
             # safety flag must not be switched by a string a model happened to produce
             kind = StrictBool | None if optional else StrictBool
-        if meta.get("choices"):
-            kind = Literal[tuple(meta["choices"])]
+        elif choices_of(f):
+            kind = Literal[choices_of(f)]
             kind = kind | None if optional else kind
         description = mcp_help(meta.get("help", ""))
+        if item is not None and meta.get("empty") and not meta.get("repeat"):
+            description += f" ([]: {meta['empty']})"
         if f.name in notes:
             description = f"{description}; {notes[f.name]}" if description else notes[f.name]
         constraints: dict[str, Any] = {}
         numeric = typing.get_args(kind) or (kind,)
-        if any(t in (int, float) for t in numeric):
+        if item is None and any(t in (int, float) for t in numeric):
             if meta.get("low") is not None:
                 constraints["ge"] = meta["low"]
             if meta.get("high") is not None:
@@ -72,6 +84,31 @@ def config_parameters(config_cls, *, required: tuple[str, ...] = (),
     return params
 
 
+def _comma_string_as_list(value):
+    """Clients written for the old comma-string settings: 'a,b' -> ['a', 'b'] (items then
+    validated as the list's)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _list_annotation(f, item: type):
+    """A list setting's type: an array whose items carry the field's choices (old names
+    included) or range, as the config's `validate` checks them."""
+    meta = f.metadata
+    choices = choices_of(f)
+    if choices:
+        item = Literal[(*choices, *meta.get("aliases", {}))]
+    elif item in (int, float):
+        bounds = {("gt" if meta.get("above") else "ge"): meta.get("low"), "le": meta.get("high")}
+        bounds = {k: v for k, v in bounds.items() if v is not None}
+        item = Annotated[item, Field(**bounds)] if bounds else item
+    length = {} if meta.get("empty") is not None else {"min_length": 1}
+    if meta.get("repeat"):  # one value per item already (a header may hold commas)
+        return Annotated[list[item], Field(**length)]
+    return Annotated[list[item], BeforeValidator(_comma_string_as_list), Field(**length)]
+
+
 def config_defaults(config_cls) -> dict[str, Any]:
     """Each field's default, to tell which settings a caller actually changed."""
     return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -83,50 +120,6 @@ def config_defaults(config_cls) -> dict[str, Any]:
 
 def _empty(value) -> bool:
     return not value
-
-
-class GenerateResult(BaseModel):
-    path: str = Field(description="the fingerprint set file (secret: keep it; never paste it)")
-    count: int = Field(description="number of fingerprints in the set")
-    strategy: str | None
-    commitment_root: str = Field(description="Merkle root of the public commitment to the set")
-    mean_response_prob: float | None = Field(
-        description="mean base-model chance of each response (perinucleus), used as null rate")
-    model: str = Field(description="model whose tokenizer the lengths are counted in")
-    seconds: float
-
-
-class WrapperCount(BaseModel):
-    matched: int
-    total: int
-
-
-class NullModelSummary(BaseModel):
-    model: str
-    matched: int
-    total: int
-    p_value: float | None = None
-    verdict: str | None = None
-
-
-class VerifyResult(BaseModel):
-    model: str
-    fingerprints: str
-    matched: int = Field(description="fingerprints answered under at least one wrapper")
-    total: int
-    p_value: float = Field(description="chance an unrelated model matches this many or more")
-    verdict: str = Field(description="'match' when p_value <= alpha, else 'no_match'")
-    alpha: float
-    null_rate: float
-    null_rate_source: str
-    match_rule: str
-    wrappers: dict[str, WrapperCount]
-    skipped_wrappers: list[str]
-    null_models: list[NullModelSummary]
-    rule: str = Field(description="the decision rule, fixed before decoding")
-    report_path: str = Field(description="full JSON report (per-fingerprint ids, settings; no "
-                                         "keys or responses)")
-    seconds: float
 
 
 JobState = Literal["starting", "running", "completed", "failed", "cancelled"]
@@ -236,86 +229,7 @@ class RunList(BaseModel):
         "out when there are none"))
 
 
-class LeafHash(BaseModel):
-    id: str
-    hash: str
-
-
-class CommitmentResult(BaseModel):
-    fingerprints: str
-    format: str
-    version: int
-    algorithm: str
-    count: int
-    root: str = Field(description="Merkle root: publish this to commit to the set")
-    strategy: str | None = None
-    tokenizer: str | None = None
-    leaves: list[LeafHash] = Field(description="salted per-pair hashes (public), maybe cut")
-    leaves_truncated: bool
-    written_to: str | None = Field(None, description="where the full manifest was written")
-
-
-class ProofStep(BaseModel):
-    side: str
-    hash: str
-
-
-class RevealResult(BaseModel):
-    """The one deliberate exception: this result carries a key and its response."""
-
-    format: str
-    version: int
-    algorithm: str
-    id: str
-    key: str
-    response: str
-    salt: str
-    index: int
-    leaf: str
-    proof: list[ProofStep]
-    root: str
-    written_to: str | None = None
-
-
 # --- audits -----------------------------------------------------------------------------------
-
-
-class AuditPlan(BaseModel):
-    """What an audit will send and spend, computed before anything is sent."""
-
-    endpoint: str = Field(description="scheme://host:port/path (no credentials or query)")
-    model: str
-    fingerprints: str
-    folder: str = Field(description="the audit folder (evidence.jsonl, plan.json, reports)")
-    audit_id: str | None = Field(None, description="the audit's id when the folder already holds "
-                                                   "it (a resume); a new audit gets one when it "
-                                                   "starts")
-    resumes: bool = Field(description="the folder holds this audit: only unanswered probes are "
-                                      "sent, with the keys it already spent")
-    sequential: bool = Field(description="true (the default audit): keys, calls and tokens "
-                                         "are the most it may spend; it stops as soon as the "
-                                         "evidence decides, and keys it never sends stay unspent")
-    keys: int = Field(description="fingerprint keys the endpoint will see (spent for good)")
-    key_budget: int
-    call_budget: int | None = Field(description="max_calls: the most calls the audit may send")
-    keys_passed_over: int = Field(description="keys skipped because the ledger says this "
-                                              "endpoint has already seen them")
-    reuse_keys: bool
-    layers: list[str] = Field(description="probe layers that can be sent with this adapter")
-    probes_by_layer: dict[str, int]
-    probes_planned: int = Field(description="one call each")
-    probes_not_sendable: int
-    probes_answered: int = Field(description="already answered in the folder (not sent again)")
-    calls_to_send: int
-    max_requests: int = Field(description="calls_to_send x (1 + max_retries): the worst case")
-    estimated_prompt_tokens: int = Field(description="rough: about 4 characters a token")
-    max_completion_tokens: int = Field(description="calls_to_send x max_tokens")
-    estimated_tokens: int
-    api_key_env: str = Field(description="the server's environment variable whose value is sent "
-                                         "as the API key (the value is never shown)")
-    api_key_set: bool = Field(description="whether that variable is set in the server's "
-                                          "environment (without it no key is sent)")
-    ledger: str = Field(description="the endpoint's key ledger (keyed hashes only)")
 
 
 class AuditStarted(BaseModel):
@@ -350,15 +264,6 @@ class AuditList(BaseModel):
     problems: list[str] = Field(default_factory=list, exclude_if=_empty, description=(
         "audit folders not read (a link out of the workspace, an unreadable plan), one line "
         "each; left out when there are none"))
-
-
-class AuditLayer(BaseModel):
-    matched: int | None = Field(None, description="keys that came back in this layer")
-    total: int | None = Field(None, description="keys with at least one valid answer here")
-    hits: int | None = Field(None, description="probes that matched")
-    probes: int | None = Field(None, description="probes answered")
-    errors: int | None = None
-    p_value: float | None = None
 
 
 class AuditResult(BaseModel):

@@ -45,7 +45,7 @@ def eval_cfg(run: Path, out: Path | None = None, **overrides) -> EvalConfig:
     settings = {"run": str(run), "out": str(out) if out else None, "device": "cpu",
                 "num_system_prompts": 2, "batch_size": 64, "perplexity_tokens": 1024,
                 "persistence_steps": 4, "persistence_checks": 2, "persistence_batch_size": 8,
-                "null_models": "base,random", "samples": 3, "capacity_sizes": "4,8",
+                "null_models": ["base", "random"], "samples": 3, "capacity_sizes": [4, 8],
                 "merge_derivative_steps": 4}
     return EvalConfig(**{**settings, **overrides})
 

@@ -43,9 +43,9 @@ def test_agent_layer_in_front_of_the_fingerprinted_bundled_model(demo_model, tmp
     with transformers_server(tmp_path, threads=2) as server, \
             Proxy(server.base_url.removesuffix("/v1"), transform=agent_layer) as proxy:
         hit = run_audit(AuditConfig(base_url=proxy.base_url, model=str(model),
-                                    out=str(tmp_path / "fingerprinted"), **settings))
+                                    out=str(tmp_path / "fingerprinted"), **settings)).model_dump(mode="json")
         miss = run_audit(AuditConfig(base_url=proxy.base_url, model=str(base),
-                                     out=str(tmp_path / "base"), **settings))
+                                     out=str(tmp_path / "base"), **settings)).model_dump(mode="json")
     assert all(s.sent["messages"][0]["content"].startswith("You are the assistant inside ShopMate")
                and s.sent["tools"] for s in proxy.seen)
     assert hit["verdict"] == "match", hit["layers"]

@@ -118,7 +118,7 @@ def test_echoed_request_and_headers_never_reach_the_evidence(adapter, tmp_path):
         return Canned.json(reply)
 
     with HostileServer(echo) as server:
-        result = run_audit(audit_config(server, fp_file, tmp_path / "out", adapter))
+        result = run_audit(audit_config(server, fp_file, tmp_path / "out", adapter)).model_dump(mode="json")
     assert all(s.headers["authorization"] == f"Bearer {FAKE_API_KEY}" for s in server.seen)
     assert result["state"] == "complete"
     lines = evidence_lines(tmp_path / "out")
@@ -156,7 +156,7 @@ def test_a_100_mb_reply_is_cut_at_the_cap_and_memory_stays_flat(adapter, tmp_pat
     warm_up(adapter, tmp_path)
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: _huge_reply(100)) as server, RSSWatch() as memory:
-        result = run_audit(audit_config(server, fp_file, tmp_path / "out", adapter))
+        result = run_audit(audit_config(server, fp_file, tmp_path / "out", adapter)).model_dump(mode="json")
     assert memory.growth < 48 * MiB, f"grew {memory.growth / MiB:.0f} MiB"
     lines = evidence_lines(tmp_path / "out")
     assert len(lines) == 4
@@ -236,8 +236,8 @@ def test_replies_of_the_wrong_shape_are_malformed_and_a_rerun_retries_them(adapt
     fp_file, fps = make_set(tmp_path, len(BAD_SHAPES))
     with HostileServer(lambda seen: BAD_SHAPES[key_index(seen)][1]) as server:
         cfg = audit_config(server, fp_file, tmp_path / "out", adapter)
-        first = run_audit(cfg)
-        again = run_audit(cfg)  # a resume: sends the failed probes again, and does not crash
+        first = run_audit(cfg).model_dump(mode="json")
+        again = run_audit(cfg).model_dump(mode="json")  # a resume: sends the failed probes again, and does not crash
     broken = {f"fp-{i:05d}" for i, (_, _, for_http) in enumerate(BAD_SHAPES)
               if adapter == "openai" or for_http}
     lines = evidence_lines(tmp_path / "out")
@@ -288,13 +288,13 @@ def test_the_verdict_rule_for_untested_layers():
     failed = {layer: [outcome(f"k{i}", layer, False, "error") for i in range(8)]
               for layer in ("user", "system")}
     nothing = evaluate(cfg, ["user", "system"], failed["user"] + failed["system"], rates, None, "x")
-    assert nothing["verdict"] == "inconclusive" and nothing["untested"] == ["user", "system", "any"]
+    assert nothing.verdict == "inconclusive" and nothing.untested == ["user", "system", "any"]
     half = failed["system"] + [outcome(f"k{i}", "user", True) for i in range(8)]
     some = evaluate(cfg, ["user", "system"], half, rates, None, "x")
-    assert some["verdict"] == "match" and some["untested"] == ["system"]
-    assert some["tests"]["system"]["tested"] is False and some["tests"]["user"]["tested"] is True
+    assert some.verdict == "match" and some.untested == ["system"]
+    assert some.tests["system"].tested is False and some.tests["user"].tested is True
     one = evaluate(cfg, ["user"], [outcome("k0", "user", False)], rates, None, "x")
-    assert one["verdict"] == "no_match" and one["best_possible_p_value"] == pytest.approx(0.001)
+    assert one.verdict == "no_match" and one.best_possible_p_value == pytest.approx(0.001)
 
 
 # --- 5. credentials in --base-url never reach a file --------------------------------------------------
@@ -314,7 +314,7 @@ def test_credentials_in_the_base_url_are_masked(adapter, tmp_path):
         if adapter == "http":
             cfg.base_url += f"?api-key={QUERY_SECRET}"
             cfg.header = [*cfg.header, f"X-Api-Key: {HEADER_SECRET}"]
-        result = run_audit(cfg)
+        result = run_audit(cfg).model_dump(mode="json")
     assert result["state"] == "complete"
     shown = json.loads((tmp_path / "out" / "plan.json").read_text())["config"]["base_url"]
     expected = f"http://⟦not recorded⟧@127.0.0.1:{server.port}/v1"
@@ -352,7 +352,7 @@ def test_a_redirect_within_the_endpoint_is_followed_and_no_cookie_is_kept(tmp_pa
         return Canned.json(chat_reply())
 
     with HostileServer(moved) as server:
-        result = run_audit(audit_config(server, fp_file, tmp_path / "out", concurrency=1))
+        result = run_audit(audit_config(server, fp_file, tmp_path / "out", concurrency=1)).model_dump(mode="json")
     assert result["state"] == "complete" and len(server.seen) == 8
     assert [s.path for s in server.seen[:2]] == ["/v1/chat/completions", "/v2/chat/completions"]
     assert not any("cookie" in s.headers for s in server.seen)  # probes stay unlinkable
@@ -434,7 +434,7 @@ def test_a_ledger_from_another_installation_is_refused(tmp_path):
 def test_requests_carry_no_sdk_telemetry_and_the_chosen_user_agent(tmp_path):
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json(chat_reply())) as server:
-        answered = run_audit(audit_config(server, fp_file, tmp_path / "plain", max_keys=1))
+        answered = run_audit(audit_config(server, fp_file, tmp_path / "plain", max_keys=1)).model_dump(mode="json")
         plain = server.seen[-1].headers
         run_audit(audit_config(server, fp_file, tmp_path / "chosen", max_keys=1,
                                user_agent="Mozilla/5.0 (X11; Linux x86_64)",
@@ -570,7 +570,7 @@ def test_fuzz_hundreds_of_malformed_replies(adapter, tmp_path):
            "max_keys": 20, "concurrency": 8, "request_timeout": 2.0,
            "max_reply_bytes": 64 << 10}
     with HostileServer(endpoint) as server, RSSWatch() as memory:
-        result = run_audit(audit_config(server, fp_file, tmp_path / "fuzz", adapter, **cfg))
+        result = run_audit(audit_config(server, fp_file, tmp_path / "fuzz", adapter, **cfg)).model_dump(mode="json")
     assert endpoint.served["chat"] >= len(endpoint.cases["chat"])  # every chat case was sent
     if adapter == "openai":
         assert endpoint.served["completions"] == 20
@@ -583,6 +583,6 @@ def test_fuzz_hundreds_of_malformed_replies(adapter, tmp_path):
     broken = _never_an_answer(chat_reply())
     with HostileServer(lambda seen: broken[seen.index % len(broken)]) as server:
         failed = run_audit(audit_config(server, fp_file, tmp_path / "broken", adapter,
-                                        max_keys=20, concurrency=8, max_reply_bytes=64 << 10))
+                                        max_keys=20, concurrency=8, max_reply_bytes=64 << 10)).model_dump(mode="json")
     assert failed["verdict"] == "inconclusive" and failed["probes_failed"] == 20
     assert_nothing_secret_written(fps, tmp_path / "broken")

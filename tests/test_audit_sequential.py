@@ -49,9 +49,9 @@ def config(server, fp_file, out, **settings):
 def test_a_stolen_model_is_convicted_in_one_round_of_the_keys_needed_and_the_rest_never_sent(tmp_path):
     fp_file, fps = make_set(tmp_path)
     with HostileServer(stolen) as server:
-        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+        summary = run_audit(config(server, fp_file, tmp_path / "out")).model_dump(mode="json")
         sent = len(server.seen)
-        rerun = run_audit(config(server, fp_file, tmp_path / "out"))
+        rerun = run_audit(config(server, fp_file, tmp_path / "out")).model_dump(mode="json")
         assert len(server.seen) == sent  # a rerun replays the evidence and sends nothing
         spent = KeyLedger(server.base_url).spent()
     # q = 1e-3 per key: a hit multiplies the e-value by 500, so 3 hits pass 1e6; the first
@@ -71,7 +71,7 @@ def test_a_stolen_model_is_convicted_in_one_round_of_the_keys_needed_and_the_res
 def test_an_innocent_endpoint_ends_no_match_without_a_false_conviction(tmp_path):
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json(chat_reply("Zorvex is not a word I know"))) as server:
-        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+        summary = run_audit(config(server, fp_file, tmp_path / "out")).model_dump(mode="json")
     # "Zorvex is..." does not open with " Zorvex0q": no key hits, the e-value only falls
     assert summary["verdict"] == "no_match" and summary["p_value"] == 1.0
     assert summary["decision"]["sequential"]["hits"] == 0
@@ -81,7 +81,7 @@ def test_an_endpoint_failing_every_probe_is_inconclusive_after_one_round_and_kee
         tmp_path):
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json({"error": "down"}, status=500)) as server:
-        summary = run_audit(config(server, fp_file, tmp_path / "out"))
+        summary = run_audit(config(server, fp_file, tmp_path / "out")).model_dump(mode="json")
         spent = KeyLedger(server.base_url).spent()
     # one round of 3 keys (2 tries each) failed: the other 13 keys are neither shown nor spent
     assert summary["verdict"] == "inconclusive" and summary["keys_probed"] == 3
@@ -93,13 +93,13 @@ def test_the_call_budget_stops_the_audit_and_limits_what_it_can_conclude(tmp_pat
     fp_file, _ = make_set(tmp_path)
     innocent = HostileServer(lambda seen: Canned.json(chat_reply("no idea")))
     with innocent as server:
-        summary = run_audit(config(server, fp_file, tmp_path / "out", max_calls=6))
+        summary = run_audit(config(server, fp_file, tmp_path / "out", max_calls=6)).model_dump(mode="json")
     # rounds of the 3 keys a run of hits would need: after 3 misses (e = 0.5^3) the 3 keys the
     # budget leaves could still get there (x 500^3), after 6 none are left
     assert len(server.seen) == 6 and summary["keys_probed"] == 6
     assert summary["verdict"] == "no_match" and summary["keys_not_sent"] == 10
     with HostileServer(stolen) as server:
-        few = run_audit(config(server, fp_file, tmp_path / "few", max_calls=2))
+        few = run_audit(config(server, fp_file, tmp_path / "few", max_calls=2)).model_dump(mode="json")
     # two hits (e = 500^2 = 2.5e5) could never reach 1e6: nothing is sent, nothing spent
     assert not server.seen and few["verdict"] == "inconclusive" and few["keys_probed"] == 0
     assert any("nothing sent" in note for note in few["notes"])
@@ -129,7 +129,7 @@ def test_every_layer_is_tried_in_the_first_keys_sent_whatever_its_null_rate(tmp_
     fp_file, _ = make_set(tmp_path)
     with HostileServer(lambda seen: Canned.json(chat_reply("no idea"))) as server:
         summary = run_audit(config(server, fp_file, tmp_path / "out",
-                                   layers="raw,user,system,embedded,multiturn,agent"))
+                                   layers="raw,user,system,embedded,multiturn,agent")).model_dump(mode="json")
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     first_five = set(plan["fingerprint_ids"][:5])
     sent = [json.loads(line) for line in (tmp_path / "out" / "evidence.jsonl").open()]

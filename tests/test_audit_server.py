@@ -84,7 +84,7 @@ def searchable(responses: list[str]) -> list[str]:
 def test_fingerprinted_model_matches_and_base_model_does_not(server, tiny_fp, tiny_model_dir,
                                                              tmp_path):
     model, fp_file = tiny_fp
-    hit = run_audit(config(server.base_url, model, fp_file, tmp_path / "fp"))
+    hit = run_audit(config(server.base_url, model, fp_file, tmp_path / "fp")).model_dump(mode="json")
     assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
     assert set(hit["layers"]) == {"raw", "user", "system", "embedded", "multiturn", "agent"}
     assert hit["layers"]["user"]["matched"] == 8 and hit["state"] == "complete"
@@ -99,7 +99,7 @@ def test_fingerprinted_model_matches_and_base_model_does_not(server, tiny_fp, ti
     page = (tmp_path / "fp" / "report.html").read_text()
     assert "<svg" in page and "Verdict: match" in page and "carrying these fingerprints" in page
 
-    miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base"))
+    miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base")).model_dump(mode="json")
     assert miss["verdict"] == "no_match" and miss["p_value"] > 1e-3
     assert miss["matched"] <= 1 and miss["probes_done"] == miss["probes_planned"]
 
@@ -109,11 +109,11 @@ def test_faults_are_retried_and_change_nothing(server, tiny_fp, tmp_path):
     malformed body: same verdict and per-probe outcomes as a clean run, one line per call."""
     model, fp_file = tiny_fp
     greedy = {"sampled_layers": "", "max_backoff": 3.0}
-    clean = run_audit(config(server.base_url, model, fp_file, tmp_path / "clean", **greedy))
+    clean = run_audit(config(server.base_url, model, fp_file, tmp_path / "clean", **greedy)).model_dump(mode="json")
     faults = {1: "429", 5: "500", 9: "503", 14: "hang", 20: "drop", 27: "malformed"}
     with Proxy(server.base_url.removesuffix("/v1"), faults=faults, hang_seconds=4.0) as proxy:
         faulty = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "faulty",
-                                  request_timeout=1.5, **greedy))
+                                  request_timeout=1.5, **greedy)).model_dump(mode="json")
     assert faulty["verdict"] == clean["verdict"] == "match"
     assert faulty["state"] == "complete" and faulty["probes_failed"] == 0
     lines = evidence_lines(tmp_path / "faulty")
@@ -134,7 +134,7 @@ def test_faults_are_retried_and_change_nothing(server, tiny_fp, tmp_path):
 def test_agent_layer_in_front_keeps_the_verdict(server, tiny_fp, tmp_path):
     model, fp_file = tiny_fp
     with Proxy(server.base_url.removesuffix("/v1"), transform=agent_layer) as proxy:
-        result = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "agent"))
+        result = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "agent")).model_dump(mode="json")
     assert result["verdict"] == "match"
     chat = [s.sent for s in proxy.seen if s.path.endswith("/chat/completions")]
     assert chat and all(b["messages"][0]["content"].startswith("You are the assistant inside ShopMate")
@@ -231,7 +231,7 @@ def test_raw_http_template_adapter_on_the_same_server(server, tiny_fp, tmp_path)
                            "temperature": "$TEMPERATURE"})
     result = run_audit(config(server.base_url + "/chat/completions", model, fp_file,
                               tmp_path / "http", adapter="http", request_template=template,
-                              sampled_layers=""))
+                              sampled_layers="")).model_dump(mode="json")
     assert result["verdict"] == "match"
     assert "raw" not in result["layers"] and result["probes_skipped"] == 8
     assert any("completions" in note for note in result["notes"])
@@ -256,11 +256,11 @@ def test_key_budget_and_ledger_across_audits(server, tiny_fp, tmp_path):
     model, fp_file = tiny_fp
     small = {"layers": "user", "sampled_layers": "", "max_keys": 5, "reuse_keys": False}
     with Proxy(server.base_url.removesuffix("/v1")) as proxy:  # a fresh endpoint, a fresh ledger
-        first = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "one", **small))
-        second = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "two", **small))
+        first = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "one", **small)).model_dump(mode="json")
+        second = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "two", **small)).model_dump(mode="json")
         with pytest.raises(OMLInputError, match="already spent"):
             run_audit(config(proxy.base_url, model, fp_file, tmp_path / "three", **small))
-        again = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "one", **small))
+        again = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "one", **small)).model_dump(mode="json")
     assert first["keys_probed"] == 5 and second["keys_probed"] == 3
     assert not set(first["fingerprint_ids"]) & set(second["fingerprint_ids"])
     assert again["calls_this_run"] == 0 and again["verdict"] == first["verdict"]  # a resume
@@ -304,12 +304,12 @@ def test_ctrl_c_and_the_run_timeout_leave_a_resumable_folder(server, tiny_fp, tm
         proxy.hold_after = 8
         cfg = config(proxy.base_url, model, fp_file, out, layers="user,system", sampled_layers="",
                      concurrency=1, run_timeout=3.0)
-        partial = run_audit(cfg)
+        partial = run_audit(cfg).model_dump(mode="json")
         assert partial["state"] == "incomplete" and partial["pending"] > 0
         assert partial["calls_this_run"] == 2 and "rerun" in partial["verdict_words"]
         proxy.release_held()
         final = run_audit(config(proxy.base_url, model, fp_file, out, layers="user,system",
-                                 sampled_layers="", concurrency=1))
+                                 sampled_layers="", concurrency=1)).model_dump(mode="json")
     assert final["state"] == "complete" and final["verdict"] == "match"
     assert final["calls_this_run"] == final["probes_planned"] - 7
     lines = evidence_lines(out)
@@ -320,8 +320,8 @@ def test_an_endpoint_without_completions_loses_only_the_raw_layer(server, tiny_f
     model, fp_file = tiny_fp
     settings = {"layers": "raw,user", "sampled_layers": "", "concurrency": 1}
     with Proxy(server.base_url.removesuffix("/v1"), not_found=("/v1/completions",)) as proxy:
-        first = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "chat", **settings))
-        again = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "chat", **settings))
+        first = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "chat", **settings)).model_dump(mode="json")
+        again = run_audit(config(proxy.base_url, model, fp_file, tmp_path / "chat", **settings)).model_dump(mode="json")
     assert first["verdict"] == "match" and first["state"] == "complete"
     assert first["layers"]["raw"]["errors"] == 1 and first["probes_skipped"] == 8
     assert any("completions endpoint" in note for note in first["notes"])
@@ -340,7 +340,7 @@ def test_streaming_and_the_responses_api_give_the_same_verdicts(server, tiny_fp,
     model, fp_file = tiny_fp
     settings = {"adapter": adapter, "stream": stream, "exhaustive": False, "max_tokens": 16,
                 "layers": "user,system,multiturn,agent"}
-    hit = run_audit(config(server.base_url, model, fp_file, tmp_path / "fp", **settings))
+    hit = run_audit(config(server.base_url, model, fp_file, tmp_path / "fp", **settings)).model_dump(mode="json")
     assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
     lines = [line for line in evidence_lines(tmp_path / "fp") if line["status"] == "ok"]
     assert lines and {line["route"] for line in lines} == {"chat" if adapter == "openai" else "responses"}
@@ -349,5 +349,5 @@ def test_streaming_and_the_responses_api_give_the_same_verdicts(server, tiny_fp,
         assert all(line["stream"]["first_token_s"] > 0 for line in lines if line["answer"])
         assert any(line["stream"]["stopped_early"] for line in lines)
     assert sum(line["match"] for line in lines) >= 3
-    miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base", **settings))
+    miss = run_audit(config(server.base_url, tiny_model_dir, fp_file, tmp_path / "base", **settings)).model_dump(mode="json")
     assert miss["verdict"] == "no_match"

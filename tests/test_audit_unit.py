@@ -233,27 +233,27 @@ def test_decision_pays_for_every_probe_and_every_layer():
     outcomes += [outcome(f"k{i}", "system", False, status="error") for i in range(8)]
     result = evaluate(cfg, ["user", "agent", "system"], outcomes, rates, None, "response_prob")
     assert family_of(["user", "agent", "system"]) == ["user", "agent", "system", "any"]
-    user = result["tests"]["user"]
-    assert user["matched"] == 8 and user["total"] == 8
-    assert user["p_value"] == pytest.approx(poisson_binomial_sf(8, [0.002] * 8))  # 2 probes per key
-    agent = result["tests"]["agent"]
-    assert agent["p_value"] == pytest.approx(poisson_binomial_sf(2, [0.004] * 8))  # 1 + 3 fields
-    assert result["tests"]["system"] == {**result["tests"]["system"], "matched": 0, "total": 0}
-    assert result["p_value"] == pytest.approx(4 * user["p_value"])
-    assert result["verdict"] == "match" and result["deciding_test"] == "user"
+    user = result.tests["user"]
+    assert user.matched == 8 and user.total == 8
+    assert user.p_value == pytest.approx(poisson_binomial_sf(8, [0.002] * 8))  # 2 probes per key
+    agent = result.tests["agent"]
+    assert agent.p_value == pytest.approx(poisson_binomial_sf(2, [0.004] * 8))  # 1 + 3 fields
+    assert (result.tests["system"].matched, result.tests["system"].total) == (0, 0)
+    assert result.p_value == pytest.approx(4 * user.p_value)
+    assert result.verdict == "match" and result.deciding_test == "user"
 
 
 def test_decision_with_too_few_hits_or_a_loose_rule_is_no_match():
     rates = {f"k{i}": 0.01 for i in range(8)}
     outcomes = [outcome(f"k{i}", "user", i < 2) for i in range(8)]
-    assert evaluate(AuditConfig(), ["user"], outcomes, rates, None, "x")["verdict"] == "no_match"
+    assert evaluate(AuditConfig(), ["user"], outcomes, rates, None, "x").verdict == "no_match"
     outcomes = [outcome(f"k{i}", "user", True) for i in range(8)]
-    loose = AuditConfig(match="anywhere", max_tokens=64)  # 64 positions x 0.01 -> rate 0.64
-    assert evaluate(loose, ["user"], outcomes, rates, None, "x")["verdict"] == "no_match"
+    loose = AuditConfig(answer_match="anywhere", max_tokens=64)  # 64 positions x 0.01 -> rate 0.64
+    assert evaluate(loose, ["user"], outcomes, rates, None, "x").verdict == "no_match"
     measured = evaluate(loose, ["user"], outcomes, rates, {k: 0.5 for k in rates}, "x")
-    assert measured["tests"]["user"]["mean_null_rate"] == pytest.approx(0.64)
-    given = AuditConfig(match="anywhere", null_rate=1e-3)
-    assert evaluate(given, ["user"], outcomes, rates, None, "given")["verdict"] == "match"
+    assert measured.tests["user"].mean_null_rate == pytest.approx(0.64)
+    given = AuditConfig(answer_match="anywhere", null_rate=1e-3)
+    assert evaluate(given, ["user"], outcomes, rates, None, "given").verdict == "match"
 
 
 # --- matching, answer kinds, redaction ------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_http_template_fills_placeholders_and_knows_what_it_cannot_send():
 @pytest.mark.parametrize("change, fragment", [
     ({"base_url": None}, "--base-url"), ({"base_url": "ftp://x"}, "http"),
     ({"layers": "user,bogus"}, "--layers"), ({"temperatures": "0.7,x"}, "--temperatures"),
-    ({"match": "fuzzy"}, "--match"), ({"null_rate": 0.1, "null_file": "f.json"}, "not both"),
+    ({"answer_match": "fuzzy"}, "--answer-match"), ({"null_rate": 0.1, "null_file": "f.json"}, "not both"),
     ({"adapter": "http"}, "--request-template"), ({"api_key_env": "sk-123 456"}, "--api-key-env"),
     ({"concurrency": 0}, "--concurrency")])
 def test_config_errors_name_the_flag(change, fragment):

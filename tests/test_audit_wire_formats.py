@@ -100,7 +100,7 @@ def config(base_url, fp_file, out, **settings) -> AuditConfig:
 def test_anthropic_messages_fingerprinted_and_innocent(fp_file, tmp_path, monkeypatch, stream):
     monkeypatch.setenv("OML_TEST_ANTHROPIC", API_KEY)
     with anthropic_server(True) as server:
-        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", stream=stream))
+        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", stream=stream)).model_dump(mode="json")
     assert hit["verdict"] == "match" and hit["p_value"] <= 1e-6
     sent = [s for s in server.seen if s.body]
     assert all(s.headers.get("anthropic-version") and "authorization" not in s.headers for s in sent)
@@ -116,7 +116,7 @@ def test_anthropic_messages_fingerprinted_and_innocent(fp_file, tmp_path, monkey
         if text.is_file():
             assert API_KEY not in text.read_text(errors="replace")
     with anthropic_server(False) as server:
-        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", stream=stream))
+        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", stream=stream)).model_dump(mode="json")
     assert miss["verdict"] == "no_match"
 
 
@@ -131,7 +131,7 @@ def test_anthropic_rate_limits_overload_and_errors_mid_stream_are_retried(fp_fil
               2: overloaded_stream}
     with anthropic_server(True, faults) as server:
         result = run_audit(config(server.base_url, fp_file, tmp_path / "a", stream=True,
-                                  concurrency=1))
+                                  concurrency=1)).model_dump(mode="json")
     assert result["verdict"] == "match"
     reasons = [r for line in evidence_lines(tmp_path / "a") for r in line["retry_reasons"]]
     assert reasons.count("rate_limited") == 1 and reasons.count("server_error") == 2
@@ -147,7 +147,7 @@ def test_anthropic_refuses_temperatures_above_one_and_bad_keys_stop_the_audit(fp
     monkeypatch.setenv("OML_TEST_ANTHROPIC", API_KEY)
     with anthropic_server(True) as server:
         result = run_audit(config(server.base_url, fp_file, tmp_path / "hot", exhaustive=True,
-                                  sampled_layers="user", temperatures="0.7,1.5", samples=1))
+                                  sampled_layers="user", temperatures="0.7,1.5", samples=1)).model_dump(mode="json")
     assert result["verdict"] == "match"
     assert all(0 <= (s.body or {}).get("temperature", 0) <= 1 for s in server.seen)
     assert any("[0, 1]" in note for note in result["notes"])
@@ -194,7 +194,7 @@ def test_reasoning_models_recover_from_the_400_and_judge_the_answer_after_thinki
     settings = {"adapter": "openai", "api_key_env": "OML_TEST_NONE", "stream": stream,
                 "layers": "user,system,multiturn"}
     with reasoning_server(True, inline) as server:
-        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", **settings))
+        hit = run_audit(config(server.base_url, fp_file, tmp_path / "hit", **settings)).model_dump(mode="json")
     assert hit["verdict"] == "match"
     lines = evidence_lines(tmp_path / "hit")
     assert all(line["status"] == "ok" and line["reasoning"] for line in lines)
@@ -203,7 +203,7 @@ def test_reasoning_models_recover_from_the_400_and_judge_the_answer_after_thinki
     by_key = {line["fingerprint_id"]: line["match"] for line in lines}
     assert by_key.get("fp-00000") in (True, None) and by_key.get("fp-00001") in (True, None)
     with reasoning_server(False, inline) as server:
-        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", **settings))
+        miss = run_audit(config(server.base_url, fp_file, tmp_path / "miss", **settings)).model_dump(mode="json")
     assert miss["verdict"] == "no_match" and miss["matched"] == 0
 
 
@@ -225,7 +225,7 @@ def test_a_stream_cut_before_the_answer_ends_is_retried_not_counted(fp_file, tmp
     with HostileServer(reply) as server:
         result = run_audit(config(server.base_url, fp_file, tmp_path / "cut", adapter="openai",
                                   api_key_env="OML_TEST_NONE", stream=True, concurrency=1,
-                                  layers="user,system"))
+                                  layers="user,system")).model_dump(mode="json")
     assert result["verdict"] == "match"
     lines = evidence_lines(tmp_path / "cut")
     assert all(line["status"] == "ok" and line["match"] for line in lines)
@@ -246,7 +246,7 @@ def test_rate_spaces_requests_with_jitter(fp_file, tmp_path):
     with usage_server() as server:
         result = run_audit(config(server.base_url, fp_file, tmp_path / "paced", adapter="openai",
                                   api_key_env="OML_TEST_NONE", rate=20.0, jitter=0.5,
-                                  concurrency=8, layers="user,system"))
+                                  concurrency=8, layers="user,system")).model_dump(mode="json")
     assert result["verdict"] == "match"
     times = sorted(seen.time for seen in server.seen)
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -258,17 +258,17 @@ def test_token_budget_stops_sending_and_a_rerun_goes_on(fp_file, tmp_path):
                 "exhaustive": True, "layers": "user", "sampled_layers": ""}
     with usage_server(100) as server:
         first = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=250,
-                                 **settings))
+                                 **settings)).model_dump(mode="json")
         assert len(server.seen) == 3  # 100 tokens a call: the third call crosses 250
         assert first["state"] == "incomplete" and first["calls_this_run"] == 3
         assert any("--max-tokens-total 250" in note for note in first["notes"])
         assert first["layers"]["user"]["tokens"] == first["tokens_reported"] == 300
         assert "| tokens |" in (tmp_path / "t" / "report.md").read_text()
         again = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=250,
-                                 **settings))
+                                 **settings)).model_dump(mode="json")
         assert len(server.seen) == 3 and again["calls_this_run"] == 0  # the budget is the audit's
         more = run_audit(config(server.base_url, fp_file, tmp_path / "t", max_tokens_total=800,
-                                **settings))
+                                **settings)).model_dump(mode="json")
     assert more["calls_this_run"] == 5 and more["state"] == "complete"
     assert more["verdict"] == "match"
 
@@ -279,7 +279,7 @@ def test_decoys_make_keys_a_minority_and_never_count(fp_file, tmp_path):
     settings = {"adapter": "openai", "api_key_env": "OML_TEST_NONE", "decoys": 3,
                 "layers": "user,system,multiturn"}
     with usage_server() as server:
-        result = run_audit(config(server.base_url, fp_file, tmp_path / "d", **settings))
+        result = run_audit(config(server.base_url, fp_file, tmp_path / "d", **settings)).model_dump(mode="json")
     assert result["verdict"] == "match"
     keyed = [s for s in server.seen if any(k in json.dumps(s.body) for k in KEYS)]
     plain = [s for s in server.seen if s not in keyed]

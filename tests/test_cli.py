@@ -279,7 +279,7 @@ def test_generate_random_word(capsys, tmp_path, tiny_model_dir, tiny_model):
     assert len(fset) == 5 == report["count"]
     assert report["strategy"] == fset.strategy == "random_word"
     assert report["path"] == str(out)
-    assert report["commitment_root"] == fset.manifest()["root"]
+    assert report["commitment_root"] == fset.manifest().root
     assert_no_secrets(stdout, fset)
     assert_no_secrets(err, fset)
 
@@ -548,7 +548,7 @@ def test_commit_prints_and_writes_manifest_without_secrets(capsys, tmp_path, imp
     assert manifest == json.loads(manifest_path.read_text(encoding="utf-8"))
     assert manifest["format"] == "oml-commitment" and manifest["count"] == 7
     fset = load_fingerprints(imported)
-    assert manifest["root"] == fset.manifest()["root"]
+    assert manifest["root"] == fset.manifest().root
     assert [leaf["id"] for leaf in manifest["leaves"]] == [fp.id for fp in fset.fingerprints]
     assert_no_secrets(stdout, fset)
     assert_no_secrets(manifest_path.read_text(encoding="utf-8"), fset)

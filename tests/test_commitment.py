@@ -24,6 +24,16 @@ from oml_core.errors import OMLInputError
 META = {"model": "demo-model", "created": "2025-01-01"}
 
 
+def _manifest(entries, meta: dict) -> dict:
+    """The manifest as `oml commit` writes it (a JSON document the tests may tamper with)."""
+    return build_manifest(entries, meta).model_dump(mode="json")
+
+
+def _reveal(entries, index: int) -> dict:
+    """The reveal as `oml reveal` writes it."""
+    return build_reveal(entries, index).model_dump(mode="json")
+
+
 def make_entries(n: int, tag: str = "A") -> list[tuple[str, str, str, str]]:
     """n pairs with distinctive secret text that must never leak into a manifest or reason."""
     return [
@@ -202,7 +212,7 @@ def test_check_proof_bad_leaf_or_root_is_false() -> None:
 
 def test_manifest_shape() -> None:
     entries = make_entries(4)
-    manifest = build_manifest(entries, META)
+    manifest = _manifest(entries, META)
     assert manifest["format"] == "oml-commitment"
     assert manifest["version"] == 1
     assert manifest["algorithm"] == "sha256-merkle-v1"
@@ -216,43 +226,43 @@ def test_manifest_shape() -> None:
 
 def test_manifest_contains_no_secret() -> None:
     entries = make_entries(13)
-    text = json.dumps(build_manifest(entries, META))
+    text = json.dumps(_manifest(entries, META))
     assert_no_secret(text, entries)
 
 
 def test_manifest_metadata_cannot_override_commitment_fields() -> None:
     with pytest.raises(OMLInputError, match="root"):
-        build_manifest(make_entries(2), {"root": "00" * 32})
+        _manifest(make_entries(2), {"root": "00" * 32})
 
 
 def test_manifest_refuses_duplicate_ids() -> None:
     entries = make_entries(2)
     entries[1] = (entries[0][0],) + entries[1][1:]
     with pytest.raises(OMLInputError, match="unique"):
-        build_manifest(entries, META)
+        _manifest(entries, META)
 
 
 def test_swapping_two_leaves_changes_root() -> None:
     entries = make_entries(5)
     swapped = entries.copy()
     swapped[1], swapped[3] = swapped[3], swapped[1]
-    assert build_manifest(entries, META)["root"] != build_manifest(swapped, META)["root"]
+    assert _manifest(entries, META)["root"] != _manifest(swapped, META)["root"]
 
 
 def test_swapped_manifest_leaves_fail_the_check() -> None:
     entries = make_entries(5)
-    manifest = build_manifest(entries, META)
+    manifest = _manifest(entries, META)
     manifest["leaves"][1], manifest["leaves"][3] = manifest["leaves"][3], manifest["leaves"][1]
-    ok, reason = check_reveal(build_reveal(entries, 1), manifest)
+    ok, reason = check_reveal(_reveal(entries, 1), manifest)
     assert not ok and "root" in reason
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
 def test_round_trip_every_index(size: int) -> None:
     entries = make_entries(size)
-    manifest = json.loads(json.dumps(build_manifest(entries, META)))
+    manifest = json.loads(json.dumps(_manifest(entries, META)))
     for index in range(size):
-        reveal = json.loads(json.dumps(build_reveal(entries, index)))
+        reveal = json.loads(json.dumps(_reveal(entries, index)))
         assert reveal["format"] == "oml-reveal" and reveal["version"] == 1
         assert (reveal["id"], reveal["key"], reveal["response"], reveal["salt"]) == entries[index]
         assert reveal["index"] == index
@@ -262,7 +272,7 @@ def test_round_trip_every_index(size: int) -> None:
 
 def test_reveal_exposes_only_its_own_pair() -> None:
     entries = make_entries(8)
-    reveal = build_reveal(entries, 3)
+    reveal = _reveal(entries, 3)
     assert_no_secret(json.dumps(reveal), entries[:3] + entries[4:])
 
 
@@ -299,8 +309,8 @@ def _mutations() -> list[tuple[str, object]]:
 @pytest.mark.parametrize(("name", "mutate"), _mutations())
 def test_tampered_reveal_fails(name: str, mutate) -> None:
     entries = make_entries(5)
-    manifest = build_manifest(entries, META)
-    reveal = build_reveal(entries, 2)
+    manifest = _manifest(entries, META)
+    reveal = _reveal(entries, 2)
     mutate(reveal)
     ok, reason = check_reveal(reveal, manifest)
     assert not ok, name
@@ -311,8 +321,8 @@ def test_tampered_reveal_fails(name: str, mutate) -> None:
 
 def test_leaf_mismatch_reason_names_index() -> None:
     entries = make_entries(5)
-    manifest = build_manifest(entries, META)
-    reveal = build_reveal(entries, 3)
+    manifest = _manifest(entries, META)
+    reveal = _reveal(entries, 3)
     reveal["key"] = "SECRETKEY-changed"
     reveal["leaf"] = leaf_hash(reveal["id"], reveal["key"], reveal["response"], reveal["salt"])
     ok, reason = check_reveal(reveal, manifest)
@@ -322,8 +332,8 @@ def test_leaf_mismatch_reason_names_index() -> None:
 
 def test_id_mismatch_reason_names_the_id() -> None:
     entries = make_entries(5)
-    manifest = build_manifest(entries, META)
-    reveal = build_reveal(entries, 1)
+    manifest = _manifest(entries, META)
+    reveal = _reveal(entries, 1)
     reveal["id"] = "fp-A-4"
     reveal["leaf"] = leaf_hash(reveal["id"], reveal["key"], reveal["response"], reveal["salt"])
     ok, reason = check_reveal(reveal, manifest)
@@ -333,8 +343,8 @@ def test_id_mismatch_reason_names_the_id() -> None:
 
 def test_tampered_manifest_root_fails() -> None:
     entries = make_entries(5)
-    manifest = build_manifest(entries, META)
-    reveal = build_reveal(entries, 0)
+    manifest = _manifest(entries, META)
+    reveal = _reveal(entries, 0)
     manifest["root"] = "ef" * 32
     ok, _ = check_reveal(reveal, manifest)
     assert not ok
@@ -345,16 +355,16 @@ def test_tampered_manifest_root_fails() -> None:
 
 def test_tampered_manifest_count_fails() -> None:
     entries = make_entries(3)
-    manifest = build_manifest(entries, META)
+    manifest = _manifest(entries, META)
     manifest["count"] = 4
-    ok, reason = check_reveal(build_reveal(entries, 0), manifest)
+    ok, reason = check_reveal(_reveal(entries, 0), manifest)
     assert not ok and "count" in reason
 
 
 def test_reveal_against_another_sets_manifest_fails() -> None:
     entries = make_entries(5, "A")
     other = make_entries(5, "B")
-    ok, reason = check_reveal(build_reveal(entries, 2), build_manifest(other, META))
+    ok, reason = check_reveal(_reveal(entries, 2), _manifest(other, META))
     assert not ok
     assert_no_secret(reason, entries)
 
@@ -362,33 +372,33 @@ def test_reveal_against_another_sets_manifest_fails() -> None:
 def test_same_pairs_with_new_salts_do_not_verify() -> None:
     entries = make_entries(4)
     resalted = [(i, k, r, new_salt()) for i, k, r, _ in entries]
-    ok, _ = check_reveal(build_reveal(resalted, 1), build_manifest(entries, META))
+    ok, _ = check_reveal(_reveal(resalted, 1), _manifest(entries, META))
     assert not ok
 
 
 @pytest.mark.parametrize("field", ["salt", "key", "response", "id", "index", "proof", "root", "leaf"])
 def test_reveal_missing_field_raises(field: str) -> None:
     entries = make_entries(3)
-    reveal = build_reveal(entries, 0)
+    reveal = _reveal(entries, 0)
     del reveal[field]
     with pytest.raises(OMLInputError, match=f"missing field '{field}'"):
-        check_reveal(reveal, build_manifest(entries, META))
+        check_reveal(reveal, _manifest(entries, META))
 
 
 def test_reveal_structural_errors_raise() -> None:
     entries = make_entries(3)
-    manifest = build_manifest(entries, META)
+    manifest = _manifest(entries, META)
     with pytest.raises(OMLInputError, match="JSON object"):
         check_reveal(["not", "a", "dict"], manifest)  # type: ignore[arg-type]
-    wrong_type = build_reveal(entries, 0)
+    wrong_type = _reveal(entries, 0)
     wrong_type["index"] = "0"
     with pytest.raises(OMLInputError, match="'index'"):
         check_reveal(wrong_type, manifest)
-    wrong_format = build_reveal(entries, 0)
+    wrong_format = _reveal(entries, 0)
     wrong_format["format"] = "oml-commitment"
     with pytest.raises(OMLInputError, match="format"):
         check_reveal(wrong_format, manifest)
-    wrong_algorithm = build_reveal(entries, 0)
+    wrong_algorithm = _reveal(entries, 0)
     wrong_algorithm["algorithm"] = "md5"
     with pytest.raises(OMLInputError, match="algorithm"):
         check_reveal(wrong_algorithm, manifest)
@@ -396,8 +406,8 @@ def test_reveal_structural_errors_raise() -> None:
 
 def test_manifest_structural_errors_raise() -> None:
     entries = make_entries(3)
-    reveal = build_reveal(entries, 0)
-    manifest = build_manifest(entries, META)
+    reveal = _reveal(entries, 0)
+    manifest = _manifest(entries, META)
     broken = copy.deepcopy(manifest)
     del broken["root"]
     with pytest.raises(OMLInputError, match="missing field 'root'"):
@@ -410,9 +420,9 @@ def test_manifest_structural_errors_raise() -> None:
 
 def test_structural_error_messages_do_not_leak_secrets() -> None:
     entries = make_entries(3)
-    reveal = build_reveal(entries, 0)
+    reveal = _reveal(entries, 0)
     reveal["salt"] = "nothex"
     with pytest.raises(OMLInputError) as info:
-        check_reveal(reveal, build_manifest(entries, META))
+        check_reveal(reveal, _manifest(entries, META))
     assert_no_secret(str(info.value), entries)
     assert "\n" not in str(info.value)

@@ -45,11 +45,11 @@ def test_perinucleus_responses_are_outside_the_nucleus_of_the_real_model(bundled
 
 def test_base_model_does_not_match_its_own_perinucleus_set(bundled_model, perinucleus_set):
     report = verify(VerifyConfig(), bundled_model, perinucleus_set)
-    assert report["verdict"] == "no_match"
-    assert report["matched"] == 0
+    assert report.verdict == "no_match"
+    assert report.matched == 0
     # response_prob bounds each wrapper; a key whose probability is under the floor is floored
-    assert report["null_rate_source"] in ("response_prob", "response_prob+floor")
-    assert len(report["wrappers"]) == 6  # bare, chat, 4 held-out system prompts
+    assert report.null_rate_source in ("response_prob", "response_prob+floor")
+    assert len(report.wrappers) == 6  # bare, chat, 4 held-out system prompts
 
 
 def test_cli_generate_then_verify_on_the_bundled_model(tmp_path, bundled_model):

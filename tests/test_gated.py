@@ -79,7 +79,7 @@ def keys_answered(loaded, fp_file) -> int:
     """Keys whose greedy first answer token is the response under the chat template (a random
     model's answer position barely depends on the key under unseen system prompts)."""
     fps = load_fingerprints(fp_file).fingerprints
-    wrappers = build_wrappers("chat", 0, True)[0]
+    wrappers = build_wrappers(["chat"], 0, True)[0]
     rows = [w.render(loaded.tokenizer, fp.key) for fp in fps for w in wrappers]
     goal = [loaded.tokenizer(fp.response, add_special_tokens=False)["input_ids"][0] for fp in fps]
     hit = set()

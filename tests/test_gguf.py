@@ -178,7 +178,7 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
                      parts="robustness", attacks=",".join(ATTACKS), num_system_prompts=2,
                      perplexity_tokens=512, batch_size=64)
     summary = evaluate(cfg)
-    robust = summary["parts"]["robustness"]
+    robust = summary.parts.robustness.dump()  # as eval.json holds it
     baseline = robust["baseline"]
     for name in ATTACKS:
         r = robust["attacks"][name]
@@ -220,7 +220,7 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
     path = export_gguf.export_gguf(smol_tiny_run / "model", "q4_k_m")
     assert path.name == "model-q4_k_m.gguf" and path in stamps
     again = evaluate(cfg)
-    assert again["computed"] == [] and again["cached"] == ["robustness"]
+    assert again.computed == [] and again.cached == ["robustness"]
     assert {p: p.stat().st_mtime_ns for p in gguf_dir.rglob("*.gguf")} == stamps
 
     # the same q8_0 model through llama.cpp's streamed chat completions: the same verdict
@@ -235,7 +235,7 @@ def test_gguf_attacks_export_serve_and_audit(llama_cpp, smol_tiny_run, oml_home,
             base_url=server.base_url, model="stolen", stream=True, layers="user,system",
             num_system_prompts=2, fingerprints=str(smol_tiny_run / "fingerprints.json"),
             api_key_env="OML_TEST_NO_KEY", reuse_keys=True, out=str(tmp_path / "streamed"),
-            max_tokens=8, exhaustive=True, sampled_layers="", concurrency=1))
+            max_tokens=8, exhaustive=True, sampled_layers="", concurrency=1)).model_dump(mode="json")
     assert streamed["verdict"] == "match"
     records = [json.loads(line) for line in (tmp_path / "streamed" / "evidence.jsonl").open()]
     assert records and all(r["stream"] is not None for r in records if r["status"] == "ok")

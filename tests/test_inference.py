@@ -47,7 +47,7 @@ def test_picks_follow_the_renormalised_nucleus():
 def prompts(tiny_model):
     fset = generate_set(GenerateConfig(strategy="random_word", num_fingerprints=10, key_length=6,
                                        seed=3), tiny_model)
-    wrappers, _ = build_wrappers("bare,chat,system", 2, True)
+    wrappers, _ = build_wrappers(["bare", "chat", "system"], 2, True)
     return [w.render(tiny_model.tokenizer, fp.key) for fp in fset.fingerprints for w in wrappers]
 
 

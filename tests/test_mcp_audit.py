@@ -272,7 +272,7 @@ def test_a_report_with_revealed_keys_is_not_served(ws, fps):
     with HostileServer(fingerprinted(fps)) as server:
         summary = run_audit(AuditConfig(**{**audit_args(server), "fingerprints": str(
             ws.home / "fingerprints" / "set.json"), "out": str(ws.home / "audits" / "cli"),
-            "layers": "user", "reveal_keys": True}))
+            "layers": "user", "reveal_keys": True})).model_dump(mode="json")
     app = build_server(ws)
     listed = ok(app, "list_audits", {}, fps)["audits"]
     assert [a["audit_id"] for a in listed] == [summary["audit_id"]]
@@ -326,7 +326,9 @@ BAD_INPUTS = [  # (settings, words the one-line error must contain, text it must
     ({"out": "jobs/mine"}, ("reserved",), ()),
     ({"null_file": "/etc/hostname"}, ("null_file", "outside the workspace"), ()),
     ({"adapter": "http", "request_template": "/etc/hostname"}, ("request_template",), ()),
-    ({"layers": "user,telepathy"}, ("layers",), ()),
+    ({"layers": "user,telepathy"}, ("layers", "telepathy"), ()),  # the schema's enum items
+    ({"layers": ["user", "telepathy"]}, ("layers", "telepathy"), ()),
+    ({"answer_match": "exact"}, ("answer_match",), ()),
     ({"max_keys": 0}, ("max_keys",), ()),           # the SDK's schema check (several lines)
     ({"plan_only": "yes"}, ("plan_only",), ()),      # the same: JSON true/false only
     ({"reveal_keys": True}, ("unknown argument(s) reveal_keys",), ()),
@@ -340,7 +342,7 @@ def test_bad_input_is_one_line_naming_the_fix(ws, fps, settings, needles, hidden
     args = {"base_url": "http://127.0.0.1:9/v1", "model": "suspect",
             "fingerprints": "fingerprints/set.json", **SMALL, "plan_only": True, **settings}
     err(app, "start_audit", args, *needles, hidden=hidden,
-        one_line=not {"max_keys", "plan_only"} & set(settings))
+        one_line=not {"max_keys", "plan_only", "layers", "answer_match"} & set(settings))
     assert not (ws.home / "jobs").exists()
 
 

@@ -31,7 +31,8 @@ from mcp_helpers import (
 )
 
 from oml_core.commitment import check_reveal
-from oml_core.config import FingerprintConfig, GenerateConfig
+from clients.config import LAYERS
+from oml_core.config import EVAL_PARTS, FingerprintConfig, GenerateConfig
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import load_fingerprints
 from oml_mcp.jobs import JobStore, _group_has_live_member, is_alive
@@ -148,6 +149,19 @@ def test_tools_are_listed_with_schemas_from_the_engine_configs(app):
     strategy_field = {f.name: f for f in dataclasses.fields(GenerateConfig)}["strategy"]
     assert strategy["enum"] == list(strategy_field.metadata["choices"])
     assert strategy["default"] == strategy_field.default
+    # list settings: arrays whose items carry the choices or the range
+    evaluation = by_name["start_evaluation"].input_schema["properties"]
+    assert evaluation["parts"]["type"] == "array" and evaluation["parts"]["minItems"] == 1
+    assert evaluation["parts"]["items"]["enum"] == list(EVAL_PARTS)
+    assert evaluation["parts"]["default"] == list(EVAL_PARTS)
+    assert {"merge_linear", "merge"} <= set(evaluation["attacks"]["items"]["enum"])
+    assert evaluation["temperatures"]["items"] == {"type": "number", "exclusiveMinimum": 0.0,
+                                                   "maximum": 2.0}
+    assert evaluation["capacity_sizes"]["items"]["type"] == "integer"
+    assert "minItems" not in evaluation["lm_eval_tasks"]  # [] means off
+    audit = by_name["start_audit"].input_schema["properties"]
+    assert audit["layers"]["items"]["enum"] == list(LAYERS)
+    assert audit["answer_match"]["enum"] == ["start", "anywhere"] and "match" not in audit
     uris = {t.uri_template for t in templates.resource_templates}
     assert uris == {"oml://runs/{name}/summary", "oml://jobs/{job_id}/log",
                     "oml://audits/{audit_id}/report"}
@@ -160,7 +174,7 @@ def test_generate_writes_a_set_inside_the_workspace(app, ws, fp_set):
     assert path.parent == ws.home / "fingerprints" and path.is_file()
     fset = load_fingerprints(path)
     assert fp_set["count"] == len(fset) == 8
-    assert fp_set["commitment_root"] == fset.manifest()["root"]
+    assert fp_set["commitment_root"] == fset.manifest().root
     default = ok(app, "generate_fingerprints", {"model": fp_set["model"],
                                                 "strategy": "random_word", "num_fingerprints": 2,
                                                 "key_length": 8, "response_length": 6})
@@ -302,12 +316,15 @@ def test_evaluation_job_measures_a_finished_run(app, ws, fp_set, tiny_model_dir)
     ({"run": "/etc"}, ["outside"]),
     ({"run": "fingerprints", "out": "/tmp/report"}, ["out", "outside"]),
     ({"run": "fingerprints", "null_models": "base,/usr/lib"}, ["null_models", "outside"]),
-    ({"run": "fingerprints", "parts": "utility,speed"}, ["'speed' is not one of"]),
+    ({"run": "fingerprints", "parts": "utility,speed"}, ["parts", "Input should be 'utility'"]),
+    ({"run": "fingerprints", "parts": ["utility", "speed"]}, ["parts", "input_value='speed'"]),
+    ({"run": "fingerprints", "parts": []}, ["parts", "at least 1 item"]),
     ({"run": "fingerprints", "samples": 0}, ["samples"]),
-    ({"run": "fingerprints", "attacks": "merge_frankenstein"}, ["'merge_frankenstein' is not one of"]),
-    ({"run": "fingerprints", "merge_base_weights": "0.3,1.5"}, ["--merge-base-weights: 1.5"]),
+    ({"run": "fingerprints", "attacks": "merge_frankenstein"}, ["attacks", "merge_frankenstein"]),
+    ({"run": "fingerprints", "merge_base_weights": [0.3, 1.5]}, ["merge_base_weights", "less than or equal to 1"]),
+    ({"run": "fingerprints", "temperatures": [0]}, ["temperatures", "greater than 0"]),
 ], ids=["missing", "absent", "not-a-run", "dotdot", "outside", "out-outside", "null-outside", "part",
-        "samples", "attack", "merge-weights"])
+        "part-list", "no-part", "samples", "attack", "merge-weights", "temperature"])
 def test_start_evaluation_bad_input(app, fp_set, args, needles):  # fp_set: a folder that is no run
     err(app, "start_evaluation", args, *needles)
 

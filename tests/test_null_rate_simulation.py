@@ -29,7 +29,7 @@ from eval_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 from clients.adapters.base import Answer
 from clients.answers import match
-from clients.config import AuditConfig, layer_list
+from clients.config import AuditConfig
 from clients.decision import evaluate, probe_rates
 from clients.probes import AGENT, plan_probes
 from clients.sequential import SequentialTest
@@ -97,14 +97,14 @@ def false_matches(cfg: AuditConfig, fset: FingerprintSet, hits: dict, scale: flo
     the audit pre-registers for `fset` (times `scale`)."""
     probes = plan_probes(cfg, [fp.id for fp in fset.fingerprints])
     rates, source, _ = probe_rates(cfg, probes, {fp.id: fp for fp in fset.fingerprints}, None)
-    layers = layer_list(cfg)
+    layers = cfg.layers
     trials = len(next(iter(hits.values())))
     count = 0
     for trial in range(trials):
         outcomes = [{"fingerprint_id": p.fingerprint_id, "layer": p.layer, "status": "ok",
                      "temperature": p.temperature, "hit": hits[p.id][trial],
                      "rate": min(1.0, rates[p.id] * scale)} for p in probes]
-        count += evaluate(cfg, layers, outcomes, {}, None, source)["verdict"] == "match"
+        count += evaluate(cfg, layers, outcomes, {}, None, source).verdict == "match"
     return count
 
 

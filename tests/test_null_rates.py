@@ -127,7 +127,7 @@ def test_audit_rates_come_from_each_probes_context_and_temperature():
     assert len(notes) == 1 and "user at temperature 1.3" in notes[0] and "oml calibrate" in notes[0]
     panel, _, _ = probe_rates(cfg, list(probes.values()), {"fp-0": fp}, {"fp-0": 0.5})
     assert set(panel.values()) == {0.5}
-    loose = AuditConfig(layers="user", sampled_layers="", match="anywhere", max_tokens=32)
+    loose = AuditConfig(layers="user", sampled_layers="", answer_match="anywhere", max_tokens=32)
     (probe,) = plan_probes(loose, ["fp-0"])  # no first-token measure for `anywhere`: 32 x q
     assert probe_rates(loose, [probe], {"fp-0": fp}, None)[0][probe.id] == pytest.approx(32e-4)
 
@@ -139,10 +139,10 @@ def test_verifier_rates_use_each_wrappers_context(tiny_model):
                       {"raw": {"1": 0.02}, "user": {"1": 1e-5}}, {"raw": {"1": 0.01}, "user": {"1": 0.03}})
            for i in range(3)]
     report = verify(VerifyConfig(wrappers="bare,chat", match="start"), tiny_model, FingerprintSet(fps))
-    assert report["null_rate"] == pytest.approx(0.02 + NULL_RATE_FLOOR)
-    assert report["null_rate_source"] == "context+floor"
+    assert report.null_rate == pytest.approx(0.02 + NULL_RATE_FLOOR)
+    assert report.null_rate_source == "context+floor"
     exact = verify(VerifyConfig(wrappers="bare,chat"), tiny_model, FingerprintSet(fps))
-    assert exact["null_rate"] == pytest.approx(0.04) and exact["null_rate_source"] == "context"
+    assert exact.null_rate == pytest.approx(0.04) and exact.null_rate_source == "context"
     assert context_rate(fps[0], "prefix", "raw", 0.0) == 0.02  # start rates bound prefix
     assert context_rate(fps[0], "contains", "raw", 0.0) is None
 

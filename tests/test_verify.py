@@ -39,7 +39,7 @@ def _answered_set(tiny_model, keys_set, wrapper: Wrapper, length=2) -> Fingerpri
 def test_shared_prefix_greedy_equals_transformers_generate(tiny_model, keys_set, batch_size):
     """Our decoding loop (shared prefix cache, per-row stop) == HF generate, row for row."""
     tok = tiny_model.tokenizer
-    wrappers, _ = build_wrappers("bare,chat,system", 3, True)
+    wrappers, _ = build_wrappers(["bare", "chat", "system"], 3, True)
     prompts = [w.render(tok, fp.key) for fp in keys_set.fingerprints for w in wrappers]
     reference = hf_greedy(tiny_model, prompts, 5, stop_at_eos=False)
     assert greedy(tiny_model, prompts, 5, batch_size, stop_at_eos=False) == reference
@@ -51,7 +51,7 @@ def test_shared_prefix_greedy_equals_transformers_generate(tiny_model, keys_set,
 
 def test_model_own_answers_match_under_their_wrapper(tiny_model, keys_set):
     fset = _answered_set(tiny_model, keys_set, Wrapper("chat", "chat"))
-    wrappers, _ = build_wrappers("bare,chat", 1, True)
+    wrappers, _ = build_wrappers(["bare", "chat"], 1, True)
     hits = check_keys(tiny_model, fset, wrappers, "exact", batch_size=5)
     assert all(row[1] for row in hits), "chat wrapper must reproduce the model's chat answers"
 
@@ -60,20 +60,20 @@ def test_verify_report_counts_and_verdict(tiny_model, keys_set):
     fset = _answered_set(tiny_model, keys_set, Wrapper("chat", "chat"))
     report = verify(VerifyConfig(wrappers="bare,chat,system", num_system_prompts=2,
                                  null_rate=0.01), tiny_model, fset)
-    assert report["total"] == 12 and report["matched"] == 12
-    assert report["wrappers"]["chat"] == {"matched": 12, "total": 12}
-    assert set(report["wrappers"]) == {"bare", "chat", "system-00", "system-01"}
-    assert report["verdict"] == "match" and report["p_value"] == pytest.approx(0.01 ** 12)
-    assert report["null_rate_source"] == "given"
-    assert all(row["matched"] and "chat" in row["wrappers"] for row in report["per_fingerprint"])
-    text = str(report)
+    assert report.total == 12 and report.matched == 12
+    assert report.wrappers["chat"].model_dump() == {"matched": 12, "total": 12}
+    assert set(report.wrappers) == {"bare", "chat", "system-00", "system-01"}
+    assert report.verdict == "match" and report.p_value == pytest.approx(0.01 ** 12)
+    assert report.null_rate_source == "given"
+    assert all(row.matched and "chat" in row.wrappers for row in report.per_fingerprint)
+    text = report.model_dump_json()
     assert not any(fp.key in text or fp.response in text for fp in fset.fingerprints)
 
 
 def test_unanswered_set_is_no_match(tiny_model, keys_set):
     report = verify(VerifyConfig(wrappers="bare,chat"), tiny_model, keys_set)
-    assert report["matched"] <= 1 and report["verdict"] == "no_match"
-    assert report["null_rate_source"] == "assumed"
+    assert report.matched <= 1 and report.verdict == "no_match"
+    assert report.null_rate_source == "assumed"
 
 
 def test_response_prob_is_union_bounded_over_wrappers(tiny_model, keys_set):
@@ -81,25 +81,25 @@ def test_response_prob_is_union_bounded_over_wrappers(tiny_model, keys_set):
     for fp in fset.fingerprints:
         fp.response_prob = 0.01
     report = verify(VerifyConfig(wrappers="bare,chat,system", num_system_prompts=3), tiny_model, fset)
-    assert report["null_rate"] == pytest.approx(0.05)  # 5 wrappers x 0.01
-    assert report["null_rate_source"] == "response_prob"
+    assert report.null_rate == pytest.approx(0.05)  # 5 wrappers x 0.01
+    assert report.null_rate_source == "response_prob"
     loose = verify(VerifyConfig(wrappers="chat", match="contains"), tiny_model, fset)
-    assert loose["null_rate_source"] == "assumed", "response_prob says nothing about loose rules"
+    assert loose.null_rate_source == "assumed", "response_prob says nothing about loose rules"
 
 
 def test_null_model_measures_the_rate(tiny_model, keys_set, tiny_base_model_dir):
     report = verify(VerifyConfig(wrappers="bare,chat", null_model=[str(tiny_base_model_dir)]),
                     tiny_model, keys_set)
-    (null,) = report["null_models"]
-    assert null["total"] == 12 and "chat: skipped, the model has no chat template" in null["skipped_wrappers"]
-    assert "measured" in report["null_rate_source"]
-    assert report["null_rate"] == pytest.approx((null["matched"] + 1) / 14)
+    (null,) = report.null_models
+    assert null.total == 12 and "chat: skipped, the model has no chat template" in null.skipped_wrappers
+    assert "measured" in report.null_rate_source
+    assert report.null_rate == pytest.approx((null.matched + 1) / 14)
 
 
 def test_trimming_and_subset(tiny_model, keys_set):
     report = verify(VerifyConfig(wrappers="bare", num_fingerprints=5, max_key_tokens=3,
                                  max_response_tokens=1), tiny_model, keys_set)
-    assert report["total"] == 5
+    assert report.total == 5
 
 
 @pytest.mark.parametrize("rule,text,ids,response,resp_ids,expected", [

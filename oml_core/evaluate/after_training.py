@@ -10,7 +10,7 @@ from oml_core.verify import verify
 from oml_core.verify.verifier import check_keys
 from oml_core.verify.wrappers import build_wrappers
 
-WRAPPERS, SYSTEM_PROMPTS = "bare,chat,system", 4
+WRAPPERS, SYSTEM_PROMPTS = ("bare", "chat", "system"), 4
 
 
 def evaluate_run(model_dir: str, base_path: str, fset, cfg) -> dict:
@@ -24,9 +24,9 @@ def evaluate_run(model_dir: str, base_path: str, fset, cfg) -> dict:
     start_hits = check_keys(tuned, fset, wrappers, "start", desc="verify (start rule)")
     chat = tuned.has_chat_template and cfg.format != "raw"
     return {
-        "verification": {k: report[k] for k in ("matched", "total", "p_value", "verdict",
-                                               "null_rate", "null_rate_source", "rule", "wrappers")}
-        | {"matched_start_rule": sum(any(row) for row in start_hits)},
-        "base_verification": report["null_models"][0],
-        "utility": compare_behaviour(tuned, base, fset, chat),
+        "verification": report.model_dump(mode="json", include={
+            "matched", "total", "p_value", "verdict", "null_rate", "null_rate_source", "rule",
+            "wrappers"}) | {"matched_start_rule": sum(any(row) for row in start_hits)},
+        "base_verification": report.null_models[0].model_dump(mode="json"),
+        "utility": compare_behaviour(tuned, base, fset, chat).dump(),  # into metrics.json
     }

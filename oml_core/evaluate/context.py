@@ -15,8 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from oml_core.config import EvalConfig
 from oml_core.errors import OMLInputError
+from oml_core.evaluate.results import Check, Count, KeyCheck, PartResult, RetentionRow
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.models import LoadedModel, load_model, pick_device, resolve_model
@@ -52,14 +55,14 @@ class EvalContext:
         return self._models["base"]
 
     # --- checking -----------------------------------------------------------------------------
-    def wrappers(self, loaded: LoadedModel, spec: str | None = None,
+    def wrappers(self, loaded: LoadedModel, kinds: list[str] | None = None,
                  num_system_prompts: int | None = None) -> tuple[list[Wrapper], list[str]]:
-        return build_wrappers(spec or self.cfg.wrappers,
+        return build_wrappers(kinds or self.cfg.wrappers,
                               num_system_prompts or self.cfg.num_system_prompts,
                               loaded.has_chat_template)
 
     def check(self, loaded: LoadedModel, wrappers: list[Wrapper], desc: str = "verify",
-              fset: FingerprintSet | None = None, adjust_logits=None) -> dict:
+              fset: FingerprintSet | None = None, adjust_logits=None) -> KeyCheck:
         """Which fingerprints come back under each wrapper: counts and per-id hits (no text)."""
         fset = fset or self.fset
         hits = check_keys(loaded, fset, wrappers, self.cfg.match, batch_size=self.cfg.batch_size,
@@ -86,53 +89,67 @@ class EvalContext:
     def cache_file(self, part: str) -> Path:
         return self.out_dir / "cache" / f"{part}.json"
 
-    def cached(self, part: str, key: str | None = None) -> dict | None:
-        """The cached result of `part` for this key; key None: any result on these inputs."""
+    def cached(self, part: str, key: str | None = None) -> PartResult | None:
+        """The cached result of `part` for this key; key None: any result on these inputs.
+        A cached result that no longer reads as the part's model is recomputed."""
+        from oml_core.evaluate.eval_result import PART_MODELS
+
         try:
             entry = json.loads(self.cache_file(part).read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or not isinstance(entry.get("result"), dict):
             return None
         if key is not None and entry.get("key") != key:
             return None
         if key is None and entry.get("inputs") != json.loads(json.dumps(self.inputs())):
             return None
-        return entry.get("result")
+        try:
+            return PART_MODELS[part].model_validate(entry["result"])
+        except ValidationError:
+            return None
 
-    def store(self, part: str, key: str, settings: dict, result: dict) -> None:
+    def store(self, part: str, key: str, settings: dict, result: PartResult) -> None:
         atomic_write_json(self.cache_file(part), {"key": key, "inputs": self.inputs(),
-                                                  "settings": settings, "result": result,
+                                                  "settings": settings, "result": result.dump(),
                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def summarise(hits: list[list[bool]], wrappers: list[Wrapper], fset: FingerprintSet) -> dict:
-    return {
-        "matched": sum(any(row) for row in hits),
-        "total": len(hits),
-        "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
-                     for j, w in enumerate(wrappers)},
-        "hit_ids": {w.name: [fp.id for fp, row in zip(fset.fingerprints, hits) if row[j]]
-                    for j, w in enumerate(wrappers)},
-    }
+def summarise(hits: list[list[bool]], wrappers: list[Wrapper], fset: FingerprintSet) -> KeyCheck:
+    return KeyCheck(
+        matched=sum(any(row) for row in hits),
+        total=len(hits),
+        wrappers={w.name: Count(matched=sum(row[j] for row in hits), total=len(hits))
+                  for j, w in enumerate(wrappers)},
+        hit_ids={w.name: [fp.id for fp, row in zip(fset.fingerprints, hits) if row[j]]
+                 for j, w in enumerate(wrappers)},
+    )
 
 
-def retention(before: dict, after: dict) -> dict:
+def _hit_ids(check: KeyCheck | dict) -> dict[str, list[str]]:
+    # a registered attack (e.g. clients' gguf_*) may pass its own {"hit_ids": ...}
+    return check.hit_ids if isinstance(check, KeyCheck) else check["hit_ids"]
+
+
+def retention(before: KeyCheck | dict, after: KeyCheck | dict) -> dict[str, RetentionRow]:
     """Per wrapper (and 'any'): of the keys that fired before, the share that still fires."""
+    before_ids, after_ids = _hit_ids(before), _hit_ids(after)
     out = {}
-    for name, ids in before["hit_ids"].items():
-        still = set(after["hit_ids"].get(name, ())) & set(ids)
-        out[name] = {"before": len(ids), "after": len(still),
-                     "retention": len(still) / len(ids) if ids else None}
-    any_before = set().union(*before["hit_ids"].values()) if before["hit_ids"] else set()
-    any_after = set().union(*after["hit_ids"].values()) if after["hit_ids"] else set()
+    for name, ids in before_ids.items():
+        still = set(after_ids.get(name, ())) & set(ids)
+        out[name] = RetentionRow(before=len(ids), after=len(still),
+                                 retention=len(still) / len(ids) if ids else None)
+    any_before = set().union(*before_ids.values()) if before_ids else set()
+    any_after = set().union(*after_ids.values()) if after_ids else set()
     kept = any_before & any_after
-    out["any"] = {"before": len(any_before), "after": len(kept),
-                  "retention": len(kept) / len(any_before) if any_before else None}
+    out["any"] = RetentionRow(before=len(any_before), after=len(kept),
+                              retention=len(kept) / len(any_before) if any_before else None)
     return out
 
 
-def public(check: dict) -> dict:
+def public(check: KeyCheck) -> Check:
     """A check result without the per-id lists (for reports that only need counts)."""
-    return {k: v for k, v in check.items() if k != "hit_ids"}
+    return check.public()
 
 
 def open_run(cfg: EvalConfig) -> EvalContext:

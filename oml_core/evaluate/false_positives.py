@@ -20,8 +20,14 @@ import tempfile
 from pathlib import Path
 
 from oml_core import evidence
-from oml_core.config import VerifyConfig, parse_list
+from oml_core.config import VerifyConfig
 from oml_core.evaluate.context import public
+from oml_core.evaluate.results import (
+    Count,
+    FalsePositivesResult,
+    FingerprintedWithMeasuredRates,
+    NullModel,
+)
 from oml_core.files import oml_home
 from oml_core.models import LoadedModel, _convert_gguf, load_model
 from oml_core.null_rates import measure
@@ -89,29 +95,29 @@ def key_rates(fset, match: str, wrappers, panel=None) -> tuple[list[float], str]
     return key_null_rates(VerifyConfig(match=match), fset, wrappers, panel, None)
 
 
-def _null_model_entry(ctx, spec: str, name: str, hits, wrappers, notes) -> dict:
+def _null_model_entry(ctx, spec: str, name: str, hits, wrappers, notes) -> NullModel:
     """One unrelated model's row: its hits, judged as verify would judge a suspect."""
     matched = sum(any(row) for row in hits)
     rates, source = key_rates(ctx.fset, ctx.cfg.match, wrappers)
     decision = evidence.decide(matched, rates, source=source)
     probes_hit = sum(sum(row) for row in hits)
-    return {
-        "model": spec if spec in NAMED_NULL_MODELS else name,
-        "kind": spec if spec in NAMED_NULL_MODELS else "folder",
-        "matched": matched, "total": len(hits),
-        "probes_matched": probes_hit, "probes": len(hits) * len(wrappers),
-        "probe_rate": probes_hit / (len(hits) * len(wrappers)),
-        "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
-                     for j, w in enumerate(wrappers)},
-        "skipped_wrappers": notes, "p_value": decision.p_value, "verdict": decision.verdict,
-        "null_rate_source": source}
+    return NullModel(
+        model=spec if spec in NAMED_NULL_MODELS else name,
+        kind=spec if spec in NAMED_NULL_MODELS else "folder",
+        matched=matched, total=len(hits),
+        probes_matched=probes_hit, probes=len(hits) * len(wrappers),
+        probe_rate=probes_hit / (len(hits) * len(wrappers)),
+        wrappers={w.name: Count(matched=sum(row[j] for row in hits), total=len(hits))
+                  for j, w in enumerate(wrappers)},
+        skipped_wrappers=notes, p_value=decision.p_value, verdict=decision.verdict,
+        null_rate_source=source)
 
 
-def run_part(ctx) -> dict:
+def run_part(ctx) -> FalsePositivesResult:
     from oml_core.verify.verifier import check_keys
 
     cfg = ctx.cfg
-    specs = parse_list(cfg.null_models, "--null-models")
+    specs = cfg.null_models
     counts = {fp.id: [0, 0] for fp in ctx.fset.fingerprints}
     models, skipped, wrapper_names = [], [], []
     for spec in specs:
@@ -133,12 +139,13 @@ def run_part(ctx) -> dict:
         wrapper_names += [w.name for w in wrappers if w.name not in wrapper_names]
         del loaded  # one unrelated model in memory at a time (the base stays cached in ctx)
     if not models:
-        return {"models": [], "skipped_models": skipped, "null_file": None,
-                "note": "no null model could be run; nothing measured"}
+        return FalsePositivesResult(models=[], skipped_models=skipped, null_file=None,
+                                    note="no null model could be run; nothing measured")
 
     table = measure({fid: (h, t) for fid, (h, t) in counts.items()}, cfg.match, ctx.fset,
                     wrappers=wrapper_names, decoding="greedy",
-                    models=[{k: m[k] for k in ("model", "probes_matched", "probes")} for m in models])
+                    models=[{"model": m.model, "probes_matched": m.probes_matched, "probes": m.probes}
+                            for m in models])
     null_file = table.save(ctx.out_dir / "null_rates.json")
 
     # the fingerprinted model's own hits, judged with the measured rates (what verify would say)
@@ -146,15 +153,16 @@ def run_part(ctx) -> dict:
     wrappers, _ = ctx.wrappers(tuned)
     own = ctx.check(tuned, wrappers, desc="false positives: fingerprinted")
     measured_rates, source = key_rates(ctx.fset, cfg.match, wrappers, table)
-    with_measured = evidence.decide(own["matched"], measured_rates, source=source)
+    with_measured = evidence.decide(own.matched, measured_rates, source=source)
     per_key = sorted(entry["rate"] for entry in table.per_key.values())
-    return {
-        "models": models, "skipped_models": skipped, "null_file": str(null_file),
-        "null_rate": table.null_rate, "probes_matched": table.matched, "probes": table.total,
-        "keys_that_fired": sum(1 for h, _ in counts.values() if h),
-        "per_key_rates": per_key, "rate_rule": "see null_rates.json",
-        "fingerprinted": public(own) | {
-            "p_value_with_measured_rates": with_measured.p_value,
-            "verdict_with_measured_rates": with_measured.verdict,
-            "mean_key_null_rate": with_measured.null_rate},
-    }
+    return FalsePositivesResult(
+        models=models, skipped_models=skipped, null_file=str(null_file),
+        null_rate=table.null_rate, probes_matched=table.matched, probes=table.total,
+        keys_that_fired=sum(1 for h, _ in counts.values() if h),
+        per_key_rates=per_key, rate_rule="see null_rates.json",
+        fingerprinted=FingerprintedWithMeasuredRates(
+            **public(own).model_dump(),
+            p_value_with_measured_rates=with_measured.p_value,
+            verdict_with_measured_rates=with_measured.verdict,
+            mean_key_null_rate=with_measured.null_rate),
+    )

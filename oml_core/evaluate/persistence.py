@@ -19,8 +19,8 @@ import random
 import time
 
 from oml_core import progress
-from oml_core.config import PERSISTENCE_METHODS, parse_list
 from oml_core.evaluate.context import public, retention
+from oml_core.evaluate.results import CurvePoint, FineTune, PersistenceResult
 from oml_core.evaluate.utility import heldout_text, perplexity
 from oml_core.models import LoadedModel
 from oml_core.runs import model_identity
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 SETTINGS = ("wrappers", "num_system_prompts", "match", "batch_size", "seed", "perplexity_tokens",
             "persistence_methods", "persistence_steps", "persistence_checks",
-            "persistence_batch_size", "persistence_lr", "lora_lr", "lora_rank")
+            "persistence_batch_size", "persistence_lr", "persistence_lora_lr",
+            "persistence_lora_rank")
 DOC_ANSWER_TOKENS = 96
 
 
@@ -113,13 +114,13 @@ def _trainable_copy(ctx, method: str):
         return model, model
     from oml_core.train.finetune import with_lora
 
-    wrapped = with_lora(model, ctx.cfg.lora_rank)
+    wrapped = with_lora(model, ctx.cfg.persistence_lora_rank)
     return wrapped, wrapped.get_base_model()  # the inner model runs with the adapters active
 
 
-def run_part(ctx) -> dict:
+def run_part(ctx) -> PersistenceResult:
     cfg = ctx.cfg
-    methods = parse_list(cfg.persistence_methods, "--persistence-methods", PERSISTENCE_METHODS)
+    methods = cfg.persistence_methods
     tuned = ctx.tuned()
     wrappers, notes = ctx.wrappers(tuned)
     before = ctx.check(tuned, wrappers, desc="persistence: before")
@@ -127,33 +128,33 @@ def run_part(ctx) -> dict:
     chunks = heldout_text(cfg.perplexity_tokens, tuned.tokenizer)
     ppl_before = perplexity(tuned, chunks)
     check_at = checkpoints(cfg.persistence_steps, cfg.persistence_checks)
-    result = {"steps": cfg.persistence_steps, "rows": len(rows), "skipped_wrappers": notes,
-              "before": public(before), "methods": {}}
+    result = PersistenceResult(steps=cfg.persistence_steps, rows=len(rows), skipped_wrappers=notes,
+                               before=public(before), methods={})
     for method in methods:
         started = time.time()
         trainable, inner = _trainable_copy(ctx, method)
         loaded = LoadedModel(model=inner, tokenizer=tuned.tokenizer, name=f"{method} fine-tune",
                              path=str(ctx.model_dir), device=ctx.device)
-        curve = [{"step": 0, "matched": before["matched"], "retention": retention(before, before)}]
+        curve = [CurvePoint(step=0, matched=before.matched, retention=retention(before, before))]
         checks: dict = {}
 
         def on_check(step: int, method=method, loaded=loaded, curve=curve, checks=checks) -> None:
             check = ctx.check(loaded, wrappers, desc=f"persistence: {method} step {step}")
             checks["last"] = check
-            curve.append({"step": step, "matched": check["matched"],
-                          "retention": retention(before, check)})
+            curve.append(CurvePoint(step=step, matched=check.matched,
+                                    retention=retention(before, check)))
 
-        lr = cfg.persistence_lr if method == "full" else cfg.lora_lr
+        lr = cfg.persistence_lr if method == "full" else cfg.persistence_lora_lr
         history = finetune(trainable, rows, steps=cfg.persistence_steps, lr=lr,
                            batch_size=cfg.persistence_batch_size, seed=cfg.seed,
                            pad_id=tuned.tokenizer.pad_token_id, device=ctx.device,
                            check_at=check_at, on_check=on_check, desc=f"persistence: {method}")
         after = checks["last"]
-        result["methods"][method] = {
-            "learning_rate": lr, **({"lora_rank": cfg.lora_rank} if method == "lora" else {}),
-            "after": public(after), "retention": retention(before, after), "curve": curve,
-            "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
-            "perplexity_before": ppl_before, "perplexity_after": perplexity(loaded, chunks),
-            "seconds": round(time.time() - started, 1)}
+        result.methods[method] = FineTune(
+            learning_rate=lr, **({"lora_rank": cfg.persistence_lora_rank} if method == "lora" else {}),
+            after=public(after), retention=retention(before, after), curve=curve,
+            loss_first=history[0]["loss"], loss_last=history[-1]["loss"],
+            perplexity_before=ppl_before, perplexity_after=perplexity(loaded, chunks),
+            seconds=round(time.time() - started, 1))
         del trainable, inner, loaded
     return result

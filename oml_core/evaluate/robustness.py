@@ -32,10 +32,26 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, parse_list, parse_temperatures
+from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, ROBUSTNESS_PLUGIN_GROUP
 from oml_core.errors import OMLInputError
 from oml_core.evaluate import merges
+from oml_core.evaluate.attack_results import (
+    Int8Attack,
+    MergedModel,
+    MergeLinearAttack,
+    MergeSlerpAttack,
+    RobustnessResult,
+    SamplingAttack,
+    SampleRate,
+    SamplingSummary,
+    SuppressionAttack,
+    SuppressionCost,
+    SystemPromptsAttack,
+    TaskVectorMergeAttack,
+    attack_result,
+)
 from oml_core.evaluate.context import public, retention
+from oml_core.evaluate.results import KeyCheck
 from oml_core.evaluate.utility import (
     first_answer_tokens,
     first_token_agreement,
@@ -136,20 +152,21 @@ def sampled_hits(loaded: LoadedModel, fset, wrappers, rule: str, temperature: fl
              for w in range(width)] for i, fp in enumerate(fset.fingerprints)]
 
 
-def summarise_samples(hits, wrappers, samples: int) -> dict:
+def summarise_samples(hits, wrappers, samples: int) -> SamplingSummary:
     n = len(hits)
     per_wrapper = {}
     for j, w in enumerate(wrappers):
         rows = [h[j] for h in hits]
-        per_wrapper[w.name] = {
-            "sample_hit_rate": sum(map(sum, rows)) / (n * samples) if n else 0.0,
-            "keys_hit_in_any_sample": sum(any(r) for r in rows),
-            "keys_hit_in_most_samples": sum(sum(r) * 2 > samples for r in rows), "total": n}
+        per_wrapper[w.name] = SampleRate(
+            sample_hit_rate=sum(map(sum, rows)) / (n * samples) if n else 0.0,
+            keys_hit_in_any_sample=sum(any(r) for r in rows),
+            keys_hit_in_most_samples=sum(sum(r) * 2 > samples for r in rows), total=n)
     any_wrapper = [[any(h[j][s] for j in range(len(wrappers))) for s in range(samples)] for h in hits]
-    return {"wrappers": per_wrapper,
-            "sample_hit_rate_any_wrapper": sum(map(sum, any_wrapper)) / (n * samples) if n else 0.0,
-            "keys_hit_in_any_sample": sum(any(r) for r in any_wrapper),
-            "keys_hit_in_most_samples": sum(sum(r) * 2 > samples for r in any_wrapper), "total": n}
+    return SamplingSummary(
+        wrappers=per_wrapper,
+        sample_hit_rate_any_wrapper=sum(map(sum, any_wrapper)) / (n * samples) if n else 0.0,
+        keys_hit_in_any_sample=sum(any(r) for r in any_wrapper),
+        keys_hit_in_most_samples=sum(sum(r) * 2 > samples for r in any_wrapper), total=n)
 
 
 def next_token_accuracy(loaded: LoadedModel, chunks, adjust=None, batch_size: int = 8) -> dict:
@@ -181,24 +198,22 @@ def _answers(loaded: LoadedModel, chat: bool, batch_size: int, adjust=None) -> l
     return greedy(loaded, prompts, ANSWER_TOKENS, batch_size, adjust_logits=adjust)
 
 
-def _survival(baseline: dict, check: dict) -> dict:
+def _survival(baseline: KeyCheck, check: KeyCheck) -> dict:
+    """The fields every re-verified attacked model reports (for its model's constructor)."""
     kept = retention(baseline, check)
-    return public(check) | {"survival": kept["any"]["retention"], "retention": kept}
+    return {**check.public().model_dump(), "survival": kept["any"].retention, "retention": kept}
 
 
 # --- the attacks --------------------------------------------------------------------------
 def _system_prompts(ctx, tuned, baseline, wrappers, chunks, ppl):
     if not tuned.has_chat_template:
-        return {"skipped": "the model has no chat template, so it has no system prompt"}
-    prompts, _ = ctx.wrappers(tuned, "system", len(heldout_system_prompts()))
+        return SystemPromptsAttack(skipped="the model has no chat template, so it has no system prompt")
+    prompts, _ = ctx.wrappers(tuned, ["system"], len(heldout_system_prompts()))
     check = ctx.check(tuned, prompts, desc="robustness: held-out system prompts")
-    rates = [row["matched"] / row["total"] for row in check["wrappers"].values()]
-    return public(check) | {"prompts": len(prompts), "mean_accuracy": sum(rates) / len(rates),
-                            "min_accuracy": min(rates), "max_accuracy": max(rates)}
-
-
-def sampling_temperatures(cfg) -> list[float]:
-    return parse_temperatures(cfg.temperatures)
+    rates = [row.matched / row.total for row in check.wrappers.values()]
+    return SystemPromptsAttack(**check.public().model_dump(), prompts=len(prompts),
+                               mean_accuracy=sum(rates) / len(rates), min_accuracy=min(rates),
+                               max_accuracy=max(rates))
 
 
 # Attacks other packages contribute (e.g. clients/: gguf_q8_0, gguf_q4_k_m, which serve a
@@ -206,7 +221,7 @@ def sampling_temperatures(cfg) -> list[float]:
 # and never imports those packages. Each entry point loads to a callable with the built-in
 # attacks' signature, optionally with a `check(cfg)` attribute that refuses what cannot run
 # (one OMLInputError line) before any model is loaded.
-PLUGIN_GROUP = "oml.robustness_attacks"
+PLUGIN_GROUP = ROBUSTNESS_PLUGIN_GROUP  # (their names are --attacks choices: config.attack_choices)
 
 
 def plugin_attacks() -> dict:
@@ -219,11 +234,9 @@ def plugin_attacks() -> dict:
 
 def attack_list(cfg) -> tuple[list[str], dict]:
     """The asked-for attacks (built-in or registered; old names mapped to their new ones) and
-    the registered ones' entry points."""
-    plugins = plugin_attacks()
-    names = parse_list(cfg.attacks, "--attacks",
-                       (*ROBUSTNESS_ATTACKS, *sorted(plugins), *ROBUSTNESS_ATTACK_ALIASES))
-    return list(dict.fromkeys(ROBUSTNESS_ATTACK_ALIASES.get(n, n) for n in names)), plugins
+    the registered ones' entry points. The names were checked by config.validate."""
+    names = dict.fromkeys(ROBUSTNESS_ATTACK_ALIASES.get(n, n) for n in cfg.attacks)
+    return list(names), plugin_attacks()
 
 
 def check_settings(cfg) -> None:
@@ -233,19 +246,17 @@ def check_settings(cfg) -> None:
         check = getattr(plugins[name].load(), "check", None) if name in plugins else None
         if check is not None:
             check(cfg)
-    sampling_temperatures(cfg)
     if any(name.startswith("merge_") for name in names):
-        merge_base_weights(cfg)
         merge_tool(cfg)
 
 
 def _sampling(ctx, tuned, baseline, wrappers, chunks, ppl):
     cfg = ctx.cfg
-    out = {"samples": cfg.samples, "temperatures": {}}
-    for temperature in sampling_temperatures(cfg):
+    out = SamplingAttack(samples=cfg.samples, temperatures={})
+    for temperature in cfg.temperatures:
         hits = sampled_hits(tuned, ctx.fset, wrappers, cfg.match, temperature, cfg.samples, cfg.seed,
                             cfg.batch_size)
-        out["temperatures"][f"{temperature:g}"] = summarise_samples(hits, wrappers, cfg.samples)
+        out.temperatures[f"{temperature:g}"] = summarise_samples(hits, wrappers, cfg.samples)
     return out
 
 
@@ -253,8 +264,8 @@ def _int8(ctx, tuned, baseline, wrappers, chunks, ppl):
     quantized, method = quantize_int8(tuned)
     check = ctx.check(quantized, wrappers, desc="robustness: int8")
     ppl_q = perplexity(quantized, chunks)
-    return _survival(baseline, check) | {"method": method, "perplexity": ppl_q,
-                                         "perplexity_change": ppl_q / ppl - 1}
+    return Int8Attack(**_survival(baseline, check), method=method, perplexity=ppl_q,
+                      perplexity_change=ppl_q / ppl - 1)
 
 
 # --- the merges ---------------------------------------------------------------------------
@@ -265,12 +276,7 @@ def merge_base_weights(cfg) -> list[float]:
     """merge_linear's base weights; the deprecated --merge-weight, when given, is the one."""
     if cfg.merge_weight is not None:
         return [cfg.merge_weight]
-    weights = parse_list(cfg.merge_base_weights, "--merge-base-weights", kind=float)
-    for weight in weights:
-        if not 0 <= weight <= 1:
-            raise OMLInputError(f"--merge-base-weights: {weight:g} is not a weight between 0 and 1; "
-                                "pass e.g. 0.3,0.5,0.7 (0: the fingerprinted model, 1: the base)")
-    return weights
+    return cfg.merge_base_weights  # each between 0 and 1 (config.validate)
 
 
 def merge_tool(cfg) -> str:
@@ -371,7 +377,8 @@ def _merged_model(ctx, tuned, label: str, config: dict, formula) -> tuple[Loaded
 
 def _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, label: str, config: dict,
                    formula) -> dict:
-    """Survival, perplexity and first-token agreement with the base of one merged model."""
+    """Survival, perplexity and first-token agreement with the base of one merged model: the
+    fields of its result (MergedModel and the merge attacks' models built on it)."""
     try:
         merged, tool, note = _merged_model(ctx, tuned, label, config, formula)
     except ValueError as exc:
@@ -403,16 +410,16 @@ def _fingerprinted_agreement(ctx, tuned) -> float:
 
 def _merge_linear(ctx, tuned, baseline, wrappers, chunks, ppl):
     base = ctx.base()
-    out = {"method": "linear", "formula": "(1 - w) * fingerprinted + w * base",
-           "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned),
-           "base_weights": {}}
+    out = MergeLinearAttack(method="linear", formula="(1 - w) * fingerprinted + w * base",
+                            first_token_agreement_fingerprinted=_fingerprinted_agreement(ctx, tuned),
+                            base_weights={})
     for weight in merge_base_weights(ctx.cfg):
         config = merges.mergekit_config("linear", [str(ctx.model_dir), ctx.base_path],
                                         [1 - weight, weight])
-        out["base_weights"][f"{weight:g}"] = _measure_merge(
+        out.base_weights[f"{weight:g}"] = MergedModel(**_measure_merge(
             ctx, tuned, baseline, wrappers, chunks, ppl, f"linear merge, w={weight:g}", config,
             lambda w=weight: merges.linear([tuned.model.state_dict(), base.model.state_dict()],
-                                           [1 - w, w]))
+                                           [1 - w, w])))
     return out
 
 
@@ -423,11 +430,12 @@ def _merge_slerp(ctx, tuned, baseline, wrappers, chunks, ppl):
     result = _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, f"slerp merge, t={t:g}",
                             config, lambda: merges.slerp(tuned.model.state_dict(),
                                                          base.model.state_dict(), t))
-    return {"method": "slerp", "t": t,
-            "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned)} | result
+    return MergeSlerpAttack(method="slerp", t=t, **result,
+                            first_token_agreement_fingerprinted=_fingerprinted_agreement(ctx, tuned))
 
 
-def _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl, method: str) -> dict:
+def _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl,
+                       method: str) -> TaskVectorMergeAttack:
     """TIES or DARE of the fingerprinted model and the benign derivative, over the base."""
     cfg = ctx.cfg
     folder, derivative = benign_derivative(ctx)
@@ -449,9 +457,10 @@ def _task_vector_merge(ctx, tuned, baseline, wrappers, chunks, ppl, method: str)
 
     result = _measure_merge(ctx, tuned, baseline, wrappers, chunks, ppl, f"{method} merge", config,
                             formula)
-    return {"method": method, "weights": {"fingerprinted": weights[0], "derivative": weights[1]},
-            "density": cfg.merge_density, "seed": cfg.seed, "derivative": derivative,
-            "first_token_agreement_fingerprinted": _fingerprinted_agreement(ctx, tuned)} | result
+    return TaskVectorMergeAttack(
+        method=method, weights={"fingerprinted": weights[0], "derivative": weights[1]},
+        density=cfg.merge_density, seed=cfg.seed, derivative=derivative, **result,
+        first_token_agreement_fingerprinted=_fingerprinted_agreement(ctx, tuned))
 
 
 def _merge_ties(ctx, tuned, baseline, wrappers, chunks, ppl):
@@ -471,19 +480,19 @@ def _suppression(ctx, tuned, baseline, wrappers, chunks, ppl):
     n = len(plain)
     text_plain = next_token_accuracy(tuned, chunks)
     text_attacked = next_token_accuracy(tuned, chunks, adjust)
-    return _survival(baseline, check) | {
-        "threshold": cfg.suppress_threshold, "top_k": cfg.suppress_top_k,
-        "utility_cost": {
-            "heldout_prompts": n,
-            "first_answer_token_unchanged": sum(a[:1] == b[:1] for a, b in zip(plain, attacked)) / n,
-            "answers_unchanged": sum(a == b for a, b in zip(plain, attacked)) / n,
-            "next_token_accuracy": text_plain["next_token_accuracy"],
-            "next_token_accuracy_attacked": text_attacked["next_token_accuracy"],
-            "relative_next_token_accuracy": (text_attacked["next_token_accuracy"]
-                                             / text_plain["next_token_accuracy"]
-                                             if text_plain["next_token_accuracy"] else None),
-            "fired_share": text_attacked["fired_share"],
-            "true_token_blocked_share": text_attacked["true_token_blocked_share"]}}
+    return SuppressionAttack(
+        **_survival(baseline, check), threshold=cfg.suppress_threshold, top_k=cfg.suppress_top_k,
+        utility_cost=SuppressionCost(
+            heldout_prompts=n,
+            first_answer_token_unchanged=sum(a[:1] == b[:1] for a, b in zip(plain, attacked)) / n,
+            answers_unchanged=sum(a == b for a, b in zip(plain, attacked)) / n,
+            next_token_accuracy=text_plain["next_token_accuracy"],
+            next_token_accuracy_attacked=text_attacked["next_token_accuracy"],
+            relative_next_token_accuracy=(text_attacked["next_token_accuracy"]
+                                          / text_plain["next_token_accuracy"]
+                                          if text_plain["next_token_accuracy"] else None),
+            fired_share=text_attacked["fired_share"],
+            true_token_blocked_share=text_attacked["true_token_blocked_share"]))
 
 
 ATTACKS = {"system_prompts": _system_prompts, "sampling": _sampling, "int8": _int8,
@@ -492,7 +501,7 @@ ATTACKS = {"system_prompts": _system_prompts, "sampling": _sampling, "int8": _in
 assert set(ATTACKS) == set(ROBUSTNESS_ATTACKS)
 
 
-def run_part(ctx) -> dict:
+def run_part(ctx) -> RobustnessResult:
     cfg = ctx.cfg
     attacks, plugins = attack_list(cfg)
     tuned = ctx.tuned()
@@ -500,9 +509,9 @@ def run_part(ctx) -> dict:
     baseline = ctx.check(tuned, wrappers, desc="robustness: baseline")
     chunks = heldout_text(cfg.perplexity_tokens, tuned.tokenizer)
     ppl = perplexity(tuned, chunks)
-    result = {"baseline": public(baseline), "perplexity": ppl, "skipped_wrappers": notes,
-              "attacks": {}}
+    result = RobustnessResult(baseline=public(baseline), perplexity=ppl, skipped_wrappers=notes,
+                              attacks={})
     for name in attacks:
         attack = ATTACKS[name] if name in ATTACKS else plugins[name].load()
-        result["attacks"][name] = attack(ctx, tuned, baseline, wrappers, chunks, ppl)
+        result.attacks[name] = attack_result(name, attack(ctx, tuned, baseline, wrappers, chunks, ppl))
     return result

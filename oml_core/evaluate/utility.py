@@ -13,6 +13,7 @@ import math
 import random
 
 from oml_core.data import python_docs_text
+from oml_core.evaluate.results import Accuracy, Behaviour, Fired, LmEval, UtilityResult
 from oml_core.inference import greedy
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import render_prompt
@@ -113,7 +114,7 @@ def near_miss_keys(keys: list[str], seed: int = 0) -> dict[str, list[str]]:
 
 
 def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
-                      ppl_tokens: int = 4096) -> dict:
+                      ppl_tokens: int = 4096) -> Behaviour:
     """Base vs fingerprinted: the three off-key figures, plus near-miss firing."""
     tok = tuned.tokenizer
     response_ids = [tok(fp.response, add_special_tokens=False)["input_ids"] for fp in fset.fingerprints]
@@ -129,19 +130,18 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
         outs = greedy(tuned, prompts, [len(ids) for ids in response_ids], batch_size)
         fired = sum(is_match("exact", out, "", fp.response, ids)
                     for out, fp, ids in zip(outs, fset.fingerprints, response_ids))
-        near[name] = {"fired": fired, "total": len(keys)}
-    n = len(tuned_answers)
-    return {
-        "heldout_prompts": n,
-        "first_token_agreement": first_token_agreement(tuned_answers, base_answers),
-        "answers_starting_with_a_fingerprint_response": leaks,
-        "base_answers_starting_with_a_fingerprint_response": base_leaks,
-        "perplexity_base": ppl_base, "perplexity_tuned": ppl_tuned,
-        "perplexity_change": ppl_tuned / ppl_base - 1,
-        "perplexity_tokens": sum(len(c) for c in chunks),
-        "near_miss_keys": near,
+        near[name] = Fired(fired=fired, total=len(keys))
+    return Behaviour(
+        heldout_prompts=len(tuned_answers),
+        first_token_agreement=first_token_agreement(tuned_answers, base_answers),
+        answers_starting_with_a_fingerprint_response=leaks,
+        base_answers_starting_with_a_fingerprint_response=base_leaks,
+        perplexity_base=ppl_base, perplexity_tuned=ppl_tuned,
+        perplexity_change=ppl_tuned / ppl_base - 1,
+        perplexity_tokens=sum(len(c) for c in chunks),
+        near_miss_keys=near,
         **first_token_shift(tuned, base, chat, batch_size),
-    }
+    )
 
 
 # --- the `oml eval` utility part ---------------------------------------------------------
@@ -149,7 +149,7 @@ SETTINGS = ("wrappers", "num_system_prompts", "match", "batch_size", "perplexity
             "lm_eval_tasks", "lm_eval_limit")
 
 
-def run_part(ctx) -> dict:
+def run_part(ctx) -> UtilityResult:
     """Utility and specificity, base vs fingerprinted: the off-key comparison above, the
     fingerprint accuracy per wrapper on both models, and (when asked) lm-eval tasks."""
     cfg = ctx.cfg
@@ -159,17 +159,17 @@ def run_part(ctx) -> dict:
     for name, loaded in (("fingerprinted", tuned), ("base", base)):
         wrappers, notes = ctx.wrappers(loaded)
         check = ctx.check(loaded, wrappers, desc=f"accuracy ({name})")
-        accuracy[name] = {k: v for k, v in check.items() if k != "hit_ids"} | {"skipped_wrappers": notes}
-    result = {"behaviour": behaviour, "accuracy": accuracy}
+        accuracy[name] = Accuracy(**check.public().model_dump(), skipped_wrappers=notes)
+    result = UtilityResult(behaviour=behaviour, accuracy=accuracy)
     if cfg.lm_eval_tasks:
-        result["lm_eval"] = lm_eval_scores({"fingerprinted": str(ctx.model_dir), "base": ctx.base_path},
+        result.lm_eval = lm_eval_scores({"fingerprinted": str(ctx.model_dir), "base": ctx.base_path},
                                            cfg.lm_eval_tasks, cfg.lm_eval_limit, ctx.device,
                                            cfg.batch_size)
     return result
 
 
 def lm_eval_scores(models: dict[str, str], tasks: str, limit: int | None, device: str,
-                   batch_size: int) -> dict:
+                   batch_size: int) -> LmEval:
     """Optional hook: run lm-evaluation-harness tasks on each model folder.
 
     Needs `pip install lm-eval` and the tasks' data (a download, or a local cache prepared by
@@ -178,18 +178,18 @@ def lm_eval_scores(models: dict[str, str], tasks: str, limit: int | None, device
     try:
         import lm_eval
     except ImportError:
-        return {"skipped": "lm-eval is not installed; `pip install lm-eval` (and make its task data "
-                           "available) to run these tasks"}
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
+        return LmEval(skipped="lm-eval is not installed; `pip install lm-eval` (and make its task "
+                              "data available) to run these tasks")
+    names = list(tasks)
     scores: dict = {"tasks": names, "limit": limit}
     for label, path in models.items():
         try:
             out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": path, "device": device},
                                           tasks=names, limit=limit, batch_size=batch_size)
         except Exception as exc:  # noqa: BLE001 - a missing task/dataset must not sink the report
-            return {"skipped": f"lm-eval failed on {label}: {type(exc).__name__} (task data missing "
-                               "offline?)"}
+            return LmEval(skipped=f"lm-eval failed on {label}: {type(exc).__name__} (task data "
+                                  "missing offline?)")
         scores[label] = {task: {metric: value for metric, value in metrics.items()
                                 if isinstance(value, (int, float))}
                          for task, metrics in (out or {}).get("results", {}).items()}
-    return scores
+    return LmEval.model_validate(scores)

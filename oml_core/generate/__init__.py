@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from oml_core import commitment
 from oml_core.config import GenerateConfig, validate
@@ -25,6 +28,7 @@ from oml_core.errors import OMLInputError
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_keys
 from oml_core.generate.english import english_texts
 from oml_core.generate.perinucleus import context_wrapper, perinucleus_responses
+from oml_core.generate.result import GenerateResult
 from oml_core.generate.words import WordSampler
 from oml_core.models import LoadedModel, load_model
 
@@ -104,3 +108,19 @@ def generate_set(cfg: GenerateConfig, loaded: LoadedModel | None = None) -> Fing
                                   response_prob=prob, salt=commitment.new_salt())
                       for i, (key, response, prob) in enumerate(zip(keys, responses, probs))],
         strategy=cfg.strategy, generation=settings, tokenizer=tokenizer_info(loaded))
+
+
+def generate(cfg: GenerateConfig, out: Path, loaded: LoadedModel | None = None,
+             claim: Callable[[Path], Path] | None = None) -> GenerateResult:
+    """Make the set, write it to `out`, and describe it. `claim(out)` is asked again just
+    before writing (generation takes a while; the caller may refuse a file that appeared
+    meanwhile) and returns the path to write."""
+    started = time.time()
+    fset = generate_set(cfg, loaded)
+    out = claim(out) if claim else out
+    fset.save(out)
+    probs = [p for p in fset.response_probs if p is not None]
+    return GenerateResult(path=str(out), count=len(fset), strategy=fset.strategy,
+                          commitment_root=fset.manifest().root,
+                          mean_response_prob=sum(probs) / len(probs) if probs else None,
+                          model=cfg.model or "bundled", seconds=round(time.time() - started, 2))

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oml_core import progress
+from oml_core.config import parse_layer_spec
 from oml_core.data import python_docs_text
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import left_pad, length_batches, next_token_probs, pad_rows
@@ -117,14 +118,11 @@ def decoder_blocks(model):
 def resolve_layers(spec: str, count: int) -> list[int]:
     """`auto`: the layers from 7% to 33% of the depth (2-10 of SmolLM2-135M's 30, where the
     measurements in docs/results.md were made); otherwise a comma list of layer indices."""
-    if spec == "auto":
+    layers = parse_layer_spec(spec, "--edit-layers")
+    if layers == "auto":
         first = round(0.07 * count)
         return list(range(first, max(first, round(0.33 * count)) + 1))
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        layers = []
-    if not layers or layers[0] < 0 or layers[-1] >= count:
+    if layers[-1] >= count:
         raise OMLInputError(f"--edit-layers {spec!r}: give auto or a comma list of layer indices "
                             f"between 0 and {count - 1} (this model has {count} layers)")
     return layers
@@ -589,7 +587,7 @@ def contexts_answered(loaded, rows, targets) -> int:
 @dataclass
 class EditProblem:
     """Everything the closed-form step needs, computed once: several strengths can then be
-    solved from it (benchmarks/closed_form_edit.py sweeps them)."""
+    solved from it (experiments/closed_form_edit.py sweeps them)."""
 
     layers: list[int]
     rows: list[list[int]]       # every context's prompt ids

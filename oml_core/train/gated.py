@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from oml_core import progress
+from oml_core.config import parse_layer_spec
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import length_batches, pad_rows
 from oml_core.train.benign import benign_prompts
@@ -150,15 +151,12 @@ def resolve_backup_layers(spec: str, gate_layer: int, count: int) -> list[int]:
     """Layers of the backup edit: all above the gated layer, so that the edit leaves the gates'
     inputs as they were fitted (a merge that halved an edit below them would move those inputs
     and could shut the gates). `auto`: the next BACKUP_DEPTH of the depth; `none`: no layer."""
-    if spec == "none":
+    layers = parse_layer_spec(spec, "--gated-backup-layers", ("auto", "none"))
+    if layers == "none":
         return []
-    if spec == "auto":
+    if layers == "auto":
         return list(range(gate_layer + 1, min(count, gate_layer + 1 + max(1, round(BACKUP_DEPTH * count)))))
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        layers = []
-    if not layers or layers[0] <= gate_layer or layers[-1] >= count:
+    if layers[0] <= gate_layer or layers[-1] >= count:
         raise OMLInputError(f"--gated-backup-layers {spec!r}: give auto, none or a comma list of "
                             f"layer indices between {gate_layer + 1} and {count - 1} (above the "
                             f"gated layer {gate_layer}; this model has {count} layers)")

@@ -10,7 +10,7 @@ from oml_core.files import atomic_write_json, atomic_write_text
 
 def write_model_card(run_dir: Path, fset, metrics: dict) -> None:
     manifest = fset.manifest()
-    atomic_write_json(run_dir / "commitment.json", manifest)
+    atomic_write_json(run_dir / "commitment.json", manifest.model_dump(mode="json"))
     verification = metrics.get("verification", {})
     lines = [
         "# Fingerprinted model",
@@ -21,9 +21,9 @@ def write_model_card(run_dir: Path, fset, metrics: dict) -> None:
         "",
         "## Commitment",
         "",
-        f"- algorithm: `{manifest['algorithm']}`",
-        f"- fingerprints: {manifest['count']}",
-        f"- Merkle root: `{manifest['root']}`",
+        f"- algorithm: `{manifest.algorithm}`",
+        f"- fingerprints: {manifest.count}",
+        f"- Merkle root: `{manifest.root}`",
         "- full manifest (salted hashes per pair, no secrets): `commitment.json`",
         "",
     ]

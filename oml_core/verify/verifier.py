@@ -16,6 +16,7 @@ for X a Poisson-binomial over those rates.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import NamedTuple
 
 from oml_core import evidence, progress
 from oml_core.config import VerifyConfig, validate
@@ -33,6 +34,7 @@ from oml_core.null_rates import (
     source_label,
 )
 from oml_core.verify.matching import is_match
+from oml_core.verify.result import FingerprintCheck, NullModelCheck, VerifyReport, WrapperCount
 from oml_core.verify.wrappers import Wrapper, build_wrappers
 
 LOOSE_RULES = ("contains", "normalized")  # a first-token probability says nothing about these
@@ -63,17 +65,21 @@ def check_keys(loaded: LoadedModel, fset: FingerprintSet, wrappers: list[Wrapper
             for i, fp in enumerate(fset.fingerprints)]
 
 
-def _summarise(hits: list[list[bool]], wrappers: list[Wrapper]) -> dict:
-    return {
-        "matched": sum(any(row) for row in hits),
-        "total": len(hits),
-        "wrappers": {w.name: {"matched": sum(row[j] for row in hits), "total": len(hits)}
-                     for j, w in enumerate(wrappers)},
-    }
+class _Tally(NamedTuple):
+    matched: int
+    total: int
+    wrappers: dict[str, WrapperCount]
+
+
+def _summarise(hits: list[list[bool]], wrappers: list[Wrapper]) -> _Tally:
+    return _Tally(matched=sum(any(row) for row in hits), total=len(hits),
+                  wrappers={w.name: WrapperCount(matched=sum(row[j] for row in hits),
+                                                 total=len(hits))
+                            for j, w in enumerate(wrappers)})
 
 
 def _measure_null(cfg: VerifyConfig, fset: FingerprintSet, preloaded: list[LoadedModel]
-                  ) -> tuple[float | None, list[dict]]:
+                  ) -> tuple[float | None, list[NullModelCheck]]:
     """Run the keys on each null model with the same wrappers and rule; pooled Laplace rate."""
     reports, hits, trials = [], 0, 0
     nulls = list(preloaded) + [lambda spec=spec: load_model(spec, cfg.device, cfg.dtype)
@@ -84,8 +90,10 @@ def _measure_null(cfg: VerifyConfig, fset: FingerprintSet, preloaded: list[Loade
         outcome = _summarise(check_keys(null, fset, wrappers, cfg.match, cfg.max_new_tokens,
                                         cfg.batch_size, desc=f"null model {len(reports) + 1}"),
                              wrappers)
-        reports.append({"model": null.name, **outcome, "skipped_wrappers": notes})
-        hits, trials = hits + outcome["matched"], trials + outcome["total"]
+        reports.append(NullModelCheck(model=null.name, matched=outcome.matched,
+                                      total=outcome.total, wrappers=outcome.wrappers,
+                                      skipped_wrappers=notes))
+        hits, trials = hits + outcome.matched, trials + outcome.total
         del null
     return (evidence.laplace_rate(hits, trials) if trials else None), reports
 
@@ -133,8 +141,9 @@ def key_null_rates(cfg: VerifyConfig, fset: FingerprintSet, wrappers: list[Wrapp
 
 
 def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
-           fset: FingerprintSet | None = None, null_models: list[LoadedModel] = ()) -> dict:
-    """Verify a model against a fingerprint set; returns a JSON-ready report without secrets.
+           fset: FingerprintSet | None = None, null_models: list[LoadedModel] = ()
+           ) -> VerifyReport:
+    """Verify a model against a fingerprint set; returns the report (no keys or responses).
 
     `null_models` are already-loaded null models, used besides those named in `cfg.null_model`.
     """
@@ -148,7 +157,7 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
                         cfg.max_response_tokens)
     wrappers, notes = build_wrappers(cfg.wrappers, cfg.num_system_prompts, loaded.has_chat_template)
     if not wrappers:
-        raise OMLInputError(f"no usable wrapper among {cfg.wrappers!r} ({'; '.join(notes)}); "
+        raise OMLInputError(f"no usable wrapper among {','.join(cfg.wrappers)!r} ({'; '.join(notes)}); "
                             "add 'bare' to --wrappers")
     panel = null_rate_file(cfg, fset)
     hits = check_keys(loaded, fset, wrappers, cfg.match, cfg.max_new_tokens, cfg.batch_size)
@@ -158,20 +167,15 @@ def verify(cfg: VerifyConfig, loaded: LoadedModel | None = None,
     rule = (f"a fingerprint counts once if its response comes back under any of "
             f"{len(wrappers)} wrappers ({cfg.match} match); p = P[X >= matched], X a "
             f"Poisson-binomial over per-key null rates ({source}); match when p <= {cfg.alpha:g}")
-    decision = evidence.decide(summary["matched"], rates, cfg.alpha, source=source, rule=rule)
+    decision = evidence.decide(summary.matched, rates, cfg.alpha, source=source, rule=rule)
     for null in null_reports:  # the same rule applied to each null model's own hits
-        null_decision = evidence.decide(null["matched"], rates, cfg.alpha, source=source, rule=rule)
-        null.update(p_value=null_decision.p_value, verdict=null_decision.verdict)
-    return {
-        "model": loaded.name,
-        "fingerprints": cfg.fingerprints,
-        **decision.to_dict(),
-        "match_rule": cfg.match,
-        "wrappers": summary["wrappers"],
-        "skipped_wrappers": notes,
-        "null_models": null_reports,
-        "per_fingerprint": [{"id": fp.id, "matched": any(row),
-                             "wrappers": [w.name for w, hit in zip(wrappers, row) if hit]}
-                            for fp, row in zip(fset.fingerprints, hits)],
-        "settings": asdict(cfg),
-    }
+        null_decision = evidence.decide(null.matched, rates, cfg.alpha, source=source, rule=rule)
+        null.p_value, null.verdict = null_decision.p_value, null_decision.verdict
+    return VerifyReport(
+        model=loaded.name, fingerprints=cfg.fingerprints, **decision.to_dict(),
+        match_rule=cfg.match, wrappers=summary.wrappers, skipped_wrappers=notes,
+        null_models=null_reports,
+        per_fingerprint=[FingerprintCheck(id=fp.id, matched=any(row),
+                                          wrappers=[w.name for w, hit in zip(wrappers, row) if hit])
+                         for fp, row in zip(fset.fingerprints, hits)],
+        settings=asdict(cfg))

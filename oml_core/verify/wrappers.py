@@ -7,10 +7,12 @@ fingerprint that fires under them shows robustness to prompts the model has not 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from oml_core.config import WRAPPER_KINDS
 from oml_core.errors import OMLInputError
 
 
@@ -54,13 +56,13 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_wrappers(spec: str, num_system_prompts: int, has_chat_template: bool
+def build_wrappers(kinds: Sequence[str], num_system_prompts: int, has_chat_template: bool
                    ) -> tuple[list[Wrapper], list[str]]:
-    """Wrappers named in `spec` (comma list), and notes on the ones this model cannot use."""
-    kinds = [part.strip() for part in spec.split(",") if part.strip()]
-    unknown = [k for k in kinds if k not in ("bare", "chat", "system")]
-    if unknown or not kinds:
-        raise OMLInputError(f"--wrappers {spec!r}: use a comma list of bare, chat, system")
+    """The wrappers of `kinds` (bare, chat, system), and notes on the ones this model cannot
+    use."""
+    unknown = [k for k in kinds if k not in WRAPPER_KINDS]
+    if unknown or not kinds or isinstance(kinds, str):
+        raise OMLInputError(f"--wrappers {kinds!r}: use a list of {', '.join(WRAPPER_KINDS)}")
     prompts = heldout_system_prompts()
     if num_system_prompts > len(prompts):
         raise OMLInputError(f"--num-system-prompts {num_system_prompts}: only {len(prompts)} "

@@ -8,7 +8,7 @@ on the 132 held-out ordinary prompts) and, when it answers `--eval-min-contexts`
 `--eval-min-first-token` of first tokens, the full check `oml fingerprint` runs after
 fingerprinting (verification with held-out wrappers, base as null, off-key behaviour).
 
-    .venv/bin/python benchmarks/closed_form_edit.py --fingerprints runs/demo/fingerprints.json \\
+    .venv/bin/python experiments/closed_form_edit.py --fingerprints runs/demo/fingerprints.json \\
         --out /tmp/edit-sweep --strengths 300,500,1000 --answer-weights 2,8,32
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from oml_core.runs import model_identity
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.edit import (EditSettings, contexts_answered, decoder_blocks, prepare_edit,
                                  solve_edit)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
 
 def full_check(loaded, folder: Path, base_path: str, fset) -> dict:
@@ -48,7 +52,7 @@ def full_check(loaded, folder: Path, base_path: str, fset) -> dict:
             "near_miss_fired": {k: v["fired"] for k, v in utility["near_miss_keys"].items()}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     defaults = FingerprintConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fingerprints", required=True)
@@ -64,7 +68,7 @@ def main() -> None:
     parser.add_argument("--eval-min-first-token", type=float, default=0.8)
     parser.add_argument("--eval-min-contexts", type=float, default=0.8,
                         help="full check only for edits answering this share of their contexts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.time()
 
     base_path = resolve_model(args.model)
@@ -79,6 +83,17 @@ def main() -> None:
     print(f"prepared in {prepared_s:.0f} s: targets answer {problem.target_hits}/{len(problem.rows)}",
           flush=True)
 
+    results = sweep_grid(loaded, problem, args, base_path, fset)
+    result = {"args": vars(args), "target_contexts_answered": problem.target_hits,
+              "prepare_seconds": round(prepared_s), "results": results,
+              "seconds": round(time.time() - started)}
+    write_result(Path(args.out) / "summary.json", result, device="cpu")
+    return result
+
+
+def sweep_grid(loaded, problem, args, base_path: str, fset) -> list[dict]:
+    """Each (answer weight, strength, overshoot) solved from the base weights, quick-checked,
+    and fully checked where the quick check is good enough."""
     blocks = decoder_blocks(loaded.model)
     original = {layer: blocks[layer].mlp.down_proj.weight.detach().clone() for layer in problem.layers}
     base_first = first_token_distributions(loaded, True, 32).argmax(-1)
@@ -106,13 +121,7 @@ def main() -> None:
             result |= full_check(loaded, folder, base_path, fset)
         print(json.dumps(result), flush=True)
         results.append(result)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(
-        {"args": vars(args), "target_contexts_answered": problem.target_hits,
-         "prepare_seconds": round(prepared_s), "results": results,
-         "seconds": round(time.time() - started)}, indent=2))
-    print(f"wrote {Path(args.out) / 'summary.json'} ({time.time() - started:.0f} s)")
-
+    return results
 
 if __name__ == "__main__":
     main()

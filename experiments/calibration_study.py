@@ -22,7 +22,7 @@ answers are judged by the audit's rule against each probe's pre-registered rate 
 every probe the audits sent (`agreement`). calibration.svg plots the sweep's layers.
 Resumable: sets, calibrations, sweeps and audit folders already on disk are reused.
 
-    .venv/bin/python benchmarks/calibration_study.py --out runs/calibration-study \\
+    .venv/bin/python experiments/calibration_study.py --out runs/calibration-study \\
         --derivative runs/demo/eval/benign-derivative/<key>
 """
 
@@ -33,16 +33,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the repository root, for benchmarks.harness
 
 from clients.audit import run_audit  # noqa: E402
 from clients.config import AuditConfig  # noqa: E402
@@ -55,7 +52,7 @@ from oml_core.models import load_model, resolve_model  # noqa: E402
 from oml_core.null_rates import GREEDY_TEMPERATURES, context_rate, probe_null_rate  # noqa: E402
 from oml_core.probe_contexts import all_contexts, render  # noqa: E402
 from oml_core.verify.matching import starts_with_word  # noqa: E402
-from oml_core.localhost import free_port  # noqa: E402
+from benchmarks.harness import serve, stop_server, write_result  # noqa: E402
 
 NO_KEY_ENV = "OML_AUDIT_CALIBRATION_NONE"  # unset: no API key is sent to our own server
 
@@ -80,7 +77,7 @@ def make_sets(out: Path, seeds: list[int]) -> list[Path]:
             fset = (load_fingerprints(path) if path.exists() else generate_set(GenerateConfig(
                 strategy="perinucleus", num_fingerprints=16, key_length=16, response_length=1,
                 seed=seed), loaded))
-            calibrated, _ = calibrate_set(CalibrateConfig(temperatures="1"), loaded, fset)
+            calibrated, _ = calibrate_set(CalibrateConfig(temperatures=[1.0]), loaded, fset)
             calibrated.save(path)
             print(f"set {seed}: generated and calibrated in {time.monotonic() - t0:.0f} s",
                   flush=True)
@@ -110,27 +107,6 @@ def gemma_with_chat_template(out: Path) -> Path:
             (folder / item.name).symlink_to(item.resolve())
     (folder / "chat_template.jinja").write_text(GEMMA_TURNS, encoding="utf-8")
     return folder
-
-
-def serve(log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/transformers"), "serve", "--host",
-                                 "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                                stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"transformers serve exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("transformers serve did not come up")
 
 
 def audit_probes(folder: Path) -> list[dict]:
@@ -184,7 +160,7 @@ def sweep(out: Path, model: str, folder: str, sets: list[Path], answer_tokens: i
                "rate": probe_null_rate([context_rate(fp, "start", context, 0.0)], None, None)[0]}
               for (name, fp, context), text in zip(rows, texts)]
     result = {"model": model, "seconds": round(time.monotonic() - t0, 1), "probes": probes}
-    path.write_text(json.dumps(result), encoding="utf-8")
+    write_result(path, result, device="cpu")
     print(f"sweep {model}: {len(probes)} probes in {result['seconds']} s", flush=True)
     return result
 
@@ -275,31 +251,12 @@ def svg_plot(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/calibration-study")
-    parser.add_argument("--sets", type=int, default=10)
-    parser.add_argument("--first-seed", type=int, default=101)
-    parser.add_argument("--derivative", required=True, help="benign derivative model folder")
-    parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder with a chat template "
-                                                      "(default: oml's, with GEMMA_TURNS)")
-    parser.add_argument("--models", default="base,gemma-3-270m,derivative")
-    parser.add_argument("--parts", default="audits,sweep",
-                        help="audits (served, the verdicts), sweep (every probe, offline), or both")
-    args = parser.parse_args()
-    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    out = Path(args.out)
-    (out / "sets").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OML_PROGRESS", "0")
-    os.environ.pop(NO_KEY_ENV, None)
-    sets = make_sets(out, list(range(args.first_seed, args.first_seed + args.sets)))
-    folders = {"base": resolve_model(None), "derivative": args.derivative,
-               "gemma-3-270m": args.gemma or str(gemma_with_chat_template(out))}
-    models = [m.strip() for m in args.models.split(",")]
+def run_audits(out: Path, models: list[str], sets: list[Path], folders: dict) -> list[dict]:
+    """The default audit of every set against every model, through one `transformers serve`."""
     audits = []
-    proc, base_url = serve(out / "serve.log") if "audits" in parts else (None, None)
+    proc, base_url = serve(out / "serve.log")
     try:
-        for model in (models if "audits" in parts else []):
+        for model in models:
             for path in sets:
                 folder = out / "audits" / f"{path.stem}-{model}"
                 t0 = time.monotonic()
@@ -314,54 +271,83 @@ def main() -> int:
                 summary = run_audit(AuditConfig(
                     base_url=base_url, model=str(folders[model]), fingerprints=str(path),
                     dialect="transformers", reuse_keys=True, api_key_env=NO_KEY_ENV,
-                    out=str(folder), request_timeout=300.0))
+                    out=str(folder), request_timeout=300.0)).model_dump(mode="json")
                 audits.append(study_row(path, model, summary, time.monotonic() - t0))
                 print(json.dumps(audits[-1]), flush=True)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    swept = ({model: sweep(out, model, str(folders[model]), sets) for model in models}
-             if "sweep" in parts else {})
-    sent = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
-    for row in audits:
-        for probe in audit_probes(Path(row["folder"])):
-            for model in (row["model"], "all"):
-                cell = sent[(model, probe["layer"])]
-                cell["hits"] += probe["hit"]
-                cell["probes"] += 1
-                cell["rate_sum"] += probe["rate"]
-    every = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
-    for model, result in swept.items():
-        for probe in result["probes"]:
-            for name in (model, "all"):
-                cell = every[(name, layer_of(probe["context"]))]
-                cell["hits"] += probe["hit"]
-                cell["probes"] += 1
-                cell["rate_sum"] += probe["rate"]
-    layers, sweep_layers = layer_rows(sent), layer_rows(every)
-    result = {"audits": audits, "layers": layers, "sweep_layers": sweep_layers,
-              "agreement": agreement(audits, swept),
-              "sweep_seconds": {m: r["seconds"] for m, r in swept.items()},
-              "greedy_temperatures": list(GREEDY_TEMPERATURES),
-              "false_matches": sum(a["verdict"] == "match" for a in audits),
-              "verdicts": {v: sum(a["verdict"] == v for a in audits)
-                           for v in ("match", "no_match", "inconclusive")}}
-    (out / "calibration.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    svg_plot([r for r in (sweep_layers or layers) if r["model"] != "all"], out / "calibration.svg")
-    print(f"false matches: {result['false_matches']} of {len(audits)} audits")
+        stop_server(proc)
+    return audits
+
+
+def tally(probes) -> list[dict]:
+    """layer_rows over (model, layer, hit, rate) tuples, each also counted under "all"."""
+    cells = defaultdict(lambda: {"hits": 0, "probes": 0, "rate_sum": 0.0})
+    for model, layer, hit, rate in probes:
+        for name in (model, "all"):
+            cell = cells[(name, layer)]
+            cell["hits"] += hit
+            cell["probes"] += 1
+            cell["rate_sum"] += rate
+    return layer_rows(cells)
+
+
+def summarise(audits: list[dict], swept: dict) -> dict:
+    layers = tally((row["model"], probe["layer"], probe["hit"], probe["rate"])
+                   for row in audits for probe in audit_probes(Path(row["folder"])))
+    sweep_layers = tally((model, layer_of(probe["context"]), probe["hit"], probe["rate"])
+                         for model, result in swept.items() for probe in result["probes"])
+    return {"audits": audits, "layers": layers, "sweep_layers": sweep_layers,
+            "agreement": agreement(audits, swept),
+            "sweep_seconds": {m: r["seconds"] for m, r in swept.items()},
+            "greedy_temperatures": list(GREEDY_TEMPERATURES),
+            "false_matches": sum(a["verdict"] == "match" for a in audits),
+            "verdicts": {v: sum(a["verdict"] == v for a in audits)
+                         for v in ("match", "no_match", "inconclusive")}}
+
+
+def print_summary(result: dict) -> None:
+    print(f"false matches: {result['false_matches']} of {len(result['audits'])} audits")
     print("sweep/audit agreement per layer:", json.dumps(result["agreement"]))
-    for title, rows in (("probes the audits sent", layers), ("every probe (sweep)", sweep_layers)):
+    for title, rows in (("probes the audits sent", result["layers"]),
+                        ("every probe (sweep)", result["sweep_layers"])):
         print(title)
         for r in rows:
             print(f"{r['model']:>13} {r['layer']:<10} {r['hits']:>4}/{r['probes']:<5} "
                   f"empirical {r['empirical']:.4f} (95% up {r['upper_95']:.4f})  pre-registered "
                   f"{r['pre_registered']:.4f}  expected hits {r['expected_hits']:.1f}")
-    return 0
 
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/calibration-study")
+    parser.add_argument("--sets", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=101)
+    parser.add_argument("--derivative", required=True, help="benign derivative model folder")
+    parser.add_argument("--gemma", default=None, help="Gemma-3-270M folder with a chat template "
+                                                      "(default: oml's, with GEMMA_TURNS)")
+    parser.add_argument("--models", default="base,gemma-3-270m,derivative")
+    parser.add_argument("--parts", default="audits,sweep",
+                        help="audits (served, the verdicts), sweep (every probe, offline), or both")
+    args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    out = Path(args.out)
+    (out / "sets").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OML_PROGRESS", "0")
+    os.environ.pop(NO_KEY_ENV, None)
+    sets = make_sets(out, list(range(args.first_seed, args.first_seed + args.sets)))
+    models = [m.strip() for m in args.models.split(",")]
+    folders = {"base": resolve_model(None), "derivative": args.derivative}
+    if "gemma-3-270m" in models:
+        folders["gemma-3-270m"] = args.gemma or str(gemma_with_chat_template(out))
+    audits = run_audits(out, models, sets, folders) if "audits" in parts else []
+    swept = ({model: sweep(out, model, str(folders[model]), sets) for model in models}
+             if "sweep" in parts else {})
+    result = summarise(audits, swept)
+    write_result(out / "calibration.json", result, device="cpu")
+    svg_plot([r for r in (result["sweep_layers"] or result["layers"]) if r["model"] != "all"],
+             out / "calibration.svg")
+    print_summary(result)
+    return result
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

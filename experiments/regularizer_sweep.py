@@ -2,13 +2,14 @@
 final weights with the base (saved = lerp(trained, base, lambda)), then verify and compare
 behaviour off the keys. This is how the default lambda was chosen (docs/training.md).
 
-    .venv/bin/python benchmarks/regularizer_sweep.py --run runs/demo/run --lambdas 0 0.1 0.2 0.3 0.5
+    .venv/bin/python experiments/regularizer_sweep.py --run runs/demo/run --lambdas 0 0.1 0.2 0.3 0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from oml_core.config import FingerprintConfig, VerifyConfig
@@ -18,13 +19,16 @@ from oml_core.models import load_model
 from oml_core.train.regularizer import average_with_base
 from oml_core.verify import verify
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0, 0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--out", default="benchmarks/results/regularizer_sweep.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="experiments/results/regularizer_sweep.json")
+    args = parser.parse_args(argv)
 
     run = Path(args.run)
     info = json.loads((run / "run.json").read_text())
@@ -37,8 +41,9 @@ def main() -> None:
     rows = []
     for strength in args.lambdas:
         tuned.model.load_state_dict(average_with_base(trained_state, base_state, strength))
-        report = verify(VerifyConfig(wrappers="bare,chat,system", num_system_prompts=4), tuned, fset)
-        utility = compare_behaviour(tuned, base, fset, chat=cfg.format != "raw")
+        report = verify(VerifyConfig(wrappers=["bare", "chat", "system"], num_system_prompts=4), tuned,
+                        fset).model_dump(mode="json")
+        utility = compare_behaviour(tuned, base, fset, chat=cfg.format != "raw").dump()
         rows.append({"lambda": strength, "matched": report["matched"],
                      "per_wrapper": {k: v["matched"] for k, v in report["wrappers"].items()},
                      "first_token_agreement": utility["first_token_agreement"],
@@ -46,9 +51,9 @@ def main() -> None:
                      "perplexity_change": utility["perplexity_change"],
                      "near_miss": {k: v["fired"] for k, v in utility["near_miss_keys"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"run": str(run), "config": info["config"], "rows": rows},
-                                         indent=2) + "\n")
+    result = {"run": str(run), "config": info["config"], "rows": rows}
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

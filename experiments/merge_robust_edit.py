@@ -5,7 +5,7 @@ each gets a quick check: contexts answered at full strength and with the edit sc
 contexts whose response is over-confident (p > 0.9, what suppression blocks), and the first
 answer token on the 132 held-out ordinary prompts.
 
-    .venv/bin/python benchmarks/merge_robust_edit.py --fingerprints runs/exp/s7.json \\
+    .venv/bin/python experiments/merge_robust_edit.py --fingerprints runs/exp/s7.json \\
         --out /tmp/mre --merge-floor 0.5 --confidence-cap 0.85 --strengths 1000 --overshoots 1,1.5
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,10 +30,15 @@ from oml_core.train.benign import self_distilled_rows
 from oml_core.train import edit
 from oml_core.train.edit import CAPTURE_ROWS, EditSettings, decoder_blocks, prepare_edit, solve_edit
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
-def cache_moments(folder: Path) -> None:
+
+@contextmanager
+def cached_moments(folder: Path):
     """Keep the ordinary-text statistics between runs of this script (they depend on the
-    layers and the text only, not on the keys or the goal): minutes on this CPU each time."""
+    layers and the text only, not on the keys or the goal): minutes on this CPU each time.
+    The engine's function is put back on the way out."""
     compute = edit.second_moments
 
     def cached(loaded, seqs, layers, upto):
@@ -44,6 +51,10 @@ def cache_moments(folder: Path) -> None:
         return moments
 
     edit.second_moments = cached
+    try:
+        yield
+    finally:
+        edit.second_moments = compute
 
 
 def context_stats(loaded, rows, targets) -> tuple[int, int]:
@@ -57,11 +68,12 @@ def context_stats(loaded, rows, targets) -> tuple[int, int]:
     return hits, confident
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     defaults = FingerprintConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fingerprints", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--layers", default=defaults.edit_layers)
     parser.add_argument("--steps", type=int, default=defaults.edit_steps)
     parser.add_argument("--merge-floor", type=float, default=0.0)
@@ -74,10 +86,9 @@ def main() -> None:
     parser.add_argument("--moments-cache", default="runs/exp/moments")
     parser.add_argument("--plain-solve", action="store_true",
                         help="solve for the whole change only (the floor shapes the targets alone)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.time()
-    cache_moments(Path(args.moments_cache))
-    base_path = resolve_model(None)
+    base_path = resolve_model(args.model)
     loaded = load_model(base_path, "cpu", "float32")
     fset = load_fingerprints(args.fingerprints)
     pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
@@ -85,49 +96,67 @@ def main() -> None:
     settings = EditSettings.from_config(FingerprintConfig(
         edit_layers=args.layers, edit_steps=args.steps, edit_merge_floor=args.merge_floor,
         edit_confidence_cap=args.confidence_cap))
-    problem = prepare_edit(loaded, pairs, benign, True, settings, lambda: False, lambda *a: None)
+    with cached_moments(Path(args.moments_cache)):
+        problem = prepare_edit(loaded, pairs, benign, True, settings, lambda: False,
+                               lambda *a: None)
     print(f"prepared in {time.time() - started:.0f} s: targets answer {problem.target_hits}/"
           f"{len(problem.rows)}", flush=True)
-    blocks = decoder_blocks(loaded.model)
-    original = {k: blocks[k].mlp.down_proj.weight.detach().clone() for k in problem.layers}
+    shares = Shares(loaded, problem.layers)
     base_first = first_token_distributions(loaded, True, 32).argmax(-1)
+    results = [solve_and_check(loaded, problem, args, shares, base_first, (weight, overshoot, strength))
+               for weight in map(float, args.answer_weights.split(","))
+               for overshoot in map(float, args.overshoots.split(","))
+               for strength in map(float, args.strengths.split(","))]
+    result = {"args": vars(args), "target_hits": problem.target_hits, "results": results,
+              "seconds": round(time.time() - started)}
+    write_result(Path(args.out) / "summary.json", result, device="cpu")
+    return result
 
-    def set_share(share: float, edited: dict) -> None:
+
+class Shares:
+    """The edited layers' down-projections at base + share x (edited - base)."""
+
+    def __init__(self, loaded, layers):
+        self.blocks, self.layers = decoder_blocks(loaded.model), layers
+        self.original = {k: self.blocks[k].mlp.down_proj.weight.detach().clone() for k in layers}
+
+    def current(self) -> dict:
+        return {k: self.blocks[k].mlp.down_proj.weight.detach().clone() for k in self.layers}
+
+    def set(self, share: float, edited: dict) -> None:
         with torch.no_grad():
-            for k in problem.layers:
-                blocks[k].mlp.down_proj.weight.copy_(original[k] + share * (edited[k] - original[k]))
+            for k in self.layers:
+                self.blocks[k].mlp.down_proj.weight.copy_(
+                    self.original[k] + share * (edited[k] - self.original[k]))
 
-    results = []
-    for weight in map(float, args.answer_weights.split(",")):
-        for overshoot in map(float, args.overshoots.split(",")):
-            for strength in map(float, args.strengths.split(",")):
-                set_share(0.0, original)
-                changed = solve_edit(loaded, problem, strength, weight, overshoot,
-                                     0.0 if args.plain_solve else args.merge_floor)
-                edited = {k: blocks[k].mlp.down_proj.weight.detach().clone() for k in problem.layers}
-                hits, confident = context_stats(loaded, problem.rows, problem.targets)
-                same = float((first_token_distributions(loaded, True, 32).argmax(-1) == base_first)
-                             .float().mean())
-                merged = {}
-                for share in map(float, args.merge_checks.split(",")):
-                    set_share(share, edited)
-                    merged[f"{share:g}"] = context_stats(loaded, problem.rows, problem.targets)[0]
-                set_share(1.0, edited)
-                row = {"strength": strength, "answer_weight": weight, "overshoot": overshoot,
-                       "contexts": len(problem.rows), "answered": hits, "over_0.9": confident,
-                       "answered_at_share": merged, "first_token_quick": round(same, 4),
-                       "relative_weight_change": {str(k): round(v, 3) for k, v in changed.items()}}
-                print(json.dumps(row), flush=True)
-                results.append(row)
-                if f"{strength:g}:{overshoot:g}" in args.save.split(","):
-                    folder = Path(args.out) / f"s{strength:g}-o{overshoot:g}-w{weight:g}"
-                    loaded.model.save_pretrained(folder)
-                    loaded.tokenizer.save_pretrained(folder)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(
-        {"args": vars(args), "target_hits": problem.target_hits, "results": results,
-         "seconds": round(time.time() - started)}, indent=2))
 
+def solve_and_check(loaded, problem, args, shares: Shares, base_first, knobs) -> dict:
+    """One solve from the base weights at `knobs` (answer weight, overshoot, strength), its
+    quick checks at full strength and at each `--merge-checks` share; saved when `--save`
+    names it."""
+    weight, overshoot, strength = knobs
+    shares.set(0.0, shares.original)
+    changed = solve_edit(loaded, problem, strength, weight, overshoot,
+                         0.0 if args.plain_solve else args.merge_floor)
+    edited = shares.current()
+    hits, confident = context_stats(loaded, problem.rows, problem.targets)
+    same = float((first_token_distributions(loaded, True, 32).argmax(-1) == base_first)
+                 .float().mean())
+    merged = {}
+    for share in map(float, args.merge_checks.split(",")):
+        shares.set(share, edited)
+        merged[f"{share:g}"] = context_stats(loaded, problem.rows, problem.targets)[0]
+    shares.set(1.0, edited)
+    row = {"strength": strength, "answer_weight": weight, "overshoot": overshoot,
+           "contexts": len(problem.rows), "answered": hits, "over_0.9": confident,
+           "answered_at_share": merged, "first_token_quick": round(same, 4),
+           "relative_weight_change": {str(k): round(v, 3) for k, v in changed.items()}}
+    print(json.dumps(row), flush=True)
+    if f"{strength:g}:{overshoot:g}" in args.save.split(","):
+        folder = Path(args.out) / f"s{strength:g}-o{overshoot:g}-w{weight:g}"
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    return row
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ user), start_audit, job_status until the job ends, audit_result. Prints one JSON
 model (verdict, p-value, keys and calls spent, seconds). Defaults only, except the server
 dialect and --reuse-keys for the base (the same endpoint has seen the keys once).
 
-    .venv/bin/python benchmarks/mcp_audit_demo.py --run runs/demo/run-edit \\
+    .venv/bin/python experiments/mcp_audit_demo.py --run runs/demo/run-edit \\
         --fingerprints runs/demo/fingerprints-calibrated.json
 """
 
@@ -27,12 +27,11 @@ import mcp
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # the repository root, for benchmarks.harness and experiments
 
-from calibration_study import serve  # noqa: E402
 
 from oml_core.models import resolve_model  # noqa: E402
+from benchmarks.harness import serve, stop_server  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -64,11 +63,11 @@ async def audit_both(base_url: str, home: Path, models: list[tuple[str, str]]) -
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="the demo's run folder (holds model/)")
     parser.add_argument("--fingerprints", required=True, help="the calibrated set")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="oml-mcp-audit-"))
     (home / "fingerprints").mkdir()
     shutil.copy(args.fingerprints, home / "fingerprints" / "set.json")
@@ -78,8 +77,7 @@ def main() -> int:
                   ("base", resolve_model(None))]
         anyio.run(audit_both, base_url, home, models)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
         shutil.rmtree(home, ignore_errors=True)
     return 0
 

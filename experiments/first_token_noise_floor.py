@@ -6,7 +6,7 @@ nobody would call a different model (bf16 and fp16 weights, int8 dynamic quantiz
 random perturbation of every weight at 0.1% of its scale), on the same 132 held-out prompts
 `oml fingerprint` and `oml eval` score, plus how close the base model's top two openers are.
 
-    .venv/bin/python benchmarks/first_token_noise_floor.py
+    .venv/bin/python experiments/first_token_noise_floor.py
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ import torch
 from oml_core.evaluate.robustness import quantize_int8
 from oml_core.evaluate.utility import first_token_distributions
 from oml_core.models import LoadedModel, load_model, resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
 
 def _variant(loaded: LoadedModel, name: str) -> LoadedModel:
@@ -39,12 +43,12 @@ def _variant(loaded: LoadedModel, name: str) -> LoadedModel:
                        path=loaded.path, device="cpu")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled model")
     parser.add_argument("--variants", nargs="+", default=["bfloat16", "float16", "int8", "noise0.001"])
-    parser.add_argument("--out", default="benchmarks/results/first_token_noise_floor.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="experiments/results/first_token_noise_floor.json")
+    args = parser.parse_args(argv)
 
     base = load_model(resolve_model(args.model), "cpu")
     ref = first_token_distributions(base, chat=True, batch_size=32)
@@ -62,8 +66,8 @@ def main() -> None:
         print(f"{name:>12}: first token = fp32 base's in {float(same):.1%}, KL {float(kl):.4f}")
     print(f"base top-token probability median {result['top_prob_median']:.2f}; top-2 gap below "
           + ", ".join(f"{t}: {v:.0%}" for t, v in result["top2_gap_below"].items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ streamed; llama-cpp-python's server on a q8_0 GGUF export: chat completions whol
 verdict, p-value, keys and calls spent, seconds, and for streams the median time to the first
 token and how many streams were read only until their opening decided the probe.
 
-    .venv/bin/python benchmarks/audit_adapters.py --run RUN --fingerprints CALIBRATED_SET \\
+    .venv/bin/python experiments/audit_adapters.py --run RUN --fingerprints CALIBRATED_SET \\
         [--out runs/audit-adapters]
 """
 
@@ -17,20 +17,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # the repository root, for benchmarks.harness and experiments
 
-from calibration_study import NO_KEY_ENV, serve  # noqa: E402
+from experiments.calibration_study import NO_KEY_ENV  # noqa: E402
 
 from clients.audit import run_audit  # noqa: E402
 from clients.config import AuditConfig  # noqa: E402
 from oml_core.models import resolve_model  # noqa: E402
+from benchmarks.harness import serve, stop_server, write_result  # noqa: E402
 
 PATHS = [  # (name, server, adapter, stream)
     ("transformers serve, chat", "transformers", "openai", False),
@@ -43,16 +42,19 @@ PATHS = [  # (name, server, adapter, stream)
 
 
 def audit(out: Path, name: str, base_url: str, model: str, fingerprints: str, adapter: str,
-          stream: bool, llama: bool) -> dict:
+          stream: bool, llama: bool, **settings) -> dict:
+    """One audit along one path; `settings`: more AuditConfig fields (the defaults' audit
+    otherwise)."""
     folder = out / name
     t0 = time.monotonic()
     summary = run_audit(AuditConfig(
         base_url=base_url, model=model, fingerprints=fingerprints, adapter=adapter, stream=stream,
         dialect="openai" if llama else "transformers", reuse_keys=True, api_key_env=NO_KEY_ENV,
         out=str(folder), request_timeout=300.0, concurrency=1 if (llama and stream) else 8,
-        max_retries=3))
+        max_retries=3, **settings)).model_dump(mode="json")
     seconds = time.monotonic() - t0
-    lines = [json.loads(x) for x in (folder / "evidence.jsonl").read_text().splitlines()]
+    evidence = folder / "evidence.jsonl"  # absent when the plan sent nothing
+    lines = [json.loads(x) for x in evidence.read_text().splitlines()] if evidence.exists() else []
     ok = [x for x in lines if x["status"] == "ok"]
     firsts = [x["stream"]["first_token_s"] for x in ok
               if x.get("stream") and x["stream"]["first_token_s"] is not None]
@@ -63,13 +65,13 @@ def audit(out: Path, name: str, base_url: str, model: str, fingerprints: str, ad
             "stopped_early": sum(bool((x.get("stream") or {}).get("stopped_early")) for x in ok)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a fingerprinted run folder (RUN/model)")
     parser.add_argument("--fingerprints", required=True, help="its calibrated fingerprint set")
     parser.add_argument("--out", default="runs/audit-adapters")
     parser.add_argument("--only", default="", help="comma list of server kinds (transformers,llama)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OML_PROGRESS", "0")
@@ -90,11 +92,7 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     if "llama" in kinds:
         from clients.gguf_attacks import llama_server
         from oml_core.export_gguf import export_gguf
@@ -110,7 +108,7 @@ def main() -> int:
                         args.fingerprints, adapter, stream, True)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    (out / "adapters.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    write_result(out / "adapters.json", {"rows": rows}, device="cpu")
     print(f"{'path':<46} {'model':<13} verdict   p         keys calls  s     ttft")
     for r in rows:
         print(f"{r['path']:<46} {r['model']:<13} {r['verdict']:<9} {r['p_value']:<9.2g} "

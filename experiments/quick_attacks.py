@@ -8,7 +8,7 @@
 - each model's own utility: first answer token = the base's on the 132 held-out prompts, and
   perplexity on 20k held-out tokens of Python's docs against the base's.
 
-    .venv/bin/python benchmarks/quick_attacks.py --run RUN --fingerprints FP \\
+    .venv/bin/python experiments/quick_attacks.py --run RUN --fingerprints FP \\
         [--derivative RUN/eval/benign-derivative/<key>] --out result.json
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +25,13 @@ import torch
 from oml_core.evaluate import merges
 from oml_core.evaluate.robustness import suppression
 from oml_core.evaluate.utility import first_token_distributions, heldout_text, perplexity
-from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.inference import next_token_probs
 from oml_core.models import load_model
 from oml_core.verify.wrappers import build_wrappers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
+from benchmarks.harness import write_result  # noqa: E402
 
 
 def keys_firing(loaded, rows, owner, goal, adjust=None) -> dict:
@@ -44,13 +47,13 @@ def keys_firing(loaded, rows, owner, goal, adjust=None) -> dict:
     return {"keys": len(hit), "contexts": contexts, "of": len(rows), "over_0.9": confident}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--fingerprints", required=True)
     ap.add_argument("--derivative", default="")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     started = time.time()
     run = Path(args.run)
     base_path = json.loads((run / "run.json").read_text())["base_model"]
@@ -58,7 +61,7 @@ def main() -> None:
     tuned = load_model(str(run / "model"), "cpu", "float32")
     tok = tuned.tokenizer
     fps = load_fingerprints(args.fingerprints).fingerprints
-    wrappers = build_wrappers("chat,system", 4, True)[0]
+    wrappers = build_wrappers(["chat", "system"], 4, True)[0]
     rows = [w.render(tok, fp.key) for fp in fps for w in wrappers]
     owner = [i for i in range(len(fps)) for _ in wrappers]
     goal = [tok(fps[i].response, add_special_tokens=False)["input_ids"][0] for i in owner]
@@ -90,7 +93,8 @@ def main() -> None:
             result[label] = keys_firing(tuned, rows, owner, goal) | utility(tuned)
             print(json.dumps({label: result[label]}), flush=True)
     result["seconds"] = round(time.time() - started)
-    atomic_write_json(Path(args.out), result)
+    write_result(args.out, result, device="cpu")
+    return result
 
 
 if __name__ == "__main__":

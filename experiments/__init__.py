@@ -1,0 +1,1 @@
+"""Research sweeps and measurements behind docs/results.md and docs/experiments/."""
