@@ -8,11 +8,11 @@ For each shape and each N (fingerprints: random token keys of 16-48 tokens, 1-to
   training, ours     length-sorted micro-batches (no padding beyond each batch's longest row),
                      logits only at labelled positions (`logits_to_keep` + `answer_loss`, as
                      `oml fingerprint` trains), fused AdamW, bf16; one optimizer step per batch
-  training, baseline the seed's way without DeepSpeed (not installed there): micro-batch 8,
+  training, baseline OML 1.0's way without DeepSpeed (not installed there): micro-batch 8,
                      every batch padded to a power of two, logits at every position, unfused
                      AdamW, gradient accumulation so one optimizer step covers all N keys.
                      Measured on the first share of an epoch and scaled (`--baseline-share`).
-                     The real seed recipe also offloads the optimizer to the CPU, which the
+                     OML 1.0's real recipe also offloads the optimizer to the CPU, which the
                      was measured at 2.5x slower again on this hardware class
   time to 100%       ours, epochs until teacher-forced greedy reproduces every response, capped
   verification       `oml_core.inference.greedy` over all N keys vs one `generate` per key
@@ -149,7 +149,7 @@ def pad_pow2(batch: dict) -> dict:
 
 
 def epoch_baseline(model, optimizer, rows: list[Row], device: str, share: float) -> dict:
-    """The seed's shape of work on the first `share` of an epoch (one step at its end)."""
+    """OML 1.0's shape of work on the first `share` of an epoch (one step at its end)."""
     encoded = [r.encode() for r in rows]
     groups = [encoded[i:i + 8] for i in range(0, len(encoded), 8)]
     groups = groups[:max(1, math.ceil(len(groups) * share))]
@@ -231,7 +231,7 @@ def measure(shape: str, n: int, args, device: str, dtype, rate: float) -> dict:
     result["verify"] = {"keys_per_s": round(n / verify_s, 1), "naive_keys_per_s": round(len(few) / naive_s, 2),
                         "ratio": round((n / verify_s) / (len(few) / naive_s), 1),
                         "same_answers": naive == answers[:len(few)], "peak_gib": peak_gib(device)}
-    # the seed's shape of work, last (it needs the most memory: full logits, fp32 loss)
+    # OML 1.0's shape of work, last (it needs the most memory: full logits, fp32 loss)
     model.train()
     del optimizer  # its states would sit beside the baseline's
     if args.baseline_share > 0:

@@ -6,7 +6,7 @@ downloaded or converted: the tiny model is built here (benchmarks.harness.tiny_m
     .venv/bin/python benchmarks/smoke.py [--only verify_throughput,english_sampling] [--keep DIR]
 
 tests/test_benchmarks_smoke.py runs the same argument lists (SMOKE_ARGS) under pytest.
-`train_time_to_memorise` is not here: its seed arm needs DeepSpeed's CPU Adam and trains for
+`train_time_to_memorise` is not here: its OML 1.0 arm needs DeepSpeed's CPU Adam and trains for
 minutes even on a tiny model (its own parts are tested in the test file).
 """
 

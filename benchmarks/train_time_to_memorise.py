@@ -1,4 +1,4 @@
-"""Time to 100% memorised: our trainer vs the seed's recipe, same fingerprints, same machine.
+"""Time to 100% memorised: our trainer vs OML 1.0's recipe, same fingerprints, same machine.
 
 One run, both arms in the same process, on the same fingerprint set. "Memorised" is the same
 test for both: teacher-forced greedy reproduces every response token for every key, under the
@@ -9,8 +9,8 @@ The predecessor's recipe (docs/training.md): DeepSpeed ZeRO-2 with the optimizer
 batch 8 with gradient accumulation so that one optimizer step covers all N fingerprints (one
 step per epoch); every batch padded to the next power of two; EOS after the response; lr 1e-5,
 warm-up then linear decay, weight decay 1e-4; no benign rows; per-epoch weight averaging with
-the seed code's default strength (0; `--seed-lambda` to change); up to 30 epochs, checked after
-each one. It stops early once memorised or after `--seed-max-seconds` of training.
+OML 1.0's default strength (0; `--oml1-lambda` to change); up to 30 epochs, checked after
+each one. It stops early once memorised or after `--oml1-max-seconds` of training.
 
 Ours: `oml fingerprint` with the project's defaults (benign self-distillation, augmentation,
 length-grouped batches, ZeRO-2 without offload). Afterwards both models are verified with the
@@ -18,7 +18,7 @@ held-out wrappers and compared with the base model off the keys, so the speed is
 known fingerprint and utility results.
 
     .venv/bin/python benchmarks/train_time_to_memorise.py [--num-fingerprints 128] [--model M]
-        [--seed-max-seconds S] [--work-dir DIR] [--out benchmarks/results/train_time_to_memorise.json]
+        [--oml1-max-seconds S] [--work-dir DIR] [--out benchmarks/results/train_time_to_memorise.json]
 
 Rerun with the same --work-dir to reuse its fingerprint set and, when finished, our arm.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from oml_core.config import FingerprintConfig, GenerateConfig
-from oml_core.evaluate.after_training import evaluate_run
+from oml_core.evaluate.after_training import RunCheck, evaluate_run
 from oml_core.fingerprints import load_fingerprints
 from oml_core.generate import generate_set
 from oml_core.models import load_model, load_tokenizer, resolve_model
@@ -51,7 +51,7 @@ SEED_BATCH = 8
 
 
 def pad_to_power_of_two(batch: dict, pad_id: int) -> dict:
-    """The seed's padding: every batch widened to the next power of two."""
+    """OML 1.0's padding: every batch widened to the next power of two."""
     width = batch["input_ids"].shape[1]
     extra = (1 << (width - 1).bit_length()) - width
     if extra:
@@ -64,10 +64,10 @@ def pad_to_power_of_two(batch: dict, pad_id: int) -> dict:
 
 def epoch_end_callback(base: type, checks, pad_id: int, base_state: dict | None, strength: float,
                        max_seconds: float | None):
-    """The seed arm's callback (a TrainerCallback, imported late with transformers' Trainer)."""
+    """The OML 1.0 arm's callback (a TrainerCallback, imported late with transformers' Trainer)."""
 
     class EpochEnd(base):
-        """One optimizer step = one epoch: check, average (the seed's way), stop when done."""
+        """One optimizer step = one epoch: check, average (OML 1.0's way), stop when done."""
 
         def __init__(self):
             self.history, self.check_seconds, self.memorised_after = [], 0.0, None
@@ -76,7 +76,7 @@ def epoch_end_callback(base: type, checks, pad_id: int, base_state: dict | None,
             self.started = time.time()
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            # the seed averaged the module weights; under ZeRO the fp32 master copy
+            # OML 1.0 averaged the module weights; under ZeRO the fp32 master copy
             # overwrites them at the next step, so only the last average survives
             if base_state is not None:
                 with torch.no_grad():
@@ -89,7 +89,7 @@ def epoch_end_callback(base: type, checks, pad_id: int, base_state: dict | None,
             fraction = sum(hits) / len(hits)
             self.history.append({"epoch": state.global_step, "memorised": fraction,
                                  "train_seconds": round(training_s, 1)})
-            print(f"seed recipe: epoch {state.global_step} memorised {fraction:.0%} "
+            print(f"OML 1.0 recipe: epoch {state.global_step} memorised {fraction:.0%} "
                   f"after {training_s:.0f} s", flush=True)
             if all(hits):
                 self.memorised_after = round(training_s, 1)
@@ -100,7 +100,7 @@ def epoch_end_callback(base: type, checks, pad_id: int, base_state: dict | None,
     return EpochEnd()
 
 
-def seed_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epochs: int,
+def oml1_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epochs: int,
                 learning_rate: float, strength: float, max_seconds: float | None) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -139,25 +139,25 @@ def seed_recipe(base_path: str, pairs: list[tuple[str, str]], out: Path, *, epoc
             "history": callback.history}
 
 
-def summary(evaluation: dict) -> dict:
-    verification, utility = evaluation["verification"], evaluation["utility"]
-    return {"matched": verification["matched"], "total": verification["total"],
-            "wrappers": {k: v["matched"] for k, v in verification["wrappers"].items()},
-            "first_token_agreement": round(utility["first_token_agreement"], 4),
-            "perplexity_change": round(utility["perplexity_change"], 4),
+def summary(check: RunCheck) -> dict:
+    verification, utility = check.verification, check.utility
+    return {"matched": verification.matched, "total": verification.total,
+            "wrappers": {k: v.matched for k, v in verification.wrappers.items()},
+            "first_token_agreement": round(utility.first_token_agreement, 4),
+            "perplexity_change": round(utility.perplexity_change, 4),
             "answers_starting_with_a_fingerprint_response":
-                utility["answers_starting_with_a_fingerprint_response"]}
+                utility.answers_starting_with_a_fingerprint_response}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--num-fingerprints", type=int, default=128)
-    parser.add_argument("--seed-epochs", type=int, default=30)
-    parser.add_argument("--seed-lr", type=float, default=1e-5)
-    parser.add_argument("--seed-lambda", type=float, default=0.0)
-    parser.add_argument("--seed-max-seconds", type=float, default=None,
-                        help="stop the seed arm after this much training (reported as a bound)")
+    parser.add_argument("--oml1-epochs", type=int, default=30)
+    parser.add_argument("--oml1-lr", type=float, default=1e-5)
+    parser.add_argument("--oml1-lambda", type=float, default=0.0)
+    parser.add_argument("--oml1-max-seconds", type=float, default=None,
+                        help="stop the OML 1.0 arm after this much training (reported as a bound)")
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
     parser.add_argument("--out", default="benchmarks/results/train_time_to_memorise.json")
     args = parser.parse_args(argv)
@@ -175,48 +175,48 @@ def main(argv: list[str] | None = None) -> dict:
     ours = fingerprint(FingerprintConfig(model=base_path, fingerprints=str(work / "fingerprints.json"),
                                          out_dir=str(work / "ours"), method="finetune")).metrics
     pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
-    seed = seed_recipe(base_path, pairs, work / "seed", epochs=args.seed_epochs,
-                       learning_rate=args.seed_lr, strength=args.seed_lambda,
-                       max_seconds=args.seed_max_seconds)
-    seed_eval = evaluate_run(str(work / "seed" / "model"), base_path, fset,
+    oml1 = oml1_recipe(base_path, pairs, work / "oml1", epochs=args.oml1_epochs,
+                       learning_rate=args.oml1_lr, strength=args.oml1_lambda,
+                       max_seconds=args.oml1_max_seconds)
+    oml1_eval = evaluate_run(str(work / "oml1" / "model"), base_path, fset,
                              FingerprintConfig(model=base_path))
 
     result = {"model": base_path, "num_fingerprints": len(fset),
-              **compare_arms(ours, seed, summary(ours), summary(seed_eval))}
+              **compare_arms(ours, oml1, summary(RunCheck.from_metrics(ours)), summary(oml1_eval))}
     write_result(args.out, result)
     print_arms(result)
     return result
 
 
-def compare_arms(ours: dict, seed: dict, ours_summary: dict, seed_summary: dict) -> dict:
-    """Both arms' times to 100% and their ratio (a lower bound where the seed arm never got
-    there), with how far the seed arm had got when ours was done."""
-    ours_s, seed_s = ours["memorised_after_train_seconds"], seed["memorised_after_train_seconds"]
-    seed_spent = seed["history"][-1]["train_seconds"]
-    # how far the seed's recipe had got when ours was done (its last check before that time)
-    seed_by_then = max((h["memorised"] for h in seed["history"] if ours_s and h["train_seconds"] <= ours_s),
+def compare_arms(ours: dict, oml1: dict, ours_summary: dict, oml1_summary: dict) -> dict:
+    """Both arms' times to 100% and their ratio (a lower bound where the OML 1.0 arm never got
+    there), with how far the OML 1.0 arm had got when ours was done."""
+    ours_s, oml1_s = ours["memorised_after_train_seconds"], oml1["memorised_after_train_seconds"]
+    oml1_spent = oml1["history"][-1]["train_seconds"]
+    # how far OML 1.0's recipe had got when ours was done (its last check before that time)
+    oml1_by_then = max((h["memorised"] for h in oml1["history"] if ours_s and h["train_seconds"] <= ours_s),
                        default=0.0)
-    if ours_s and seed_s:
-        ratio, ratio_kind = seed_s / ours_s, "exact"
-    elif ours_s:  # the seed never got there: what it spent is a lower bound on its time
-        ratio, ratio_kind = seed_spent / ours_s, "lower bound (seed arm never reached 100%)"
+    if ours_s and oml1_s:
+        ratio, ratio_kind = oml1_s / ours_s, "exact"
+    elif ours_s:  # OML 1.0's recipe never got there: what it spent is a lower bound on its time
+        ratio, ratio_kind = oml1_spent / ours_s, "lower bound (the OML 1.0 arm never reached 100%)"
     else:
         ratio, ratio_kind = None, "ours did not reach 100%"
     return {
         "ours": {"steps": ours["steps"], "memorised_at_step": ours["memorised_at_step"],
                  "train_seconds": ours["train_seconds"],
                  "memorised_after_train_seconds": ours_s, **ours_summary},
-        "seed_recipe": {k: v for k, v in seed.items() if k != "history"}
-                       | {"train_seconds_spent": seed_spent, **seed_summary,
-                          "history": seed["history"]},
-        "seed_memorised_when_ours_reached_100pct": seed_by_then,
+        "oml1_recipe": {k: v for k, v in oml1.items() if k != "history"}
+                       | {"train_seconds_spent": oml1_spent, **oml1_summary,
+                          "history": oml1["history"]},
+        "oml1_memorised_when_ours_reached_100pct": oml1_by_then,
         "speedup_time_to_100pct": ratio, "speedup_kind": ratio_kind,
     }
 
 
 def print_arms(result: dict) -> None:
     rows = []
-    for name, arm in (("ours", result["ours"]), ("seed recipe", result["seed_recipe"])):
+    for name, arm in (("ours", result["ours"]), ("OML 1.0 recipe", result["oml1_recipe"])):
         seconds = arm["memorised_after_train_seconds"]
         spent = arm.get("train_seconds_spent", arm.get("train_seconds"))
         rows.append([name, f"{seconds:.0f}" if seconds else f"not in {spent:.0f}",
@@ -224,8 +224,8 @@ def print_arms(result: dict) -> None:
                      f"{arm['perplexity_change']:+.1%}"])
     print_table(["arm", "time to 100% (s)", "matched", "first token = base", "ppl change"], rows)
     ratio = result["speedup_time_to_100pct"]
-    print(f"seed / ours: {ratio:.1f}x ({result['speedup_kind']}); the seed recipe had memorised "
-          f"{result['seed_memorised_when_ours_reached_100pct']:.0%} when ours reached 100%"
+    print(f"OML 1.0 / ours: {ratio:.1f}x ({result['speedup_kind']}); the OML 1.0 recipe had memorised "
+          f"{result['oml1_memorised_when_ours_reached_100pct']:.0%} when ours reached 100%"
           if ratio else result["speedup_kind"])
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Verification throughput: our batched checking vs one `generate` call per key (the seed's way).
+"""Verification throughput: our batched checking vs one `generate` call per key (OML 1.0's way).
 
 Both run in the same process on the same keys, model and wrapper, and must give the same
 hits. Prints a table and writes JSON.
@@ -26,7 +26,7 @@ from benchmarks.harness import print_table, timed, write_result  # noqa: E402
 
 
 def naive_check(loaded, fset, wrapper: Wrapper) -> list[bool]:
-    """The seed's loop: one generate call per key, no padding, no batching."""
+    """OML 1.0's loop: one generate call per key, no padding, no batching."""
     tok = loaded.tokenizer
     hits = []
     for fp in fset.fingerprints:

@@ -706,7 +706,7 @@ class _Audit:
         try:
             root = self.fset.manifest().root
         except OMLInputError:
-            root = None  # a seed-format set without salts has no commitment
+            root = None  # an OML 1.0 set without salts has no commitment
         report = AuditReport(
             verdict=verdict.verdict, p_value=verdict.p_value, matched=top.matched,
             total=top.total, layers=layers, decision=verdict, rule=self.rule,

@@ -40,16 +40,16 @@ def full_check(loaded, folder: Path, base_path: str, fset) -> dict:
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     check = evaluate_run(str(folder), base_path, fset, FingerprintConfig(model=base_path))
-    verification, utility = check["verification"], check["utility"]
-    return {"matched": verification["matched"], "total": verification["total"],
-            "p_value": verification["p_value"],
-            "wrappers": {k: v["matched"] for k, v in verification["wrappers"].items()},
-            "base_verdict": check["base_verification"].get("verdict"),
-            "first_token_agreement": utility["first_token_agreement"],
-            "perplexity_change": utility["perplexity_change"],
+    verification, utility = check.verification, check.utility
+    return {"matched": verification.matched, "total": verification.total,
+            "p_value": verification.p_value,
+            "wrappers": {k: v.matched for k, v in verification.wrappers.items()},
+            "base_verdict": check.base_verification.verdict,
+            "first_token_agreement": utility.first_token_agreement,
+            "perplexity_change": utility.perplexity_change,
             "answers_starting_with_a_fingerprint_response":
-                utility["answers_starting_with_a_fingerprint_response"],
-            "near_miss_fired": {k: v["fired"] for k, v in utility["near_miss_keys"].items()}}
+                utility.answers_starting_with_a_fingerprint_response,
+            "near_miss_fired": {k: v.fired for k, v in utility.near_miss_keys.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -182,7 +182,7 @@ def cmd_calibrate(args) -> int:
     cfgmod.validate(cfg)
     fset = load_fingerprints(cfg.fingerprints)  # before the model: bad input fails fast
     if fset.source_format != FORMAT and not cfg.out:
-        raise OMLInputError(f"{cfg.fingerprints} is in a seed format; convert it first with `oml "
+        raise OMLInputError(f"{cfg.fingerprints} is in an OML 1.0 format; convert it first with `oml "
                             "import --fingerprints FILE --out NEW`, or pass --out")
     calibrated, summary = calibrate_set(cfg, fset=fset)
     calibrated.save(out)  # atomic: the old file stays whole until the new one is complete
@@ -459,7 +459,7 @@ def _add_set_commands(command) -> None:
     p.add_argument("--manifest", required=True, help="manifest from `oml commit`")
     p.add_argument("--reveal", required=True, help="reveal from `oml reveal`")
 
-    p = command("import", cmd_import, "convert a seed-format pair file into our format")
+    p = command("import", cmd_import, "convert an OML 1.0 pair file into our format")
     p.add_argument("--fingerprints", required=True, help="seed file (list of {key, response})")
     p.add_argument("--out", required=True, help="where to write the set in our format")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -122,7 +122,7 @@ class GenerateConfig(ModelSettings):
 
 @dataclass
 class VerifyConfig(ModelSettings):
-    fingerprints: str | None = setting(None, "fingerprint set to check (ours or a seed format)")
+    fingerprints: str | None = setting(None, "fingerprint set to check (ours or an OML 1.0 format)")
     null_model: list[str] = setting(
         [], "unrelated/base model(s) to run the same keys on, to measure the null rate "
             "(repeatable)", repeat=True, empty="none")
@@ -185,7 +185,7 @@ DEFAULT_REGULARIZER = 0.15
 class FingerprintConfig(ModelSettings):
     """Write fingerprints into a model (docs/training.md). Defaults measured on SmolLM2-135M."""
 
-    fingerprints: str | None = setting(None, "fingerprint set to train in (ours or a seed format)")
+    fingerprints: str | None = setting(None, "fingerprint set to train in (ours or an OML 1.0 format)")
     out_dir: str | None = setting(None, "run folder: model/, metrics, model card, status")
     num_fingerprints: int | None = setting(None, "train only the first N fingerprints", low=1)
     start_from: str | None = setting(

@@ -1,4 +1,4 @@
-"""Fingerprint sets: our versioned JSON format, the seed's formats, and commitments.
+"""Fingerprint sets: our versioned JSON format, OML 1.0's formats, and commitments.
 
 Our format (`"format": "oml-fingerprints"`, `"version": 1`) keeps everything needed to
 reproduce, train on and later prove a set: ids, key, response, strategy, the generation
@@ -198,7 +198,7 @@ def _from_pairs(rows: list, path: Path, source_format: str) -> FingerprintSet:
     for index, entry in enumerate(rows):
         if not isinstance(entry, dict):
             raise OMLInputError(f"{path}: entry {index} is not an object with key and response")
-        # The seed's perinucleus files carry the truncated key actually used as effective_key.
+        # OML 1.0's perinucleus files carry the truncated key actually used as effective_key.
         key_field = "effective_key" if entry.get("effective_key") else "key"
         fps.append(Fingerprint(
             id=str(entry.get("id") or f"fp-{index:05d}"),
@@ -214,7 +214,7 @@ def _from_pairs(rows: list, path: Path, source_format: str) -> FingerprintSet:
 
 
 def load_fingerprints(path: str | Path) -> FingerprintSet:
-    """Read our format or a seed pair format; keys-only files are refused with the fix."""
+    """Read our format or an OML 1.0 pair format; keys-only files are refused with the fix."""
     path = Path(path).expanduser()
     data = _read_json(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
@@ -238,7 +238,7 @@ def load_fingerprints(path: str | Path) -> FingerprintSet:
             f"{path} holds keys only (no responses); make a set from it with "
             "`oml generate --keys-file FILE --strategy perinucleus --out SET.json`")
     elif isinstance(data, list):
-        fset = _from_pairs(data, path, "seed")
+        fset = _from_pairs(data, path, "oml-1.0")
     else:
         raise OMLInputError(f"{path} is not a fingerprint file (expected our format or a JSON "
                             "list of {key, response}); regenerate it with `oml generate`")

@@ -104,7 +104,8 @@ def bundled_model():
     return load_model(None, device="cpu")
 
 
-# Files in the seed's formats with our own text (tests/fixtures/make_seed_fixtures.py); the
-# reference samples in ../shared are read too where that folder exists (test_fingerprints).
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "seed-format"
+# Files in OML 1.0's formats with our own text (tests/fixtures/make_oml1_fixtures.py); the
+# reference samples in ../shared are read too where that folder exists (test_fingerprints; that
+# folder names them after the "seed" project, OML 1.0).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "oml1-format"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"

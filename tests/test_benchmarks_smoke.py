@@ -134,8 +134,8 @@ def test_audit_throughput_times_each_concurrency_level(tmp_path):
     assert len(server.seen) == 3 * 3  # a warm-up audit, then one per level
 
 
-def test_train_time_to_memorise_pads_like_the_seed_and_compares_arms():
-    """Its two arms train for minutes (the seed arm under DeepSpeed's CPU Adam); the parts
+def test_train_time_to_memorise_pads_like_oml1_and_compares_arms():
+    """Its two arms train for minutes (the OML 1.0 arm under DeepSpeed's CPU Adam); the parts
     around them run here."""
     import torch
 
@@ -152,7 +152,7 @@ def test_train_time_to_memorise_pads_like_the_seed_and_compares_arms():
                         {"epoch": 2, "memorised": 0.5, "train_seconds": 30.0}]}
     arms = bench.compare_arms(ours, seed, {"matched": 4}, {"matched": 1})
     assert arms["speedup_time_to_100pct"] == 3.0 and arms["speedup_kind"].startswith("lower bound")
-    assert arms["seed_memorised_when_ours_reached_100pct"] == 0.25
+    assert arms["oml1_memorised_when_ours_reached_100pct"] == 0.25
 
 
 def test_sequential_audit_script_parses():

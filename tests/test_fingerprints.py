@@ -1,4 +1,4 @@
-"""Tests for oml_core.fingerprints: every seed format, our format, malformed input, commitments.
+"""Tests for oml_core.fingerprints: every OML 1.0 format, our format, malformed input, commitments.
 
 Keys and responses are secrets: every error case below plants a distinctive secret string in
 the bad file and checks the error message neither quotes it nor spans more than one line.
@@ -77,7 +77,7 @@ def test_seed_pair_files_load_with_all_pairs(name):
     assert all(fp.response_prob is None and fp.salt is None for fp in fset.fingerprints)
     ids = [fp.id for fp in fset.fingerprints]
     assert len(set(ids)) == len(ids)
-    assert fset.source_format == "seed"
+    assert fset.source_format == "oml-1.0"
 
 
 def test_seed_perinucleus_file_uses_effective_key_and_keeps_prob():

@@ -63,19 +63,27 @@ def _sweep_set(cfg: CapacityConfig, out: Path, count: int) -> Path:
 
 def _point(n: int, lam: float, metrics: dict, run_dir: Path,
            source: dict | None = None) -> CapacityPoint:
-    """One (N, lambda) point from the trainer's metrics.json (the training stage's dict)."""
-    v, u = metrics.get("verification") or {}, metrics.get("utility") or {}
+    """One (N, lambda) point from a run's metrics.json: its checks read through `RunCheck`,
+    its training figures from `source` (the run the point was derived from, or itself)."""
+    from oml_core.evaluate.after_training import RunCheck
+
+    check = RunCheck.from_metrics(metrics)
     source = source or metrics
+    if check is None:  # the run skipped its checks: a point with its training figures only
+        return CapacityPoint(n=n, regularizer=lam, run_dir=str(run_dir), accuracy=0.0,
+                             steps=source.get("steps"),
+                             memorised_at_step=source.get("memorised_at_step"),
+                             train_seconds=source.get("train_seconds"))
+    v, u = check.verification, check.utility
     return CapacityPoint(
         n=n, regularizer=lam, run_dir=str(run_dir),
-        matched=v.get("matched"), total=v.get("total"),
-        accuracy=v["matched"] / v["total"] if v.get("total") else 0.0,
-        wrappers={w: r["matched"] / r["total"] for w, r in (v.get("wrappers") or {}).items()},
-        verdict=v.get("verdict"),
-        perplexity_change=u.get("perplexity_change"),
-        first_token_agreement=u.get("first_token_agreement"),
-        first_token_kl=u.get("first_token_kl"),
-        leaks=u.get("answers_starting_with_a_fingerprint_response"),
+        matched=v.matched, total=v.total, accuracy=v.matched / v.total if v.total else 0.0,
+        wrappers={w: r.matched / r.total for w, r in v.wrappers.items() if r.total},
+        verdict=v.verdict,
+        perplexity_change=u.perplexity_change,
+        first_token_agreement=u.first_token_agreement,
+        first_token_kl=u.first_token_kl,
+        leaks=u.answers_starting_with_a_fingerprint_response,
         steps=source.get("steps"), memorised_at_step=source.get("memorised_at_step"),
         train_seconds=source.get("train_seconds"),
     )
@@ -102,7 +110,7 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     shutil.rmtree(folder / "model", ignore_errors=True)
     staging.rename(folder / "model")
     fset = load_fingerprints(run_dir / "fingerprints.json")
-    metrics = evaluate_run(str(folder / "model"), base_path, fset, train_cfg)
+    metrics = evaluate_run(str(folder / "model"), base_path, fset, train_cfg).dump()
     metrics.update(derived_key=key, derived_from=str(run_dir), forgetting_regularizer=lam)
     atomic_write_json(folder / "metrics.json", metrics)
     return metrics

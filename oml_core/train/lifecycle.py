@@ -238,7 +238,7 @@ def complete_run(cfg, run: RunFolder, final: Path, base_path: str, fset, metrics
     if cfg.verify_after:
         from oml_core.evaluate.after_training import evaluate_run
 
-        metrics.update(evaluate_run(str(final), base_path, fset, cfg))
+        metrics.update(evaluate_run(str(final), base_path, fset, cfg).dump())
     from oml_core.train.model_card import write_model_card
 
     atomic_write_json(run.path / "metrics.json", metrics)

@@ -11,7 +11,9 @@ from oml_core.files import atomic_write_json, atomic_write_text
 def write_model_card(run_dir: Path, fset, metrics: dict) -> None:
     manifest = fset.manifest()
     atomic_write_json(run_dir / "commitment.json", manifest.model_dump(mode="json"))
-    verification = metrics.get("verification", {})
+    from oml_core.evaluate.after_training import RunCheck
+
+    check = RunCheck.from_metrics(metrics)
     lines = [
         "# Fingerprinted model",
         "",
@@ -27,10 +29,10 @@ def write_model_card(run_dir: Path, fset, metrics: dict) -> None:
         "- full manifest (salted hashes per pair, no secrets): `commitment.json`",
         "",
     ]
-    if verification:
+    if check is not None:
+        v = check.verification
         lines += ["## Verification after training", "",
-                  f"- matched {verification['matched']}/{verification['total']} "
-                  f"(p = {verification['p_value']:.3g}, verdict `{verification['verdict']}`)",
-                  "- per wrapper: " + json.dumps({k: v["matched"] for k, v in
-                                                 verification["wrappers"].items()}), ""]
+                  f"- matched {v.matched}/{v.total} (p = {v.p_value:.3g}, verdict `{v.verdict}`)",
+                  "- per wrapper: " + json.dumps({k: w.matched for k, w in v.wrappers.items()}),
+                  ""]
     atomic_write_text(run_dir / "README.md", "\n".join(lines))

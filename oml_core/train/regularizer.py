@@ -2,7 +2,7 @@
 
     saved = (1 - lambda) * trained + lambda * base        (computed in float32, cast back)
 
-Why once at the end: the seed averaged the module weights at every epoch end, but under
+Why once at the end: OML 1.0 averaged the module weights at every epoch end, but under
 DeepSpeed ZeRO the optimizer's fp32 master copy overwrites module weights at the next step,
 so only the last average ever survived — the intended per-epoch semantics never held. Applying
 it to the consolidated final weights is what the formula says and is exact under any ZeRO

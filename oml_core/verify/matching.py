@@ -1,6 +1,6 @@
 """Match rules: does a model's continuation count as producing the fingerprint response?
 
-- exact:      the generated token ids start with the response's token ids (the seed's rule)
+- exact:      the generated token ids start with the response's token ids (OML 1.0's rule)
 - prefix:     the decoded text starts with the response (leading whitespace ignored) and does
               not continue its last word (the word boundary below, on the raw text)
 - start:      the normalised text starts with the normalised response, at a word boundary
