@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
+from benchmarks.harness import CHATML, tiny_model as tiny_model_folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,35 +25,7 @@ def oml_home(tmp_path_factory) -> Path:
 
 
 def build_tiny_model(folder: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from oml_core.generate.words import word_list
-
-    words = list(word_list())
-    corpus = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
-    corpus += [w.capitalize() + " is a word." for w in words]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1200, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(folder, chat_template, seed)
 
 
 @pytest.fixture(scope="session")
