@@ -25,15 +25,12 @@ import torch
 from oml_core.config import FingerprintConfig
 from oml_core.evaluate.after_training import evaluate_run
 from oml_core.evaluate.utility import first_token_distributions
-from oml_core.fingerprints import load_fingerprints
-from oml_core.models import load_model, resolve_model
-from oml_core.runs import model_identity
-from oml_core.train.benign import self_distilled_rows
 from oml_core.train.edit import (EditSettings, contexts_answered, decoder_blocks, prepare_edit,
                                  solve_edit)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
 from benchmarks.harness import write_result  # noqa: E402
+from experiments.edit_inputs import load_edit_inputs  # noqa: E402
 
 
 def full_check(loaded, folder: Path, base_path: str, fset) -> dict:
@@ -70,12 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="full check only for edits answering this share of their contexts")
     args = parser.parse_args(argv)
     started = time.time()
-
-    base_path = resolve_model(args.model)
-    loaded = load_model(base_path, "cpu", "float32")
-    fset = load_fingerprints(args.fingerprints)
-    pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
-    benign = self_distilled_rows(loaded, True, model_identity(base_path))
+    inputs = load_edit_inputs(args.model, args.fingerprints)
+    base_path, loaded, fset, pairs, benign = (inputs.base_path, inputs.loaded, inputs.fset,
+                                              inputs.pairs, inputs.benign)
     settings = EditSettings.from_config(FingerprintConfig(
         edit_layers=args.layers, edit_contexts=args.contexts, edit_steps=args.steps))
     problem = prepare_edit(loaded, pairs, benign, True, settings, lambda: False, lambda *a: None)

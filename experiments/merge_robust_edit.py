@@ -22,16 +22,13 @@ import torch
 
 from oml_core.config import FingerprintConfig
 from oml_core.evaluate.utility import first_token_distributions
-from oml_core.fingerprints import load_fingerprints
 from oml_core.inference import next_token_probs
-from oml_core.models import load_model, resolve_model
-from oml_core.runs import model_identity
-from oml_core.train.benign import self_distilled_rows
 from oml_core.train import edit
 from oml_core.train.edit import CAPTURE_ROWS, EditSettings, decoder_blocks, prepare_edit, solve_edit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
 from benchmarks.harness import write_result  # noqa: E402
+from experiments.edit_inputs import load_edit_inputs  # noqa: E402
 
 
 @contextmanager
@@ -88,11 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="solve for the whole change only (the floor shapes the targets alone)")
     args = parser.parse_args(argv)
     started = time.time()
-    base_path = resolve_model(args.model)
-    loaded = load_model(base_path, "cpu", "float32")
-    fset = load_fingerprints(args.fingerprints)
-    pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
-    benign = self_distilled_rows(loaded, True, model_identity(base_path))
+    inputs = load_edit_inputs(args.model, args.fingerprints)
+    loaded, pairs, benign = inputs.loaded, inputs.pairs, inputs.benign
     settings = EditSettings.from_config(FingerprintConfig(
         edit_layers=args.layers, edit_steps=args.steps, edit_merge_floor=args.merge_floor,
         edit_confidence_cap=args.confidence_cap))
