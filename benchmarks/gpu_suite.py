@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"device": harness.environment(device)["device_name"], "dtype": str(dtype),
               "matmul_tflops": round(rate, 1), "runs": []}
     print(f"{report['device']}: {dtype} matmul {rate:.1f} TFLOP/s", flush=True)
-    header = ("shape", "N", "tok/s", "MFU", "HFU", "epoch s", "seed-way s", "x", "to 100%", "peak GiB",
+    header = ("shape", "N", "tok/s", "MFU", "HFU", "epoch s", "OML 1.0 way s", "x", "to 100%", "peak GiB",
               "keys/s", "1-by-1", "x", "same")
     print(" | ".join(header), flush=True)
     for shape in args.shapes.split(","):
