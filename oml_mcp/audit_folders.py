@@ -21,7 +21,8 @@ from pathlib import Path
 from oml_core.errors import OMLInputError
 from oml_mcp.listings import candidate_folders
 from oml_mcp.paths import Workspace, shown
-from oml_mcp.schemas import AuditInfo, AuditLayer, AuditList, AuditResult
+from clients.audit_result import AuditLayer
+from oml_mcp.schemas import AuditInfo, AuditList, AuditResult
 from oml_mcp.state_files import read_regular
 
 PLAN_FORMAT = "oml-audit-plan"

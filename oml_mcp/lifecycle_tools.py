@@ -39,18 +39,17 @@ from oml_core.files import atomic_write_json
 from oml_mcp import listings
 from oml_mcp.jobs import JobStore
 from oml_mcp.paths import Workspace
+from oml_core.commitment import CommitmentResult, RevealResult
+from oml_core.generate.result import GenerateResult
+from oml_core.verify.result import VerifyResult
 from oml_mcp.schemas import (
     CancelResult,
-    CommitmentResult,
     FingerprintSetList,
-    GenerateResult,
     JobList,
     JobResult,
     JobStarted,
     JobStatus,
-    RevealResult,
     RunList,
-    VerifyResult,
     config_defaults,
 )
 

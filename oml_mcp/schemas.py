@@ -20,12 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 
-# the stages' own result models, which the tools return as they are (and old imports find here)
-from clients.audit_result import AuditLayer, AuditPlan  # noqa: F401
-from oml_core.commitment import CommitmentResult, LeafHash, ProofStep, RevealResult  # noqa: F401
+# the audit's own models, which the MCP's audit models hold
+from clients.audit_result import AuditLayer, AuditPlan
 from oml_core.config import choices_of, list_item_type
-from oml_core.generate.result import GenerateResult  # noqa: F401
-from oml_core.verify.result import NullModelSummary, VerifyResult, WrapperCount  # noqa: F401
 
 # --- inputs -----------------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ from oml_mcp.audit_tools import add_audit_tools
 from oml_mcp.jobs import JobStore
 from oml_mcp.lifecycle_tools import LifecycleTools
 from oml_mcp.paths import Workspace
-from oml_mcp.schemas import GenerateResult, JobStarted, VerifyResult, config_parameters
+from oml_core.generate.result import GenerateResult
+from oml_core.verify.result import VerifyResult
+from oml_mcp.schemas import JobStarted, config_parameters
 
 log = logging.getLogger("oml_mcp")
 
