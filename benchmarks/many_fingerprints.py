@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
 from benchmarks.harness import print_table, write_result  # noqa: E402
+from oml_core.train.metrics import RunMetrics  # noqa: E402
 
 OML = str(Path(sys.executable).parent / "oml")
 
@@ -75,7 +76,7 @@ def measure(n: int, model: list[str], folder: Path, train_steps: int, batch_size
     fingerprint = run_stage(["fingerprint", "--method", "finetune", *model, "--fingerprints", str(fset),
                              "--out-dir", str(run), "--max-steps", str(train_steps),
                              "--no-verify-after", *train_args], folder / "fingerprint.log")
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = RunMetrics.read(run)
     verify = run_stage(["verify", "--model", str(run / "model"), "--fingerprints", str(fset),
                         "--wrappers", "chat", "--batch-size", str(batch_size)],
                        folder / "verify.log")
@@ -87,7 +88,7 @@ def measure(n: int, model: list[str], folder: Path, train_steps: int, batch_size
         "generate": {k: generate[k] for k in ("seconds", "peak_rss_mb")}
                     | {"keys_per_s": round(n / generate["seconds"], 1)},
         "fingerprint": {k: fingerprint[k] for k in ("seconds", "peak_rss_mb")}
-                       | {"steps": train_steps, "train_seconds": metrics.get("train_seconds")},
+                       | {"steps": train_steps, "train_seconds": metrics.train_seconds},
         "verify": {k: verify[k] for k in ("seconds", "peak_rss_mb")}
                   | {"keys_per_s": round(n / verify["seconds"], 1),
                      "matched": _matched(verdict)},

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         fset.save(work / "fingerprints.json")
 
     ours = fingerprint(FingerprintConfig(model=base_path, fingerprints=str(work / "fingerprints.json"),
-                                         out_dir=str(work / "ours"), method="finetune")).metrics
+                                         out_dir=str(work / "ours"), method="finetune")).metrics.dump()
     pairs = [(fp.key, fp.response) for fp in fset.fingerprints]
     oml1 = oml1_recipe(base_path, pairs, work / "oml1", epochs=args.oml1_epochs,
                        learning_rate=args.oml1_lr, strength=args.oml1_lambda,

@@ -31,10 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from pydantic import ValidationError
+
 from clients import decision
 from clients.adapters import FatalEndpointError, RunDeadline, UnsafeRedirect, make_adapter
 from clients.adapters.base import CANCEL_GRACE_S
 from clients.answers import Redactor, kind_of, match
+from clients.audit_plan_file import AuditPlanHead, SequentialOrder, StoredAuditPlan
 from clients.audit_result import (
     AuditDecision,
     AuditProgress,
@@ -60,7 +63,6 @@ from oml_core.verify.matching import OPEN, start_state
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
 PROGRESS_EVERY_S = 1.0  # how often on_progress is told, at most (and at start and end)
 # Settings that change what is sent or how it is judged; the rest (concurrency, timeouts,
 # retries, where the folder is) may differ between a run and its resume.
@@ -196,43 +198,52 @@ class _Audit:
         """Fix the keys, probes and decision rule before the first request (or reload them)."""
         path = self.folder / "plan.json"
         by_id = {fp.id: fp for fp in self.fset.fingerprints}
-        plan = self._stored_plan(path, by_id) if path.exists() else self._new_plan()
-        self.plan_data = plan
-        self.chosen: list[Fingerprint] = [by_id[i] for i in plan["fingerprint_ids"]]
+        stored = self._stored_plan(path, by_id) if path.exists() else None
+        plan = stored or self._new_plan()
+        self.plan_data: AuditPlanHead = plan
+        self.chosen: list[Fingerprint] = [by_id[i] for i in plan.fingerprint_ids]
         if not self.resumed and not self.cfg.exhaustive:
             self.chosen = self.sending_order(self.chosen)
-            plan["fingerprint_ids"] = [fp.id for fp in self.chosen]
         self.adapter = make_adapter(self.cfg)
         self._sendable_probes()
-        self._null_rates(plan)
-        if not path.exists():
-            self._write_plan(path, plan)
+        self._null_rates(stored)
+        if stored is None:
+            self.plan_data = self._write_plan(path, plan)
         else:
-            self.rule = str(plan.get("rule") or self.rule)
+            self.rule = stored.rule or self.rule
         if self.cfg.exhaustive:  # a sequential audit spends its keys a round at a time
-            self.ledger.reserve(self.chosen, plan["audit_id"])
+            self.ledger.reserve(self.chosen, plan.audit_id)
         secrets_map = {fp.id: (fp.key, fp.response) for fp in self.chosen}
         self.redactor = Redactor(secrets_map, os.environ.get(self.cfg.api_key_env),
                                  self.cfg.reveal_keys, credentials_of(self.cfg))
         self.adapter.redact = self.redactor.text  # endpoint text quoted in error messages
         self.by_id = {fp.id: fp for fp in self.chosen}
 
-    def _stored_plan(self, path: Path, by_id: dict) -> dict:
-        """A resumed audit's plan.json, refused when it is another audit's."""
-        plan = json.loads(path.read_text(encoding="utf-8"))
-        if plan.get("settings_id") != self.settings_id:
+    def _stored_plan(self, path: Path, by_id: dict) -> StoredAuditPlan:
+        """A resumed audit's plan.json, refused when it is another audit's or no plan."""
+        try:
+            plan = StoredAuditPlan.from_json(path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            # the fields at fault, never the validation text (it may quote the file)
+            where = (", ".join(sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]}))
+                     if isinstance(exc, ValidationError) else "")
+            raise OMLInputError(
+                f"{path} is not a readable audit plan{f' ({where})' if where else ''}; restore "
+                "the plan this audit wrote, or pass another --out to start a new audit "
+                "(its keys stay spent)") from None
+        if plan.settings_id != self.settings_id:
             raise OMLInputError(
                 f"{self.folder} holds an audit with other settings (endpoint, model, set or "
                 "probe/decision settings differ); rerun it with its own settings or pass "
                 "another --out")
-        missing = [i for i in plan["fingerprint_ids"] if i not in by_id]
+        missing = [i for i in plan.fingerprint_ids if i not in by_id]
         if missing:
             raise OMLInputError(f"{self.folder}: the plan names fingerprints not in this set; "
                                 "pass the set the audit started with")
         self.resumed = True
         return plan
 
-    def _new_plan(self) -> dict:
+    def _new_plan(self) -> AuditPlanHead:
         """A new audit's keys (the ledger's unspent ones first) and public settings."""
         allowed = [fp for fp in self.fset.fingerprints if fp.id not in self.exclude_keys]
         chosen, passed_over = self.ledger.select(allowed, self.cfg.max_keys, self.cfg.reuse_keys)
@@ -241,12 +252,12 @@ class _Audit:
                               "shown to the other endpoints of this comparison were passed over")
             passed_over += len(self.fset.fingerprints) - len(allowed)
         self.resumed = False
-        return {"format": "oml-audit-plan", "version": PLAN_VERSION, "created": _now(),
-                "settings_id": self.settings_id,
-                "audit_id": f"{self.settings_id}-{secrets.token_hex(4)}",
-                "endpoint": endpoint_identity(self.cfg.base_url), "model": self.cfg.model,
-                "set_sha256": self.set_sha, "fingerprint_ids": [fp.id for fp in chosen],
-                "keys_passed_over": passed_over, "config": _public_config(self.cfg)}
+        return AuditPlanHead(
+            created=_now(), settings_id=self.settings_id,
+            audit_id=f"{self.settings_id}-{secrets.token_hex(4)}",
+            endpoint=endpoint_identity(self.cfg.base_url), model=self.cfg.model,
+            set_sha256=self.set_sha, fingerprint_ids=[fp.id for fp in chosen],
+            keys_passed_over=passed_over, config=_public_config(self.cfg))
 
     def _sendable_probes(self) -> None:
         """The planned probes this adapter can send (the others noted), within --max-calls for
@@ -277,23 +288,19 @@ class _Audit:
             raise OMLInputError("no probe layer can be sent with this adapter and template; "
                                 "choose other --layers")
 
-    def _null_rates(self, plan: dict) -> None:
-        """Every probe's null rate and the decision rule; a resumed audit keeps its plan's."""
+    def _null_rates(self, stored: StoredAuditPlan | None) -> None:
+        """Every probe's null rate and the decision rule; a resumed audit keeps its plan's
+        (a plan of an earlier version has none: they are computed as for a new one)."""
         rates, _ = decision.base_rates([fp.response_prob for fp in self.chosen])
         self.key_rates = {fp.id: rate for fp, rate in zip(self.chosen, rates)}  # uncalibrated bound
         self.measured_rates = (None if self.measured is None else
                                {fp.id: self.measured.probe_rate(fp.id) for fp in self.chosen})
         self.probe_rates, self.null_source, rate_notes = decision.probe_rates(
             self.cfg, self.probes, {fp.id: fp for fp in self.chosen}, self.measured_rates)
-        stored = plan.get("probe_null_rates")
-        if isinstance(stored, dict) and stored:
-            def fixed(pid: str, rate: float) -> float:
-                value = stored.get(pid)
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-                return float(value) if ok else rate
-
-            self.probe_rates = {pid: fixed(pid, rate) for pid, rate in self.probe_rates.items()}
-            self.null_source = str(plan.get("null_rate_source") or self.null_source)
+        if stored is not None and stored.probe_null_rates:
+            fixed = stored.probe_null_rates
+            self.probe_rates = {pid: fixed.get(pid, rate) for pid, rate in self.probe_rates.items()}
+            self.null_source = stored.null_rate_source or self.null_source
         else:
             self.notes += rate_notes
         self._probe_rate_sums: dict[str, float] = defaultdict(float)
@@ -301,23 +308,26 @@ class _Audit:
             self._probe_rate_sums[probe.fingerprint_id] += self.probe_rates[probe.id]
         self.rule = decision.rule_text(self.cfg, self.tested_layers, self.null_source)
 
-    def _write_plan(self, path: Path, plan: dict) -> None:
-        """plan.json with the rule, before any key leaves."""
+    def _write_plan(self, path: Path, head: AuditPlanHead) -> StoredAuditPlan:
+        """plan.json with the keys in sending order and the rule, before any key leaves."""
+        sequential = None
         if not self.cfg.exhaustive:
-            plan.update(sequential={"alternative_hit_rate": ALTERNATIVE_HIT_RATE,
-                                    "order": "as listed: keys by ascending null rate of the "
-                                             "probe every key gets (the user turn); the "
-                                             "other layers rotate over keys in this order"})
+            sequential = SequentialOrder(
+                alternative_hit_rate=ALTERNATIVE_HIT_RATE,
+                order="as listed: keys by ascending null rate of the probe every key gets (the "
+                      "user turn); the other layers rotate over keys in this order")
             self.rule += (f" Sequential: keys in the listed order; each finished key multiplies "
                           f"an e-value by p1/q on a hit and (1-p1)/(1-q) on a miss (p1 = "
                           f"{ALTERNATIVE_HIT_RATE:g}, q its probes' summed null rate); match as "
                           f"soon as it reaches 1/alpha, stop when it no longer can.")
-        plan.update(fingerprint_ids=[fp.id for fp in self.chosen],
-                    tests=decision.family_of(self.tested_layers), rule=self.rule,
-                    alpha=self.cfg.alpha, probes_planned=len(self.probes),
-                    probes_not_sendable=self.skipped, null_rate_source=self.null_source,
-                    probe_null_rates=self.probe_rates)
-        atomic_write_json(path, plan)
+        plan = StoredAuditPlan(
+            **{**head.model_dump(), "fingerprint_ids": [fp.id for fp in self.chosen]},
+            sequential=sequential, tests=decision.family_of(self.tested_layers), rule=self.rule,
+            alpha=self.cfg.alpha, probes_planned=len(self.probes),
+            probes_not_sendable=self.skipped, null_rate_source=self.null_source,
+            probe_null_rates=self.probe_rates)
+        atomic_write_json(path, plan.model_dump(mode="json"))
+        return plan
 
     def sending_order(self, chosen: list[Fingerprint]) -> list[Fingerprint]:
         """A sequential audit's keys, most telling first: by the null rate of the probe every
@@ -358,7 +368,7 @@ class _Audit:
 
     def _status(self, state: str, **extra) -> None:
         atomic_write_json(self.folder / "status.json",
-                          {"state": state, "updated": _now(), "audit_id": self.plan_data["audit_id"],
+                          {"state": state, "updated": _now(), "audit_id": self.plan_data.audit_id,
                            **extra})
 
     def over_token_budget(self) -> bool:
@@ -482,7 +492,7 @@ class _Audit:
         pending = [p for p in self.pending(latest) if p.fingerprint_id in ids]
         state = "complete"
         if pending:
-            self.ledger.reserve(batch, self.plan_data["audit_id"])
+            self.ledger.reserve(batch, self.plan_data.audit_id)
             state = await self.probe_all(pending, close=False)
             latest = EvidenceLog(self.folder / "evidence.jsonl").latest()
         self.keys_sent += [fp.id for fp in batch]
@@ -711,12 +721,12 @@ class _Audit:
             verdict=verdict.verdict, p_value=verdict.p_value, matched=top.matched,
             total=top.total, layers=layers, decision=verdict, rule=self.rule,
             alpha=self.cfg.alpha, state=state, incomplete=state != "complete", pending=pending,
-            audit_id=self.plan_data["audit_id"], folder=str(self.folder),
+            audit_id=self.plan_data.audit_id, folder=str(self.folder),
             endpoint=endpoint_identity(self.cfg.base_url), model=self.cfg.model,
             adapter=self.cfg.adapter, set_sha256=self.set_sha, commitment_root=root,
             keys_probed=len(sent), key_budget=self.cfg.max_keys,
             keys_not_sent=len(self.chosen) - len(sent),
-            keys_passed_over=_count(self.plan_data.get("keys_passed_over")),
+            keys_passed_over=self.plan_data.keys_passed_over,
             fingerprint_ids=[fp.id for fp in self.chosen], ledger=str(self.ledger.path),
             probes_planned=len(self.probes), probes_done=sum(r.probes for r in layers.values()),
             probes_failed=sum(r.errors for r in layers.values()),
@@ -731,11 +741,6 @@ class _Audit:
         report.verdict_words = verdict_words(report)
         report.reports = write_reports(self.folder, report)
         return report
-
-
-def _count(value) -> int:
-    """A count read from plan.json (a file that may have been edited), else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 @dataclass(frozen=True)
@@ -787,7 +792,7 @@ async def run_audit_async(cfg: AuditConfig,
     pending = audit.pending(latest)
     reused = sum(1 for p in audit.probes if latest.get(p.id, {}).get("status") == "ok")
     log.info("audit %s: %d probes on %d keys (%d answered earlier, %d to send); folder %s",
-             audit.plan_data["audit_id"], len(audit.probes), len(audit.chosen), reused,
+             audit.plan_data.audit_id, len(audit.probes), len(audit.chosen), reused,
              len(pending), audit.folder)
     audit._status("running", probes=len(audit.probes), pending=len(pending))
     audit.report_progress(latest.values(), final=True)

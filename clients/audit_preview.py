@@ -21,6 +21,7 @@ from pathlib import Path
 
 from clients.adapters import make_adapter
 from clients.audit import set_digest, settings_id
+from clients.audit_plan_file import StoredAuditPlan
 from clients.audit_result import AuditPlan
 from clients.config import AuditConfig, validate_audit
 from clients.ledger import KeyLedger, endpoint_identity
@@ -44,29 +45,22 @@ def audit_folder(cfg: AuditConfig, audits_root: Path | None = None,
     return (audits_root or oml_home() / "audits") / settings_id(cfg, set_digest(fset))
 
 
-def _read_plan(folder: Path, sid: str) -> dict | None:
+def _read_plan(folder: Path, sid: str) -> StoredAuditPlan | None:
     path = folder / "plan.json"
     if not path.exists():
         return None
     try:
         if path.stat().st_size > MAX_PLAN_BYTES:
             raise ValueError
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        plan = None
-    if not isinstance(plan, dict) or not isinstance(plan.get("fingerprint_ids"), list):
+        plan = StoredAuditPlan.from_json(path.read_bytes())
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         raise OMLInputError(f"{folder} has a plan.json that is not an audit plan; pass another "
-                            "out folder")
-    if plan.get("settings_id") != sid:
+                            "out folder") from None
+    if plan.settings_id != sid:
         raise OMLInputError(f"{folder} holds an audit with other settings (endpoint, model, set or "
                             "probe/decision settings differ); rerun it with its own settings or "
                             "pass another out folder")
     return plan
-
-
-def _typed_id(plan: dict | None) -> str | None:
-    audit_id = plan.get("audit_id") if plan else None
-    return audit_id if isinstance(audit_id, str) else None
 
 
 def _answered(folder: Path) -> set[str]:
@@ -119,11 +113,11 @@ def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> AuditPlan:
     ledger = KeyLedger(cfg.base_url, ledgers)
     by_id = {fp.id: fp for fp in fset.fingerprints}
     if plan is not None:
-        ids = [i for i in plan["fingerprint_ids"] if isinstance(i, str)]
+        ids = plan.fingerprint_ids
         if any(i not in by_id for i in ids):
             raise OMLInputError(f"{folder}: the plan names fingerprints not in this set; pass the "
                                 "set the audit started with")
-        passed_over = plan.get("keys_passed_over", 0)
+        passed_over = plan.keys_passed_over
     else:
         chosen, passed_over = ledger.select(fset.fingerprints, cfg.max_keys, cfg.reuse_keys)
         ids = [fp.id for fp in chosen]
@@ -143,10 +137,10 @@ def preview_audit(cfg: AuditConfig, ledgers: Path | None = None) -> AuditPlan:
     by_layer = Counter(p.layer for p in probes)
     return AuditPlan(
         endpoint=endpoint_identity(cfg.base_url), model=cfg.model,
-        fingerprints=str(cfg.fingerprints), folder=str(folder), audit_id=_typed_id(plan),
+        fingerprints=str(cfg.fingerprints), folder=str(folder), audit_id=plan.audit_id if plan else None,
         resumes=plan is not None, sequential=not cfg.exhaustive,
         keys=len(ids), key_budget=cfg.max_keys, call_budget=cfg.max_calls,
-        keys_passed_over=passed_over if isinstance(passed_over, int) else 0,
+        keys_passed_over=passed_over,
         reuse_keys=cfg.reuse_keys, layers=list(by_layer), probes_by_layer=dict(by_layer),
         probes_planned=len(probes), probes_not_sendable=len(planned) - len(probes),
         probes_answered=len(answered), calls_to_send=len(to_send),

@@ -144,33 +144,19 @@ class RevealedKey(BaseModel):
     response: str
 
 
-class AuditReport(BaseModel):
-    """`run_audit`'s result: everything report.json holds."""
+class AuditRunFacts(BaseModel):
+    """What the report and its headline both say about the run: its state, where the audit
+    is, what it sent (declared once; each derives from it)."""
 
-    verdict: str
-    p_value: float
-    matched: int
-    total: int
-    layers: dict[str, LayerTally]
-    decision: AuditDecision
-    rule: str
-    alpha: float
-    state: str
-    incomplete: bool
+    state: str = Field(description="complete, or incomplete (pending probes: rerunning the audit "
+                                   "with the same settings resumes it)")
     pending: int
     audit_id: str
     folder: str
     endpoint: str
     model: str | None
-    adapter: str
-    set_sha256: str
-    commitment_root: str | None
     keys_probed: int
-    key_budget: int | None
     keys_not_sent: int
-    keys_passed_over: int
-    fingerprint_ids: list[str]
-    ledger: str
     probes_planned: int
     probes_done: int
     probes_failed: int
@@ -178,17 +164,49 @@ class AuditReport(BaseModel):
     probes_skipped: int
     calls_this_run: int
     requests_this_run: int
-    resumed: bool
+    seconds_this_run: float
     notes: list[str]
+    reports: dict[str, str] = Field(default_factory=dict, description="report files written")
+    verdict_words: str = Field("", description="the verdict in plain words")
+
+
+_VERDICT = "match, no_match, or inconclusive (no valid answer: the endpoint was not tested)"
+_P_VALUE = ("the deciding p-value: Bonferroni-corrected over the tests (a sequential audit's: "
+            "its e-value's, anytime-valid)")
+_MATCHED = "keys that came back (deciding test)"
+
+
+class _ReportOpening(BaseModel):
+    """The report's first fields (a base class's fields come before a subclass's)."""
+
+    verdict: str = Field(description=_VERDICT)
+    p_value: float = Field(description=_P_VALUE)
+    matched: int = Field(description=_MATCHED)
+    total: int
+    layers: dict[str, LayerTally]
+    decision: AuditDecision
+    rule: str
+    alpha: float
+
+
+class AuditReport(AuditRunFacts, _ReportOpening):
+    """`run_audit`'s result: everything report.json holds."""
+
+    incomplete: bool
+    adapter: str
+    set_sha256: str
+    commitment_root: str | None
+    key_budget: int | None
+    keys_passed_over: int
+    fingerprint_ids: list[str]
+    ledger: str
+    resumed: bool
     decoys_sent: int
     tokens_reported: int
     finished: str
-    seconds_this_run: float
     config: dict[str, Any] = Field(description="the audit's settings, credentials masked")
     provenance: dict[str, Any]
     revealed: list[RevealedKey] | None = Field(None, exclude_if=_absent)
-    verdict_words: str = ""
-    reports: dict[str, str] = Field(default_factory=dict, description="report files written")
 
 
 class AuditLayer(BaseModel):
@@ -200,45 +218,33 @@ class AuditLayer(BaseModel):
     p_value: float | None = None
 
 
-class AuditHeadline(BaseModel):
-    """What `oml audit --json` prints: the verdict numbers first, then where everything is."""
+class _HeadlineOpening(BaseModel):
+    """The headline's first fields: the verdict numbers (`oml audit --json` opens with them)."""
 
-    verdict: str
+    verdict: str = Field(description=_VERDICT)
     layers: dict[str, AuditLayer]
     deciding_test: str
-    p_value: float
-    matched: int
+    p_value: float = Field(description=_P_VALUE)
+    matched: int = Field(description=_MATCHED)
     total: int
     alpha: float
-    state: str
-    pending: int
-    audit_id: str
-    folder: str
-    endpoint: str
-    model: str | None
-    keys_probed: int
-    keys_not_sent: int
-    probes_planned: int
-    probes_done: int
-    probes_failed: int
-    errors_by_kind: dict[str, int]
-    probes_skipped: int
-    calls_this_run: int
-    requests_this_run: int
-    seconds_this_run: float
-    notes: list[str]
-    reports: dict[str, str]
-    verdict_words: str
+
+
+class AuditHeadline(AuditRunFacts, _HeadlineOpening):
+    """What `oml audit --json` prints: the verdict numbers first, then where everything is."""
 
     @classmethod
-    def of(cls, report: AuditReport) -> AuditHeadline:
+    def of(cls, report: AuditReport, **fields) -> AuditHeadline:
+        """The headline of `report`; `fields` set those of a subclass the report lacks, or
+        replace the report's."""
         tests = report.decision.tests
         layers = {name: AuditLayer(**row.model_dump(include={"matched", "total", "hits",
                                                                "probes", "errors"}),
                                    p_value=tests[name].p_value if name in tests else None)
                   for name, row in report.layers.items()}
-        return cls(**report.model_dump(include=set(cls.model_fields) - {"layers", "deciding_test"}),
-                   layers=layers, deciding_test=report.decision.deciding_test)
+        shared = report.model_dump(include=set(cls.model_fields) - {"layers", "deciding_test"})
+        return cls(**{**shared, **fields}, layers=layers,
+                   deciding_test=report.decision.deciding_test)
 
 
 class LayerKeys(BaseModel):

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from oml_core.config import (
-    SAMPLING_TEMPERATURES,
-    setting,
-    split_comma_strings,
-    temperatures_setting,
-    validate,
-)
+from oml_core.config import SAMPLING_TEMPERATURES
 from oml_core.errors import OMLInputError
+from oml_core.settings import setting, split_comma_strings, temperatures_setting, validate
 
 LAYERS = ("raw", "user", "system", "embedded", "multiturn", "agent")
 ADAPTERS = ("openai", "responses", "anthropic", "http")
@@ -169,7 +164,7 @@ class AuditConfig:
 
 
 def validate_audit(cfg: AuditConfig) -> None:
-    """Field ranges (oml_core.config.validate) plus the checks across fields."""
+    """Field ranges (oml_core.settings.validate) plus the checks across fields."""
     validate(cfg)
     for name in ("base_url", "model", "fingerprints"):
         if not getattr(cfg, name):

@@ -25,6 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
+from oml_core.evaluate.attack_results import ServedAttack, ServedLayer
+from oml_core.evaluate.results import KeyCheck
 from oml_core.export_gguf import LLAMA_CPP_VERSION, export_gguf, gguf_perplexity, require_llama_cpp
 from oml_core.files import remove_tree
 from oml_core.localhost import free_port
@@ -118,7 +122,32 @@ def _hit_ids(folder: Path) -> dict[str, list[str]]:
     return {layer: sorted(ids) for layer, ids in hits.items()}
 
 
-def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> dict:
+class GgufLayer(ServedLayer):
+    """One audit layer of the served copy: its keys, probes and p-value."""
+
+    hits: int
+    probes: int
+    errors: int
+    p_value: float
+
+
+class GgufAttack(ServedAttack):
+    """gguf_q8_0's and gguf_q4_k_m's result (counts, verdict, timings; no secrets): the
+    registered attacks' open shape, with the fields these two report typed."""
+
+    gguf_type: str | None = None
+    gguf_mb: float | None = None
+    alpha: float | None = None
+    state: str | None = None  # the audit's: complete, or incomplete
+    layers: dict[str, GgufLayer] = Field(default_factory=dict)
+    probes: int | None = None
+    audit_folder: str | None = None
+    export_seconds: float | None = None
+    audit_seconds: float | None = None
+    perplexity_skipped: str | None = None  # why the GGUF model's perplexity is missing
+
+
+def audit_gguf(ctx, tuned, baseline: KeyCheck, chunks, ppl: float, quant: str) -> GgufAttack:
     """Export, serve, audit, stop; the attack's result (counts and verdict, no secrets)."""
     from clients.audit import run_audit
     from clients.config import AuditConfig
@@ -130,7 +159,7 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
         gguf = export_gguf(ctx.model_dir, quant, memo_file=ctx.out_dir / "cache" / "digests.json",
                            threads=THREADS)
     except RuntimeError as exc:  # e.g. an architecture llama.cpp's converter does not know
-        return {"skipped": f"the GGUF export failed: {exc}"}
+        return GgufAttack(skipped=f"the GGUF export failed: {exc}")
     export_s = time.monotonic() - started
 
     tok = tuned.tokenizer
@@ -155,36 +184,34 @@ def audit_gguf(ctx, tuned, baseline: dict, chunks, ppl: float, quant: str) -> di
         audit_s = time.monotonic() - audit_started
 
     result = _attack_result(summary, baseline, folder, quant, gguf)
-    result.update(export_seconds=round(export_s, 1), audit_seconds=round(audit_s, 1))
+    result.export_seconds, result.audit_seconds = round(export_s, 1), round(audit_s, 1)
     try:
         ppl_q = gguf_perplexity(gguf, chunks, THREADS)
-        result.update(perplexity=ppl_q, perplexity_change=ppl_q / ppl - 1)
+        result.perplexity, result.perplexity_change = ppl_q, ppl_q / ppl - 1
     except RuntimeError as exc:  # optional: the keys' numbers stand without it
-        result["perplexity_skipped"] = str(exc)
+        result.perplexity_skipped = str(exc)
     return result
 
 
-def _attack_result(summary, baseline: dict, folder, quant: str, gguf) -> dict:
+def _attack_result(summary, baseline: KeyCheck, folder, quant: str, gguf) -> GgufAttack:
     """The audit's counts and verdict as the attack's result (no secrets)."""
     from oml_core.evaluate.context import retention
 
     hits = _hit_ids(folder)
     kept = retention(baseline, {"hit_ids": {"audit": sorted(set().union(*hits.values()))}})["any"]
     tests = summary.decision.tests
-    return {
-        "method": (f"llama.cpp GGUF {quant} (llama-cpp-python {LLAMA_CPP_VERSION}), served by its "
-                   f"OpenAI-compatible server on loopback and audited with `oml audit` "
-                   f"(layers {','.join(LAYERS)}, greedy, match rule start)"),
-        "gguf_type": quant, "gguf_mb": round(gguf.stat().st_size / 1e6, 1),
-        "verdict": summary.verdict, "p_value": summary.p_value, "alpha": summary.alpha,
-        "matched": summary.matched, "total": summary.total, "state": summary.state,
-        "layers": {name: {"matched": row.matched, "total": row.total, "hits": row.hits,
-                          "probes": row.probes, "errors": row.errors,
-                          "p_value": tests[name].p_value}
-                   for name, row in summary.layers.items()},
-        "survival": kept.retention, "retention": {"any": kept.dump()},
-        "probes": summary.probes_done, "audit_folder": str(folder),
-    }
+    return GgufAttack(
+        method=(f"llama.cpp GGUF {quant} (llama-cpp-python {LLAMA_CPP_VERSION}), served by its "
+                f"OpenAI-compatible server on loopback and audited with `oml audit` "
+                f"(layers {','.join(LAYERS)}, greedy, match rule start)"),
+        gguf_type=quant, gguf_mb=round(gguf.stat().st_size / 1e6, 1),
+        verdict=summary.verdict, p_value=summary.p_value, alpha=summary.alpha,
+        matched=summary.matched, total=summary.total, state=summary.state,
+        layers={name: GgufLayer(matched=row.matched, total=row.total, hits=row.hits,
+                                probes=row.probes, errors=row.errors, p_value=tests[name].p_value)
+                for name, row in summary.layers.items()},
+        survival=kept.retention, retention={"any": kept}, probes=summary.probes_done,
+        audit_folder=str(folder))
 
 
 def _check(cfg) -> None:
@@ -193,7 +220,7 @@ def _check(cfg) -> None:
 
 
 def _attack(quant: str):
-    def attack(ctx, tuned, baseline, wrappers, chunks, ppl) -> dict:
+    def attack(ctx, tuned, baseline, wrappers, chunks, ppl) -> GgufAttack:
         return audit_gguf(ctx, tuned, baseline, chunks, ppl, quant)
 
     attack.__name__ = f"gguf_{quant}"

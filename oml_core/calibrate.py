@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel, Field
 
 from oml_core import progress
-from oml_core.config import CalibrateConfig, validate
+from oml_core.config import CalibrateConfig
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.generate import tokenizer_info
@@ -49,6 +49,7 @@ from oml_core.null_rates import (
     temperature_key,
 )
 from oml_core.probe_contexts import all_contexts, render
+from oml_core.settings import validate
 from oml_core.verify.matching import COUNTED, OPEN, normalize, opening_state
 
 RULES = ("start", "exact")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from oml_core import config as cfgmod
+from oml_core import settings
 from oml_core.errors import Cancelled, OMLInputError
 
 EXIT_BAD_INPUT = 2
@@ -32,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _list_help(config_cls, f) -> str:
     """What a list flag takes, from its field: the allowed items and what an empty one means."""
-    choices = cfgmod.choices_of(f)
+    choices = settings.choices_of(f)
     words = f"; comma list of: {', '.join(choices)}" if choices else "; comma list"
     low, high = f.metadata.get("low"), f.metadata.get("high")
     if low is not None and high is not None:
@@ -47,11 +48,11 @@ def _list_help(config_cls, f) -> str:
 
 def _list_flag_type(config_cls, f):
     """argparse type of a comma-list flag: the checked list, or one line on a bad item."""
-    flag = cfgmod.flag_of(f)
+    flag = settings.flag_of(f)
 
     def parse(text: str) -> list:
         try:
-            return cfgmod.list_value(config_cls, f, text, flag)
+            return settings.list_value(config_cls, f, text, flag)
         except OMLInputError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
     parse.__name__ = "list"
@@ -67,7 +68,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()) -> N
         kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        comma_list = cfgmod.comma_list(config_cls, f)
+        comma_list = settings.comma_list(config_cls, f)
         if comma_list:
             help_text += _list_help(config_cls, f)
         elif default not in (None, [], ""):
@@ -145,7 +146,7 @@ def cmd_generate(args) -> int:
     cfg = _config(cfgmod.GenerateConfig, args)
     out = Path(cfg.out or "fingerprints.json")
     _refuse_overwrite(out, args.force)
-    cfgmod.validate(cfg)
+    settings.validate(cfg)
     result = generate(cfg, out)
     _emit(args, result, f"wrote {result.count} {result.strategy} fingerprints to {result.path} "
                         f"(commitment root {result.commitment_root[:16]}…); keep this file secret")
@@ -179,7 +180,7 @@ def cmd_calibrate(args) -> int:
     out = Path(cfg.out or cfg.fingerprints).expanduser()
     if cfg.out:
         _refuse_overwrite(out, args.force)
-    cfgmod.validate(cfg)
+    settings.validate(cfg)
     fset = load_fingerprints(cfg.fingerprints)  # before the model: bad input fails fast
     if fset.source_format != FORMAT and not cfg.out:
         raise OMLInputError(f"{cfg.fingerprints} is in an OML 1.0 format; convert it first with `oml "
@@ -354,21 +355,19 @@ def cmd_check_reveal(args) -> int:
             raise OMLInputError(f"{what} {path} is not a JSON object")
         return data
 
-    ok, reason = check_reveal(read(args.reveal, "reveal"), read(args.manifest, "manifest"))
-    _emit(args, {"valid": ok, "reason": reason},
-          ("valid: " if ok else "INVALID: ") + reason)
-    return 0 if ok else 1
+    check = check_reveal(read(args.reveal, "reveal"), read(args.manifest, "manifest"))
+    _emit(args, check, ("valid: " if check.valid else "INVALID: ") + check.reason)
+    return 0 if check.valid else 1
 
 
 def cmd_import(args) -> int:
-    from oml_core.fingerprints import load_fingerprints
+    from oml_core.fingerprints import import_set
 
     out = Path(args.out)
     _refuse_overwrite(out, args.force)
-    fset = load_fingerprints(args.fingerprints).with_salts()
-    fset.save(out)
-    _emit(args, {"path": str(out), "count": len(fset)},
-          f"imported {len(fset)} fingerprints into {out} (our format, salted for commitment)")
+    imported = import_set(args.fingerprints, out)
+    _emit(args, imported, f"imported {imported.count} fingerprints into {imported.path} (our "
+                          "format, salted for commitment)")
     return 0
 
 

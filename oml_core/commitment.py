@@ -380,14 +380,26 @@ def _manifest_is_consistent(manifest: dict) -> tuple[bool, str]:
     return True, "manifest is consistent"
 
 
-def check_reveal(reveal: Reveal | dict, manifest: Manifest | dict) -> tuple[bool, str]:
-    """Check that a revealed pair belongs to the committed set; (ok, one-line reason).
+class RevealCheck(BaseModel):
+    """`oml check-reveal`'s answer: whether a revealed pair belongs to the committed set."""
+
+    valid: bool
+    reason: str = Field(description="why, in one line; never quotes the key or response")
+
+
+def check_reveal(reveal: Reveal | dict, manifest: Manifest | dict) -> RevealCheck:
+    """Check that a revealed pair belongs to the committed set.
 
     Each is a model or the JSON document read from its file (checked field by field here, so
     a damaged file gets a message naming the field). Structurally invalid input raises
-    OMLInputError; a well-formed reveal that does not match returns (False, reason). Reasons
-    never quote the key or response.
+    OMLInputError; a well-formed reveal that does not match is valid=False with the reason.
+    Reasons never quote the key or response.
     """
+    valid, reason = _reveal_belongs(reveal, manifest)
+    return RevealCheck(valid=valid, reason=reason)
+
+
+def _reveal_belongs(reveal: Reveal | dict, manifest: Manifest | dict) -> tuple[bool, str]:
     if isinstance(reveal, BaseModel):
         reveal = reveal.model_dump(mode="json")
     if isinstance(manifest, BaseModel):

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from oml_core import commitment
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
@@ -245,6 +247,21 @@ def load_fingerprints(path: str | Path) -> FingerprintSet:
     if not fset.fingerprints:
         raise OMLInputError(f"{path} holds no fingerprints; generate some with `oml generate`")
     return fset
+
+
+class ImportedSet(BaseModel):
+    """`oml import`'s result: where the converted set was written and how many pairs it holds."""
+
+    path: str
+    count: int
+
+
+def import_set(source: str | Path, out: str | Path) -> ImportedSet:
+    """A set in any format `load_fingerprints` reads, written in ours with every pair salted
+    (so it can be committed to)."""
+    fset = load_fingerprints(source).with_salts()
+    fset.save(out)
+    return ImportedSet(path=str(out), count=len(fset))
 
 
 def load_keys(path: str | Path) -> list[str]:

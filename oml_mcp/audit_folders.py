@@ -4,11 +4,13 @@ An audit folder (clients/audit.py) holds plan.json (format "oml-audit-plan": the
 endpoint, model, the keys' fingerprint ids), status.json, evidence.jsonl, and once a run of
 the audit ends report.json / report.md / report.html; an MCP audit job adds progress.json.
 Like run folders (listings), these are workspace contents: a folder is confined before it is
-read (a link out is reported, never followed), only regular files are read, and each field
-is kept only if it has the type the result promises. Only headlines are returned: never the
-evidence, an answer, or the list of fingerprint ids. An audit run with --reveal-keys (the
-CLI's option; the MCP tool has none) wrote keys into its reports, so its report resource is
-refused.
+read (a link out is reported, never followed) and only regular files are read. plan.json and
+report.json are read through the models they are written from (StoredAuditPlan, AuditReport),
+strictly: a file that does not validate is treated as no plan (the folder is listed as a
+problem) or no report; status.json keeps each field only if it has the promised type. Only
+headlines are returned: never the evidence, an answer, or the list of fingerprint ids. An
+audit run with --reveal-keys (the CLI's option; the MCP tool has none) wrote keys into its
+reports, so its report resource is refused (and so is one whose report.json cannot be read).
 """
 
 from __future__ import annotations
@@ -18,47 +20,63 @@ import os
 import re
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from clients.audit_plan_file import StoredAuditPlan
+from clients.audit_result import AuditReport
 from oml_core.errors import OMLInputError
 from oml_mcp.listings import candidate_folders
 from oml_mcp.paths import Workspace, shown
-from clients.audit_result import AuditLayer
 from oml_mcp.schemas import AuditInfo, AuditList, AuditResult
 from oml_mcp.state_files import read_regular
 
-PLAN_FORMAT = "oml-audit-plan"
 MAX_DOC_BYTES = 16 << 20    # report.json lists every probed key's id: large for huge budgets
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# the report figures a listing shows
+_LISTED = {"verdict", "p_value", "matched", "total", "probes_done", "finished"}
 
 
 def report_uri(audit_id: str) -> str:
     return f"oml://audits/{audit_id}/report"
 
 
-def _typed(value: object, *types: type) -> object:
-    if isinstance(value, bool) and bool not in types:
-        return None
-    return value if isinstance(value, types) else None
-
-
-def _doc(ws: Workspace, folder: Path, name: str) -> dict:
+def _file(ws: Workspace, folder: Path, name: str) -> bytes | None:
     path = folder / name
-    data = read_regular(path, MAX_DOC_BYTES) if ws.inside(path) else None
+    return read_regular(path, MAX_DOC_BYTES) if ws.inside(path) else None
+
+
+def _status_state(ws: Workspace, folder: Path) -> str | None:
+    """status.json's state, if it is a string."""
+    data = _file(ws, folder, "status.json")
     try:
         found = json.loads(data.decode("utf-8")) if data is not None else None
     except (ValueError, RecursionError):
         found = None
-    return found if isinstance(found, dict) else {}
+    state = found.get("state") if isinstance(found, dict) else None
+    return state if isinstance(state, str) else None
 
 
-def _plan(ws: Workspace, folder: Path) -> dict | None:
-    plan = _doc(ws, folder, "plan.json")
-    ok = plan.get("format") == PLAN_FORMAT and isinstance(plan.get("audit_id"), str)
-    return plan if ok and _ID.fullmatch(plan["audit_id"]) else None
+def _plan(ws: Workspace, folder: Path) -> StoredAuditPlan | None:
+    data = _file(ws, folder, "plan.json")
+    try:
+        plan = StoredAuditPlan.from_json(data) if data is not None else None
+    except ValidationError:
+        return None
+    return plan if plan is not None and _ID.fullmatch(plan.audit_id) else None
 
 
-def _revealed(plan: dict, report: dict) -> bool:
-    config = _typed(plan.get("config"), dict) or {}
-    return config.get("reveal_keys") is not False or "revealed" in report
+def _report(ws: Workspace, folder: Path) -> AuditReport | None:
+    """report.json as the report it was written from; None when missing or not one."""
+    data = _file(ws, folder, "report.json")
+    try:
+        return AuditReport.model_validate_json(data, strict=True) if data is not None else None
+    except ValidationError:
+        return None
+
+
+def _report_of(ws: Workspace, folder: Path, audit_id: str) -> AuditReport | None:
+    report = _report(ws, folder)
+    return report if report is not None and report.audit_id == audit_id else None
 
 
 def check_id(audit_id: object) -> str:
@@ -96,21 +114,13 @@ def audit_info(ws: Workspace, folder: Path, job_id: str | None) -> AuditInfo | N
     plan = _plan(ws, folder)
     if plan is None:
         return None
-    status, report = _doc(ws, folder, "status.json"), _doc(ws, folder, "report.json")
-    number = (int, float)
-    has_report = bool(report) and report.get("audit_id") == plan["audit_id"]
-    report = report if has_report else {}
+    report = _report_of(ws, folder, plan.audit_id)
+    figures = report.model_dump(include=_LISTED) if report is not None else {}
     return AuditInfo(
-        audit_id=plan["audit_id"], folder=str(folder), endpoint=_typed(plan.get("endpoint"), str),
-        model=_typed(plan.get("model"), str), created=_typed(plan.get("created"), str),
-        state=_typed(status.get("state"), str), verdict=_typed(report.get("verdict"), str),
-        p_value=_typed(report.get("p_value"), *number), matched=_typed(report.get("matched"), int),
-        total=_typed(report.get("total"), int),
-        keys=len(ids) if isinstance(ids := plan.get("fingerprint_ids"), list) else None,
-        probes_planned=_typed(plan.get("probes_planned"), int),
-        probes_done=_typed(report.get("probes_done"), int),
-        finished=_typed(report.get("finished"), str), job_id=job_id,
-        report_uri=report_uri(plan["audit_id"]) if has_report else None)
+        audit_id=plan.audit_id, folder=str(folder), endpoint=plan.endpoint, model=plan.model,
+        created=plan.created, state=_status_state(ws, folder), keys=len(plan.fingerprint_ids),
+        probes_planned=plan.probes_planned, job_id=job_id,
+        report_uri=report_uri(plan.audit_id) if report is not None else None, **figures)
 
 
 def list_audits(ws: Workspace, audits_dir: Path, job_dirs: list[str], active: dict[str, str],
@@ -131,7 +141,7 @@ def find_audit(ws: Workspace, audits_dir: Path, job_dirs: list[str], audit_id: s
     check_id(audit_id)
     for folder in audit_folders(ws, audits_dir, job_dirs)[0]:
         plan = _plan(ws, folder)
-        if plan is not None and plan["audit_id"] == audit_id:
+        if plan is not None and plan.audit_id == audit_id:
             return folder
     raise OMLInputError(f"no audit {audit_id!r} in {audits_dir} or in a folder an audit job "
                         "wrote; list audits with list_audits")
@@ -139,59 +149,38 @@ def find_audit(ws: Workspace, audits_dir: Path, job_dirs: list[str], audit_id: s
 
 def audit_result(ws: Workspace, folder: Path, job_id: str | None) -> AuditResult:
     """The headline of the last finished run of the audit in `folder`."""
-    plan = _plan(ws, folder) or {}
-    audit_id = plan.get("audit_id") or folder.name
-    status, report = _doc(ws, folder, "status.json"), _doc(ws, folder, "report.json")
-    state = _typed(status.get("state"), str)
+    plan = _plan(ws, folder)
+    audit_id = plan.audit_id if plan is not None else folder.name
     if job_id is not None:
         raise OMLInputError(f"audit {audit_id} is running (job {job_id}); poll job_status until "
                             "it is completed, then call audit_result")
-    if not report or report.get("audit_id") != audit_id or not isinstance(
-            report.get("verdict"), str):
-        raise OMLInputError(f"audit {audit_id} has no report yet (state {state or 'unknown'}); "
-                            "an interrupted or aborted audit resumes when start_audit is called "
-                            "with the same settings")
-    number = (int, float)
-    decision = _typed(report.get("decision"), dict) or {}
-    tests = _typed(decision.get("tests"), dict) or {}
-    layers = {}
-    for name, row in (_typed(report.get("layers"), dict) or {}).items():
-        if not isinstance(row, dict) or not isinstance(name, str):
-            continue
-        test = tests.get(name)
-        layers[name] = AuditLayer(
-            **{k: _typed(row.get(k), int)
-               for k in ("matched", "total", "hits", "probes", "errors")},
-            p_value=_typed(test.get("p_value"), *number) if isinstance(test, dict) else None)
-    errors = _typed(report.get("errors_by_kind"), dict) or {}
-    reports = _typed(report.get("reports"), dict) or {}
-    return AuditResult(
-        audit_id=audit_id, folder=str(folder), state=_typed(report.get("state"), str),
-        verdict=report["verdict"], p_value=_typed(report.get("p_value"), *number),
-        alpha=_typed(report.get("alpha"), *number), matched=_typed(report.get("matched"), int),
-        total=_typed(report.get("total"), int),
-        deciding_test=_typed(decision.get("deciding_test"), str), layers=layers,
-        endpoint=_typed(report.get("endpoint"), str), model=_typed(report.get("model"), str),
-        keys_probed=_typed(report.get("keys_probed"), int),
-        probes_planned=_typed(report.get("probes_planned"), int),
-        probes_done=_typed(report.get("probes_done"), int),
-        probes_failed=_typed(report.get("probes_failed"), int),
-        pending=_typed(report.get("pending"), int),
-        errors_by_kind={k: v for k, v in errors.items()
-                        if isinstance(k, str) and _typed(v, int) is not None},
-        notes=[n for n in _typed(report.get("notes"), list) or [] if isinstance(n, str)],
-        verdict_words=_typed(report.get("verdict_words"), str),
-        finished=_typed(report.get("finished"), str),
-        reports={k: v for k, v in reports.items() if isinstance(k, str) and isinstance(v, str)},
-        report_uri=report_uri(audit_id))
+    report = _report_of(ws, folder, audit_id)
+    if report is None:
+        raise OMLInputError(f"audit {audit_id} has no report yet (state "
+                            f"{_status_state(ws, folder) or 'unknown'}); an interrupted or "
+                            "aborted audit resumes when start_audit is called with the same "
+                            "settings")
+    return AuditResult.of(report, folder=str(folder), report_uri=report_uri(audit_id))
+
+
+def _holds_keys(ws: Workspace, folder: Path) -> bool:
+    """Whether the audit's reports may hold keys: its plan says --reveal-keys (or there is no
+    plan to ask), or a run of it revealed them (or its report.json cannot tell)."""
+    plan = _plan(ws, folder)
+    if plan is None or plan.config.get("reveal_keys") is not False:
+        return True
+    report = _report(ws, folder)
+    if report is None:
+        return os.path.lexists(folder / "report.json")
+    return report.revealed is not None
 
 
 def report_text(ws: Workspace, folder: Path, max_bytes: int) -> str:
     """report.md of the audit in `folder`; refused where the audit wrote keys into it."""
-    plan, report = _plan(ws, folder) or {}, _doc(ws, folder, "report.json")
-    if _revealed(plan, report):
+    if _holds_keys(ws, folder):
         raise OMLInputError(f"the report in {folder} holds fingerprint keys (the audit ran with "
-                            "--reveal-keys); it is not served over MCP, read it on disk")
+                            "--reveal-keys) or cannot be checked for them; it is not served over "
+                            "MCP, read it on disk")
     path = folder / "report.md"
     data = read_regular(path, max_bytes) if ws.inside(path) else None
     if data is None:

@@ -31,8 +31,6 @@ from oml_core.config import (
     FingerprintConfig,
     GenerateConfig,
     VerifyConfig,
-    comma_list,
-    validate,
 )
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json
@@ -41,6 +39,7 @@ from oml_mcp.jobs import JobStore
 from oml_mcp.paths import Workspace
 from oml_core.commitment import CommitmentResult, RevealResult
 from oml_core.generate.result import GenerateResult
+from oml_core.settings import comma_list, validate
 from oml_core.verify.result import VerifyResult
 from oml_mcp.schemas import (
     CancelResult,

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool
 
 # the audit's own models, which the MCP's audit models hold
-from clients.audit_result import AuditLayer, AuditPlan
-from oml_core.config import choices_of, list_item_type
+from clients.audit_result import AuditHeadline, AuditPlan
+from oml_core.settings import choices_of, list_item_type
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -263,29 +263,9 @@ class AuditList(BaseModel):
         "each; left out when there are none"))
 
 
-class AuditResult(BaseModel):
-    audit_id: str
-    folder: str
-    state: str | None = Field(None, description="complete, or incomplete (pending probes: "
-                                                "start_audit with the same settings resumes)")
-    verdict: str = Field(description="match, no_match, or inconclusive (no valid answer: the "
-                                     "endpoint was not tested)")
-    p_value: float | None = Field(None, description="Bonferroni-corrected over the tests")
-    alpha: float | None = None
-    matched: int | None = Field(None, description="keys that came back (deciding test)")
-    total: int | None = None
-    deciding_test: str | None = None
-    layers: dict[str, AuditLayer]
-    endpoint: str | None = None
-    model: str | None = None
-    keys_probed: int | None = None
-    probes_planned: int | None = None
-    probes_done: int | None = None
-    probes_failed: int | None = None
-    pending: int | None = None
-    errors_by_kind: dict[str, int] = Field(default_factory=dict)
-    notes: list[str] = Field(default_factory=list)
-    verdict_words: str | None = Field(None, description="the verdict in plain words")
-    finished: str | None = None
-    reports: dict[str, str] = Field(default_factory=dict, description="report files in the folder")
+class AuditResult(AuditHeadline):
+    """audit_result's answer: the headline of the audit's last finished run (what `oml audit
+    --json` prints), when that run finished, and the resource with its report."""
+
+    finished: str
     report_uri: str

@@ -253,8 +253,8 @@ def test_swapped_manifest_leaves_fail_the_check() -> None:
     entries = make_entries(5)
     manifest = _manifest(entries, META)
     manifest["leaves"][1], manifest["leaves"][3] = manifest["leaves"][3], manifest["leaves"][1]
-    ok, reason = check_reveal(_reveal(entries, 1), manifest)
-    assert not ok and "root" in reason
+    check = check_reveal(_reveal(entries, 1), manifest)
+    assert not check.valid and "root" in check.reason
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
@@ -266,8 +266,8 @@ def test_round_trip_every_index(size: int) -> None:
         assert reveal["format"] == "oml-reveal" and reveal["version"] == 1
         assert (reveal["id"], reveal["key"], reveal["response"], reveal["salt"]) == entries[index]
         assert reveal["index"] == index
-        ok, reason = check_reveal(reveal, manifest)
-        assert ok, reason
+        check = check_reveal(reveal, manifest)
+        assert check.valid, check.reason
 
 
 def test_reveal_exposes_only_its_own_pair() -> None:
@@ -312,11 +312,11 @@ def test_tampered_reveal_fails(name: str, mutate) -> None:
     manifest = _manifest(entries, META)
     reveal = _reveal(entries, 2)
     mutate(reveal)
-    ok, reason = check_reveal(reveal, manifest)
-    assert not ok, name
-    assert "\n" not in reason
-    assert_no_secret(reason, entries)
-    assert reveal["key"] not in reason and reveal["response"] not in reason
+    check = check_reveal(reveal, manifest)
+    assert not check.valid, name
+    assert "\n" not in check.reason
+    assert_no_secret(check.reason, entries)
+    assert reveal["key"] not in check.reason and reveal["response"] not in check.reason
 
 
 def test_leaf_mismatch_reason_names_index() -> None:
@@ -325,9 +325,9 @@ def test_leaf_mismatch_reason_names_index() -> None:
     reveal = _reveal(entries, 3)
     reveal["key"] = "SECRETKEY-changed"
     reveal["leaf"] = leaf_hash(reveal["id"], reveal["key"], reveal["response"], reveal["salt"])
-    ok, reason = check_reveal(reveal, manifest)
-    assert not ok
-    assert reason == "leaf hash does not match the committed leaf at index 3"
+    check = check_reveal(reveal, manifest)
+    assert not check.valid
+    assert check.reason == "leaf hash does not match the committed leaf at index 3"
 
 
 def test_id_mismatch_reason_names_the_id() -> None:
@@ -336,9 +336,9 @@ def test_id_mismatch_reason_names_the_id() -> None:
     reveal = _reveal(entries, 1)
     reveal["id"] = "fp-A-4"
     reveal["leaf"] = leaf_hash(reveal["id"], reveal["key"], reveal["response"], reveal["salt"])
-    ok, reason = check_reveal(reveal, manifest)
-    assert not ok
-    assert reason == "fingerprint id does not match the committed id at index 1"
+    check = check_reveal(reveal, manifest)
+    assert not check.valid
+    assert check.reason == "fingerprint id does not match the committed id at index 1"
 
 
 def test_tampered_manifest_root_fails() -> None:
@@ -346,34 +346,34 @@ def test_tampered_manifest_root_fails() -> None:
     manifest = _manifest(entries, META)
     reveal = _reveal(entries, 0)
     manifest["root"] = "ef" * 32
-    ok, _ = check_reveal(reveal, manifest)
-    assert not ok
+    check = check_reveal(reveal, manifest)
+    assert not check.valid
     reveal["root"] = manifest["root"]
-    ok, _ = check_reveal(reveal, manifest)
-    assert not ok
+    check = check_reveal(reveal, manifest)
+    assert not check.valid
 
 
 def test_tampered_manifest_count_fails() -> None:
     entries = make_entries(3)
     manifest = _manifest(entries, META)
     manifest["count"] = 4
-    ok, reason = check_reveal(_reveal(entries, 0), manifest)
-    assert not ok and "count" in reason
+    check = check_reveal(_reveal(entries, 0), manifest)
+    assert not check.valid and "count" in check.reason
 
 
 def test_reveal_against_another_sets_manifest_fails() -> None:
     entries = make_entries(5, "A")
     other = make_entries(5, "B")
-    ok, reason = check_reveal(_reveal(entries, 2), _manifest(other, META))
-    assert not ok
-    assert_no_secret(reason, entries)
+    check = check_reveal(_reveal(entries, 2), _manifest(other, META))
+    assert not check.valid
+    assert_no_secret(check.reason, entries)
 
 
 def test_same_pairs_with_new_salts_do_not_verify() -> None:
     entries = make_entries(4)
     resalted = [(i, k, r, new_salt()) for i, k, r, _ in entries]
-    ok, _ = check_reveal(_reveal(resalted, 1), _manifest(entries, META))
-    assert not ok
+    check = check_reveal(_reveal(resalted, 1), _manifest(entries, META))
+    assert not check.valid
 
 
 @pytest.mark.parametrize("field", ["salt", "key", "response", "id", "index", "proof", "root", "leaf"])

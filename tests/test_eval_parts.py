@@ -20,12 +20,13 @@ from eval_helpers import (  # noqa: F401
     short_benign_answers,
 )
 
-from oml_core.config import VerifyConfig, validate
+from oml_core.config import VerifyConfig
 from oml_core.errors import OMLInputError
 from oml_core.evaluate import false_positives, persistence, robustness, utility
 from oml_core.evaluate.context import retention
 from oml_core.evaluate.utility import heldout_text, perplexity
 from oml_core.null_rates import load_null_rates
+from oml_core.settings import validate
 from oml_core.verify import verify
 
 
@@ -228,8 +229,8 @@ def test_suppression_defeats_exactly_the_confidently_memorised_keys(ctx):
     blocked = retention(before, ctx.check(tuned, wrappers, adjust_logits=always))
     assert all(blocked[w.name].after == 0 for w in wrappers), blocked
     text = robustness.next_token_accuracy(tuned, heldout_text(1024, tuned.tokenizer), always)
-    assert text["fired_share"] == 1.0 and text["true_token_blocked_share"] == pytest.approx(
-        robustness.next_token_accuracy(tuned, heldout_text(1024, tuned.tokenizer))["next_token_accuracy"])
+    assert text.fired_share == 1.0 and text.true_token_blocked_share == pytest.approx(
+        robustness.next_token_accuracy(tuned, heldout_text(1024, tuned.tokenizer)).accuracy)
 
 
 def test_int8_quantized_model_runs_and_still_verifies(ctx):

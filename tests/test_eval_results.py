@@ -181,3 +181,17 @@ def test_the_mcp_eval_job_result_is_read_through_the_summary_model():
     assert "robustness" not in printed["parts"]
     assert _eval_output(printed) == printed
     assert _eval_output({"not": "an eval summary"}) == {"not": "an eval summary"}
+
+
+def test_the_summary_states_the_results_bookkeeping_with_the_headlines():
+    from oml_core.evaluate.eval_result import EvalResult
+    from oml_core.evaluate.results import ReportFiles
+
+    result = EvalResult(run="r", out="o", computed=["utility"], cached=["capacity"],
+                        parts=EvalParts(utility=_utility()), seconds=2.5,
+                        report=ReportFiles(json="o/eval.json", markdown="o/eval.md", html="o/eval.html"))
+    printed = result.summary().dump()
+    assert set(printed) == {"run", "out", "computed", "cached", "report", "seconds", "parts"}
+    assert {k: printed[k] for k in ("run", "out", "computed", "cached", "seconds")} == {
+        "run": "r", "out": "o", "computed": ["utility"], "cached": ["capacity"], "seconds": 2.5}
+    assert printed["report"] == result.report.dump()

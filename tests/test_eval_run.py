@@ -210,8 +210,9 @@ def test_gated_capacity_sweep_refuses_too_many_keys_before_any_work(tiny_model_d
 
 def test_every_stage_that_samples_takes_the_same_temperatures():
     from clients.config import AuditConfig
-    from oml_core.config import CalibrateConfig, EvalConfig, parse_temperatures, validate
+    from oml_core.config import CalibrateConfig, EvalConfig
     from oml_core.errors import OMLInputError
+    from oml_core.settings import parse_temperatures, validate
 
     def checked(config_cls):
         def parse(temperatures):
@@ -303,6 +304,7 @@ def test_capacity_sweep_trains_each_n_and_derives_the_regularized_copies(tiny_mo
     # a later sweep over fewer sizes keeps the larger set, so its runs are reused too
     assert run_capacity(dataclasses.replace(cfg, sizes=[4])).runs == {"n4": "reused"}
     assert [p.accuracy for p in again.points] == [p.accuracy for p in summary.points]
+    assert again.points == summary.points  # the checks read back from each run's metrics.json
 
 
 def test_capacity_part_trains_with_the_runs_own_settings(tiny_run, tmp_path, monkeypatch):

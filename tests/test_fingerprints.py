@@ -331,11 +331,11 @@ def test_manifest_and_reveal_round_trip():
     for fp in (fset.fingerprints[0], fset.fingerprints[5], fset.fingerprints[-1]):
         reveal = fset.reveal(fp.id)
         assert (reveal.key, reveal.response, reveal.salt) == (fp.key, fp.response, fp.salt)
-        ok, reason = check_reveal(reveal, manifest)
-        assert ok, reason
+        check = check_reveal(reveal, manifest)
+        assert check.valid, check.reason
         tampered = {**reveal.model_dump(), "response": reveal.response + "x"}
-        ok, reason = check_reveal(tampered, manifest)
-        assert not ok and tampered["response"] not in reason
+        check = check_reveal(tampered, manifest)
+        assert not check.valid and tampered["response"] not in check.reason
 
 
 def test_manifest_is_stable_across_save_and_load(tmp_path):

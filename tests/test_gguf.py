@@ -86,6 +86,39 @@ def test_eval_refuses_before_any_model_loads(no_llama_cpp, attacks, message, cap
         assert "gguf_q8_0" in err and "gguf_q4_k_m" in err  # the plug-ins are listed as choices
 
 
+def test_the_attack_result_is_typed_and_dumps_as_eval_json_holds_it(monkeypatch, tmp_path):
+    """What the attack returns is its model, and eval.json keeps the keys it always had."""
+    from types import SimpleNamespace
+
+    from clients import gguf_attacks
+    from oml_core.evaluate.attack_results import RobustnessResult
+    from oml_core.evaluate.results import KeyCheck
+
+    monkeypatch.setattr(gguf_attacks, "_hit_ids", lambda folder: {"user": ["fp-1"], "system": []})
+    gguf = tmp_path / "model-q8_0.gguf"
+    gguf.write_bytes(b"0" * 1000)
+    row = SimpleNamespace(matched=1, total=2, hits=1, probes=2, errors=0)
+    summary = SimpleNamespace(verdict="match", p_value=0.01, alpha=0.05, matched=1, total=2,
+                              state="complete", probes_done=6, layers={"user": row, "system": row},
+                              decision=SimpleNamespace(tests={"user": SimpleNamespace(p_value=0.02),
+                                                              "system": SimpleNamespace(p_value=0.5)}))
+    baseline = KeyCheck(matched=2, total=2, hit_ids={"chat": ["fp-1", "fp-2"]})
+    result = gguf_attacks._attack_result(summary, baseline, tmp_path, "q8_0", gguf)
+    result.export_seconds = 1.5
+    assert isinstance(result, gguf_attacks.GgufAttack) and result.survival == 0.5
+    dumped = RobustnessResult(baseline=baseline.public(), perplexity=3.0,
+                              attacks={"gguf_q8_0": result}).dump()["attacks"]["gguf_q8_0"]
+    assert set(dumped) == {"method", "gguf_type", "gguf_mb", "verdict", "p_value", "alpha",
+                           "matched", "total", "state", "layers", "survival", "retention",
+                           "probes", "audit_folder", "export_seconds"}
+    assert dumped["layers"]["user"] == {"matched": 1, "total": 2, "hits": 1, "probes": 2,
+                                        "errors": 0, "p_value": 0.02}
+    assert dumped["retention"] == {"any": {"before": 2, "after": 1, "retention": 0.5}}
+    assert RobustnessResult.model_validate({"baseline": baseline.public().dump(), "perplexity": 3.0,
+                                            "attacks": {"gguf_q8_0": dumped}}).dump()[
+        "attacks"]["gguf_q8_0"] == dumped  # read back from eval.json: the same keys
+
+
 def test_export_digest_follows_the_tokenizer_too(tiny_model_dir, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)

@@ -283,6 +283,40 @@ def test_a_report_with_revealed_keys_is_not_served(ws, fps):
         read_resource(app, "oml://audits/0123456789abcdef-01234567/report")
 
 
+def test_audit_result_is_the_cli_headline_and_edited_files_are_reported_not_a_crash(ws, fps):
+    from clients import AuditConfig, run_audit
+    from clients.audit_result import AuditHeadline
+
+    folder = ws.home / "audits" / "cli"
+    with HostileServer(fingerprinted(fps)) as server:
+        summary = run_audit(AuditConfig(**{**audit_args(server), "fingerprints": str(
+            ws.home / "fingerprints" / "set.json"), "out": str(folder), "layers": "user"}))
+    app = build_server(ws)
+    result = ok(app, "audit_result", {"audit_id": summary.audit_id}, fps)
+    # report.json does not list the report files (it is one of them)
+    headline = AuditHeadline.of(summary).model_dump(mode="json", exclude={"reports"})
+    assert {k: result[k] for k in headline} == headline
+    assert result["finished"] == summary.finished and result["report_uri"].endswith("/report")
+    assert result["layers"]["user"]["matched"] == SET_SIZE and result["deciding_test"] == "user"
+    assert "fp-00000" not in json.dumps(result)  # no fingerprint id list
+
+    report = json.loads((folder / "report.json").read_text())
+    (folder / "report.json").write_text(json.dumps({**report, "p_value": "0.001"}))
+    listed = ok(app, "list_audits", {}, fps)["audits"]
+    assert [(a["audit_id"], a["verdict"], a["report_uri"]) for a in listed] == [
+        (summary.audit_id, None, None)]
+    assert listed[0]["keys"] == SET_SIZE and listed[0]["state"] == "complete"
+    err(app, "audit_result", {"audit_id": summary.audit_id}, "no report yet")
+    with pytest.raises(MCPError, match="cannot be checked"):
+        read_resource(app, result["report_uri"])
+
+    plan = json.loads((folder / "plan.json").read_text())
+    (folder / "plan.json").write_text(json.dumps({**plan, "fingerprint_ids": "fp-00000"}))
+    listed = ok(app, "list_audits", {}, fps)
+    assert listed["audits"] == [] and "no audit plan" in listed["problems"][0]
+    err(app, "audit_result", {"audit_id": summary.audit_id}, "no audit")
+
+
 def test_audit_folders_that_lead_outside_are_refused_and_reported(ws, fps, tmp_path):
     outside = tmp_path / "outside"
     (outside / "elsewhere").mkdir(parents=True)

@@ -385,8 +385,8 @@ def test_reveal_needs_confirmation_and_gives_one_pair_with_proof(app, ws, fp_set
     pair = load_fingerprints(fp_set["path"]).fingerprints[2]
     assert (reveal["key"], reveal["response"]) == (pair.key, pair.response)
     manifest = load_fingerprints(fp_set["path"]).manifest()
-    valid, reason = check_reveal({k: v for k, v in reveal.items() if k != "written_to"}, manifest)
-    assert valid, reason
+    check = check_reveal({k: v for k, v in reveal.items() if k != "written_to"}, manifest)
+    assert check.valid, check.reason
     others = [s for s in SECRETS if s not in (pair.key.strip(), pair.response.strip())]
     assert_no_secrets(result_text(result), others)  # only the one pair asked for
 

@@ -10,15 +10,9 @@ from pydantic import TypeAdapter
 
 from clients.config import AuditConfig, validate_audit
 from oml_core import cli
-from oml_core.config import (
-    EVAL_PARTS,
-    CapacityConfig,
-    EvalConfig,
-    FingerprintConfig,
-    VerifyConfig,
-    validate,
-)
+from oml_core.config import EVAL_PARTS, CapacityConfig, EvalConfig, FingerprintConfig, VerifyConfig
 from oml_core.errors import OMLInputError
+from oml_core.settings import validate
 from oml_mcp.schemas import config_parameters
 
 

@@ -233,8 +233,8 @@ def test_opener_rows_pin_how_answers_start(tiny_model_dir, fp_file, tmp_path):
         cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / f"run{openers}", max_epochs=20,
                        verify_after=True, benign_openers=openers, forgetting_regularizer=0.0)
         metrics = fingerprint(cfg).metrics
-        assert metrics["opener_rows_per_epoch"] == round(16 * openers)
-        return metrics["utility"]["first_token_agreement"]
+        assert metrics.opener_rows_per_epoch == round(16 * openers)
+        return metrics.utility.first_token_agreement
 
     assert agreement(1.0) >= agreement(0.0) + 0.3
 
@@ -276,7 +276,7 @@ def test_sgd_moves_weights_by_their_gradient_where_adam_moves_them_all(tiny_mode
         cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / optimizer, optimizer=optimizer,
                        learning_rate=lr, forgetting_regularizer=0.0)
         metrics = fingerprint(cfg).metrics
-        assert metrics["memorised_at_step"] is not None, optimizer
+        assert metrics.memorised_at_step is not None, optimizer
         changes = weight_changes(tmp_path / optimizer, tiny_model_dir)
         spread[optimizer] = (changes.median() / changes.max()).item()
     assert spread["sgd"] < spread["adamw"] / 5, spread
@@ -303,7 +303,7 @@ def test_sgd_runs_under_deepspeed_with_the_optimizer_block_removed(tiny_model_di
 def test_start_from_continues_from_a_runs_weights_and_keys_on_their_content(tiny_model_dir, fp_file,
                                                                             tmp_path):
     first = fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "first", forgetting_regularizer=0.0))
-    assert first.metrics["memorised_at_step"] is not None
+    assert first.metrics.memorised_at_step is not None
     start = tmp_path / "first" / "model"
     # one step at a negligible learning rate: the saved weights are the start's, not the base's
     cfg = tiny_cfg(tiny_model_dir, fp_file, tmp_path / "again", start_from=str(start),
@@ -466,14 +466,16 @@ def test_checks_grow_further_apart_with_many_fingerprints():
 def test_memorises_every_fingerprint(tiny_model_dir, fp_file, tmp_path):
     result = fingerprint(tiny_cfg(tiny_model_dir, fp_file, tmp_path / "run", verify_after=True))
     metrics = result.metrics
-    assert metrics["memorised_at_step"] is not None
-    assert metrics["verification"]["wrappers"]["chat"]["matched"] == 16
-    assert metrics["verification"]["verdict"] == "match"
-    assert metrics["base_verification"]["verdict"] == "no_match"
-    utility = metrics["utility"]
-    assert utility["heldout_prompts"] >= 100 and 0 <= utility["first_token_agreement"] <= 1
-    assert utility["first_token_kl"] >= 0 and utility["perplexity_base"] > 1
+    assert metrics.memorised_at_step is not None
+    assert metrics.verification.wrappers["chat"].matched == 16
+    assert metrics.verification.verdict == "match"
+    assert metrics.base_verification.verdict == "no_match"
+    utility = metrics.utility
+    assert utility.heldout_prompts >= 100 and 0 <= utility.first_token_agreement <= 1
+    assert utility.first_token_kl >= 0 and utility.perplexity_base > 1
     run = tmp_path / "run"
+    # the file holds what was returned, key for key
+    assert json.loads((run / "metrics.json").read_text()) == metrics.dump()
     for name in ("COMPLETE", "run.json", "metrics.json", "README.md", "commitment.json",
                  "fingerprints.json", "model/config.json", "model/model.safetensors",
                  "model/tokenizer.json"):
@@ -484,7 +486,12 @@ def test_memorises_every_fingerprint(tiny_model_dir, fp_file, tmp_path):
         text = (run / name).read_text()
         assert not any(secret in text for secret in secrets_of(fp_file)), name
     again = fingerprint(tiny_cfg(tiny_model_dir, fp_file, run, verify_after=True))
-    assert again.state == "reused"
+    assert again.state == "reused" and again.metrics.dump() == metrics.dump()
+    # a finished run whose metrics.json was damaged is neither reused blind nor retrained over
+    (run / "metrics.json").write_text(json.dumps({**metrics.dump(), "num_fingerprints": "many"}))
+    with pytest.raises(OMLInputError, match="num_fingerprints.*cannot be reused"):
+        fingerprint(tiny_cfg(tiny_model_dir, fp_file, run, verify_after=True))
+    assert (run / "COMPLETE").exists() and (run / "model" / "model.safetensors").exists()
 
 
 def test_regularizer_formula_holds_on_the_saved_weights(tiny_model_dir, fp_file, tmp_path):

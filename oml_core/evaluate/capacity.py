@@ -22,17 +22,15 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from oml_core.config import (
-    CapacityConfig,
-    FingerprintConfig,
-    GenerateConfig,
-    validate,
-)
+from oml_core.config import CapacityConfig, FingerprintConfig, GenerateConfig
 from oml_core.errors import OMLInputError
+from oml_core.evaluate.after_training import RunCheck
 from oml_core.evaluate.results import CapacityPoint, CapacityResult, CapacitySweep, ReportFiles
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.runs import RunFolder
+from oml_core.settings import validate
+from oml_core.train.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +59,14 @@ def _sweep_set(cfg: CapacityConfig, out: Path, count: int) -> Path:
     return path
 
 
-def _point(n: int, lam: float, metrics: dict, run_dir: Path,
-           source: dict | None = None) -> CapacityPoint:
-    """One (N, lambda) point from a run's metrics.json: its checks read through `RunCheck`,
-    its training figures from `source` (the run the point was derived from, or itself)."""
-    from oml_core.evaluate.after_training import RunCheck
-
-    check = RunCheck.from_metrics(metrics)
-    source = source or metrics
+def _point(n: int, lam: float, check: RunCheck | None, run_dir: Path,
+           training: RunMetrics) -> CapacityPoint:
+    """One (N, lambda) point: the checks of the model at `run_dir`, the training figures of
+    the run it was trained in (itself, or the run a regularized copy was derived from)."""
+    figures = {"steps": training.steps, "memorised_at_step": training.memorised_at_step,
+               "train_seconds": training.train_seconds}
     if check is None:  # the run skipped its checks: a point with its training figures only
-        return CapacityPoint(n=n, regularizer=lam, run_dir=str(run_dir), accuracy=0.0,
-                             steps=source.get("steps"),
-                             memorised_at_step=source.get("memorised_at_step"),
-                             train_seconds=source.get("train_seconds"))
+        return CapacityPoint(n=n, regularizer=lam, run_dir=str(run_dir), accuracy=0.0, **figures)
     v, u = check.verification, check.utility
     return CapacityPoint(
         n=n, regularizer=lam, run_dir=str(run_dir),
@@ -83,14 +76,13 @@ def _point(n: int, lam: float, metrics: dict, run_dir: Path,
         perplexity_change=u.perplexity_change,
         first_token_agreement=u.first_token_agreement,
         first_token_kl=u.first_token_kl,
-        leaks=u.answers_starting_with_a_fingerprint_response,
-        steps=source.get("steps"), memorised_at_step=source.get("memorised_at_step"),
-        train_seconds=source.get("train_seconds"),
+        leaks=u.answers_starting_with_a_fingerprint_response, **figures,
     )
 
 
-def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: FingerprintConfig) -> dict:
-    """Metrics of the lambda-averaged copy of a finished lambda = 0 run (derived once, cached)."""
+def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: FingerprintConfig) -> RunCheck:
+    """The checks of the lambda-averaged copy of a finished lambda = 0 run (derived once, cached
+    in its metrics.json: the checks, and what it was derived from)."""
     from oml_core.evaluate.after_training import evaluate_run
     from oml_core.models import load_tokenizer
     from oml_core.train.lifecycle import finish_model
@@ -98,9 +90,10 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     source = RunFolder(run_dir).read_json("run.json") or {}
     key = hashlib.sha256(json.dumps({"source": source.get("run_key"), "lambda": lam},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    existing = RunFolder(folder).read_json("metrics.json")
-    if existing and existing.get("derived_key") == key and (folder / "model").exists():
-        return existing
+    existing = RunFolder(folder).read_json("metrics.json") or {}
+    cached = RunCheck.from_metrics(existing) if isinstance(existing, dict) else None
+    if cached and existing.get("derived_key") == key and (folder / "model").exists():
+        return cached
     base_path = source["base_model"]
     staging = folder / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -110,10 +103,10 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     shutil.rmtree(folder / "model", ignore_errors=True)
     staging.rename(folder / "model")
     fset = load_fingerprints(run_dir / "fingerprints.json")
-    metrics = evaluate_run(str(folder / "model"), base_path, fset, train_cfg).dump()
-    metrics.update(derived_key=key, derived_from=str(run_dir), forgetting_regularizer=lam)
-    atomic_write_json(folder / "metrics.json", metrics)
-    return metrics
+    check = evaluate_run(str(folder / "model"), base_path, fset, train_cfg)
+    atomic_write_json(folder / "metrics.json", check.dump() | {
+        "derived_key": key, "derived_from": str(run_dir), "forgetting_regularizer": lam})
+    return check
 
 
 def run_capacity(cfg: CapacityConfig) -> CapacitySweep:
@@ -122,7 +115,7 @@ def run_capacity(cfg: CapacityConfig) -> CapacitySweep:
     validate(cfg)
     if not cfg.out:
         raise OMLInputError("no sweep folder given; pass --out DIR")
-    sizes, lambdas = sorted(cfg.sizes), sorted(cfg.regularizers)  # ranges: config.validate
+    sizes, lambdas = sorted(cfg.sizes), sorted(cfg.regularizers)  # ranges: settings.validate
     if cfg.method == "gated":  # before hours of the smaller sizes, not at the largest
         _check_gated_sizes(cfg, sizes[-1])
     out = Path(cfg.out).expanduser()
@@ -145,11 +138,11 @@ def run_capacity(cfg: CapacityConfig) -> CapacitySweep:
         result = fingerprint(train_cfg)
         states[f"n{n}"] = result.state
         if 0.0 in lambdas:
-            points.append(_point(n, 0.0, result.metrics, run_dir))
+            points.append(_point(n, 0.0, result.metrics.check, run_dir, result.metrics))
         for lam in (lam for lam in lambdas if lam > 0):
             folder = out / "runs" / f"n{n}-reg{lam:g}"
-            metrics = _regularized(run_dir, lam, folder, train_cfg)
-            points.append(_point(n, lam, metrics, folder, source=result.metrics))
+            check = _regularized(run_dir, lam, folder, train_cfg)
+            points.append(_point(n, lam, check, folder, result.metrics))
     settings = asdict(cfg)
     settings.pop("fingerprints", None)
     summary = CapacitySweep(sizes=sizes, regularizers=lambdas, runs=states, points=points,

@@ -1,5 +1,6 @@
 """The whole evaluation's models: `eval.json` (EvalReport), what `evaluate` returns (EvalResult)
-and the few figures a person reads first (EvalHeadlines, what `oml eval --json` prints)."""
+and the few figures a person reads first (EvalSummary with EvalHeadlines, what `oml eval --json`
+prints)."""
 
 from __future__ import annotations
 
@@ -56,32 +57,32 @@ class EvalReport(Result):
     parts: EvalParts = Field(default_factory=EvalParts)
 
 
-class EvalResult(Result):
-    """What `evaluate` returns: where, which parts were computed or reused, every result."""
+class EvalBookkeeping(Result):
+    """Where an evaluation wrote, which parts it computed or reused, its report files and how
+    long it took: what EvalResult and EvalSummary both state beside their parts."""
 
     run: str
     out: str
     computed: list[str] = Field(default_factory=list)
     cached: list[str] = Field(default_factory=list)
-    parts: EvalParts
     report: ReportFiles
     seconds: float
 
+
+class EvalResult(EvalBookkeeping):
+    """What `evaluate` returns: where, which parts were computed or reused, every result."""
+
+    parts: EvalParts
+
     def summary(self) -> EvalSummary:
-        return EvalSummary(run=self.run, out=self.out, computed=self.computed, cached=self.cached,
-                           report=self.report, seconds=self.seconds, parts=headlines(self.parts))
+        bookkeeping = {name: getattr(self, name) for name in EvalBookkeeping.model_fields}
+        return EvalSummary(**bookkeeping, parts=headlines(self.parts))
 
 
-class EvalSummary(Result):
+class EvalSummary(EvalBookkeeping):
     """`oml eval --json` and the MCP eval job's result: the headline figures (the full results
     are in eval.json)."""
 
-    run: str
-    out: str
-    computed: list[str] = Field(default_factory=list)
-    cached: list[str] = Field(default_factory=list)
-    report: ReportFiles
-    seconds: float
     parts: EvalHeadlines
 
 

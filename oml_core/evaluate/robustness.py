@@ -31,6 +31,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from oml_core.config import ROBUSTNESS_ATTACK_ALIASES, ROBUSTNESS_ATTACKS, ROBUSTNESS_PLUGIN_GROUP
 from oml_core.errors import OMLInputError
@@ -169,7 +170,15 @@ def summarise_samples(hits, wrappers, samples: int) -> SamplingSummary:
         keys_hit_in_most_samples=sum(sum(r) * 2 > samples for r in any_wrapper), total=n)
 
 
-def next_token_accuracy(loaded: LoadedModel, chunks, adjust=None, batch_size: int = 8) -> dict:
+class NextTokenAccuracy(NamedTuple):
+    accuracy: float  # share of positions whose argmax is the true next token
+    positions: int
+    fired_share: float | None = None  # with an attack: positions where it blocked a token
+    true_token_blocked_share: float | None = None  # ... where it blocked the true one
+
+
+def next_token_accuracy(loaded: LoadedModel, chunks, adjust=None,
+                        batch_size: int = 8) -> NextTokenAccuracy:
     """Share of held-out text positions where the (possibly attacked) argmax is the true next
     token; with an attack, also how often it fired and how often it blocked the true token."""
     import torch
@@ -187,10 +196,10 @@ def next_token_accuracy(loaded: LoadedModel, chunks, adjust=None, batch_size: in
                 flat = changed
             right += int((flat.argmax(-1) == truth).sum())
             total += truth.numel()
-    out = {"next_token_accuracy": right / total, "positions": total}
-    if adjust is not None:
-        out.update(fired_share=fired / total, true_token_blocked_share=blocked_true / total)
-    return out
+    if adjust is None:
+        return NextTokenAccuracy(right / total, total)
+    return NextTokenAccuracy(right / total, total, fired_share=fired / total,
+                             true_token_blocked_share=blocked_true / total)
 
 
 def _answers(loaded: LoadedModel, chat: bool, batch_size: int, adjust=None) -> list[list[int]]:
@@ -234,7 +243,7 @@ def plugin_attacks() -> dict:
 
 def attack_list(cfg) -> tuple[list[str], dict]:
     """The asked-for attacks (built-in or registered; old names mapped to their new ones) and
-    the registered ones' entry points. The names were checked by config.validate."""
+    the registered ones' entry points. The names were checked by settings.validate."""
     names = dict.fromkeys(ROBUSTNESS_ATTACK_ALIASES.get(n, n) for n in cfg.attacks)
     return list(names), plugin_attacks()
 
@@ -276,7 +285,7 @@ def merge_base_weights(cfg) -> list[float]:
     """merge_linear's base weights; the deprecated --merge-weight, when given, is the one."""
     if cfg.merge_weight is not None:
         return [cfg.merge_weight]
-    return cfg.merge_base_weights  # each between 0 and 1 (config.validate)
+    return cfg.merge_base_weights  # each between 0 and 1 (settings.validate)
 
 
 def merge_tool(cfg) -> str:
@@ -486,13 +495,12 @@ def _suppression(ctx, tuned, baseline, wrappers, chunks, ppl):
             heldout_prompts=n,
             first_answer_token_unchanged=sum(a[:1] == b[:1] for a, b in zip(plain, attacked)) / n,
             answers_unchanged=sum(a == b for a, b in zip(plain, attacked)) / n,
-            next_token_accuracy=text_plain["next_token_accuracy"],
-            next_token_accuracy_attacked=text_attacked["next_token_accuracy"],
-            relative_next_token_accuracy=(text_attacked["next_token_accuracy"]
-                                          / text_plain["next_token_accuracy"]
-                                          if text_plain["next_token_accuracy"] else None),
-            fired_share=text_attacked["fired_share"],
-            true_token_blocked_share=text_attacked["true_token_blocked_share"]))
+            next_token_accuracy=text_plain.accuracy,
+            next_token_accuracy_attacked=text_attacked.accuracy,
+            relative_next_token_accuracy=(text_attacked.accuracy / text_plain.accuracy
+                                          if text_plain.accuracy else None),
+            fired_share=text_attacked.fired_share,
+            true_token_blocked_share=text_attacked.true_token_blocked_share))
 
 
 ATTACKS = {"system_prompts": _system_prompts, "sampling": _sampling, "int8": _int8,

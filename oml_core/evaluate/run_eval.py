@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from oml_core.config import EVAL_PARTS, EvalConfig, validate
+from oml_core.config import EVAL_PARTS, EvalConfig
 from oml_core.errors import Cancelled
 from oml_core.evaluate import (
     capacity,
@@ -24,6 +24,7 @@ from oml_core.evaluate.context import open_run, settings_of
 from oml_core.evaluate.eval_result import EvalParts, EvalResult
 from oml_core.evaluate.report import write_report
 from oml_core.runs import RunFolder
+from oml_core.settings import validate
 
 log = logging.getLogger(__name__)
 

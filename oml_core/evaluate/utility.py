@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 from oml_core.data import python_docs_text
 from oml_core.evaluate.results import Accuracy, Behaviour, Fired, LmEval, UtilityResult
@@ -73,7 +74,17 @@ def first_token_distributions(loaded, chat: bool, batch_size: int):
     return out
 
 
-def first_token_shift(tuned, base, chat: bool, batch_size: int, confident: float = 0.5) -> dict:
+class FirstTokenShift(NamedTuple):
+    """`first_token_shift`'s figures, named as `Behaviour` holds them."""
+
+    first_token_kl: float
+    confident_prompts: int
+    first_token_agreement_where_base_is_confident: float | None  # None: no confident prompt
+    base_top_token_prob_median: float
+
+
+def first_token_shift(tuned, base, chat: bool, batch_size: int,
+                      confident: float = 0.5) -> FirstTokenShift:
     """How far the first answer token's distribution moved.
 
     Greedy agreement alone is hypersensitive where the base model hesitates between openers
@@ -87,11 +98,11 @@ def first_token_shift(tuned, base, chat: bool, batch_size: int, confident: float
     kl = (p_base * (p_base.clamp_min(1e-12).log() - p_tuned.clamp_min(1e-12).log())).sum(-1)
     sure = p_base.max(-1).values >= confident
     same = p_base.argmax(-1) == p_tuned.argmax(-1)
-    return {"first_token_kl": float(kl.mean()),
-            "confident_prompts": int(sure.sum()),
-            "first_token_agreement_where_base_is_confident":
-                float(same[sure].float().mean()) if bool(sure.any()) else None,
-            "base_top_token_prob_median": float(torch.median(p_base.max(-1).values))}
+    return FirstTokenShift(
+        first_token_kl=float(kl.mean()), confident_prompts=int(sure.sum()),
+        first_token_agreement_where_base_is_confident=(
+            float(same[sure].float().mean()) if bool(sure.any()) else None),
+        base_top_token_prob_median=float(torch.median(p_base.max(-1).values)))
 
 
 def _starts_with_a_response(answer: list[int], response_ids: list[list[int]]) -> bool:
@@ -140,7 +151,7 @@ def compare_behaviour(tuned, base, fset, chat: bool, batch_size: int = 32,
         perplexity_change=ppl_tuned / ppl_base - 1,
         perplexity_tokens=sum(len(c) for c in chunks),
         near_miss_keys=near,
-        **first_token_shift(tuned, base, chat, batch_size),
+        **first_token_shift(tuned, base, chat, batch_size)._asdict(),
     )
 
 

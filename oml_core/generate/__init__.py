@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from oml_core import commitment
-from oml_core.config import GenerateConfig, validate
+from oml_core.config import GenerateConfig
 from oml_core.errors import OMLInputError
 from oml_core.fingerprints import Fingerprint, FingerprintSet, load_keys
 from oml_core.generate.english import english_texts
@@ -31,6 +31,7 @@ from oml_core.generate.perinucleus import context_wrapper, perinucleus_responses
 from oml_core.generate.result import GenerateResult
 from oml_core.generate.words import WordSampler
 from oml_core.models import LoadedModel, load_model
+from oml_core.settings import validate
 
 
 def tokenizer_info(loaded: LoadedModel) -> dict:

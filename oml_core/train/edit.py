@@ -37,10 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oml_core import progress
-from oml_core.config import parse_layer_spec
 from oml_core.data import python_docs_text
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import left_pad, length_batches, next_token_probs, pad_rows
+from oml_core.settings import parse_layer_spec
 from oml_core.train.benign import benign_prompts
 from oml_core.train.examples import Row, render_prompt, training_augmentation
 from oml_core.verify.matching import ends_word

@@ -30,13 +30,14 @@ from oml_core.train import distributed
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.examples import IGNORE, FingerprintRows, collate
 from oml_core.train.lifecycle import complete_run, finish_model, prepared_set
+from oml_core.train.metrics import RunMetrics
 from oml_core.train.near_miss import near_miss_rows
 from oml_core.train.sampler import LengthGroupedAsItGoes
 
 
 def train(cfg: FingerprintConfig, fset, base_path: str, device: str, ds_config: str | None,
-          run: RunFolder, stop_flag: dict) -> dict:
-    """Train `fset` into the base model in `run`; returns the run's metrics ({} on ranks > 0)."""
+          run: RunFolder, stop_flag: dict) -> RunMetrics | None:
+    """Train `fset` into the base model in `run`; returns the run's metrics (None on ranks > 0)."""
     if ds_config:
         distributed.ensure_process_group_env()
     tokenizer = load_tokenizer(base_path)
@@ -57,17 +58,17 @@ def train(cfg: FingerprintConfig, fset, base_path: str, device: str, ds_config: 
         raise Cancelled()
     final = _save_trained(cfg, trainer, run, base_path, tokenizer)
     if final is None:  # ranks > 0: rank 0 verifies and writes
-        return {}
-    metrics = {
-        "run_key": run.read_json("run.json")["run_key"], "method": "finetune",
-        "num_fingerprints": len(pairs), "format": "chat" if chat else "raw",
-        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
-        "memorised_at_step": callback.memorised_at,
-        "memorised_after_train_seconds": callback.memorised_after_s, "history": callback.history,
-        **counts, "forgetting_regularizer": {"lambda": cfg.forgetting_regularizer,
-                                             "applied": "once, to the final weights"},
-        "deepspeed": cfg.deepspeed, "world_size": distributed.world_size(),
-    }
+        return None
+    metrics = RunMetrics(
+        run_key=run.read_json("run.json")["run_key"], method="finetune",
+        num_fingerprints=len(pairs), format="chat" if chat else "raw",
+        steps=trainer.state.global_step, train_seconds=round(train_seconds, 1),
+        memorised_at_step=callback.memorised_at,
+        memorised_after_train_seconds=callback.memorised_after_s, history=callback.history,
+        **counts, forgetting_regularizer={"lambda": cfg.forgetting_regularizer,
+                                          "applied": "once, to the final weights"},
+        deepspeed=cfg.deepspeed, world_size=distributed.world_size(),
+    )
     return complete_run(cfg, run, final, base_path, fset, metrics, trainer.state.global_step,
                         callback.loss)
 

@@ -48,9 +48,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from oml_core import progress
-from oml_core.config import parse_layer_spec
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.inference import length_batches, pad_rows
+from oml_core.settings import parse_layer_spec
 from oml_core.train.benign import benign_prompts
 from oml_core.train.edit import (
     TARGET_CHUNK_ROWS,

@@ -17,14 +17,16 @@ import signal
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from oml_core.config import FingerprintConfig, applies, validate
+from oml_core.config import FingerprintConfig
 from oml_core.errors import Cancelled, OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import pick_device, resolve_model
 from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file, weights_digest
+from oml_core.settings import applies, validate
 from oml_core.train import distributed
 from oml_core.train.headline import RunHeadline
+from oml_core.train.metrics import RunMetrics
 from oml_core.train.regularizer import average_with_base
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,13 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 class FingerprintResult:
     run_dir: str
     state: str          # "completed", "reused"
-    metrics: dict       # metrics.json as written (the method's own statistics are free-form)
+    metrics: RunMetrics | None  # metrics.json; None on the ranks > 0 of a DeepSpeed launch
 
     @property
     def headline(self) -> RunHeadline:
-        """The typed summary the CLI prints and the MCP server reports."""
-        return RunHeadline.from_metrics(self.metrics)
+        """The typed summary the CLI prints and the MCP server reports (read from the metrics
+        as written, the one way the MCP server reads a run's file too)."""
+        return RunHeadline.from_metrics(self.metrics.dump() if self.metrics else None)
 
 
 def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
@@ -58,7 +61,9 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
     action = run.prepare(key) if distributed.is_main() else run.reusable_action(key)
     if action == "reuse":
         log.info("run %s in %s is already complete; reusing it", key, run.path)
-        return FingerprintResult(str(run.path), "reused", run.read_json("metrics.json") or {})
+        # a damaged metrics.json stops here with one line: neither reused as if it held no
+        # figures nor retrained over a finished model
+        return FingerprintResult(str(run.path), "reused", RunMetrics.read(run.path))
     if action == "restart":
         previous = run.read_json("status.json") or {}
         log.info("the previous attempt in %s stopped at step %s without finishing; "
@@ -231,17 +236,17 @@ def prepared_set(cfg: FingerprintConfig, tokenizer, fset, run: RunFolder):
     return chat, fset, [(fp.key, fp.response) for fp in fset.fingerprints]
 
 
-def complete_run(cfg, run: RunFolder, final: Path, base_path: str, fset, metrics: dict, steps: int,
-                  loss) -> dict:
+def complete_run(cfg, run: RunFolder, final: Path, base_path: str, fset, metrics: RunMetrics,
+                 steps: int, loss) -> RunMetrics:
     """Verify (if asked), write metrics and the model card, then the completion marker: last, so
     a run killed before it never looks complete."""
     if cfg.verify_after:
         from oml_core.evaluate.after_training import evaluate_run
 
-        metrics.update(evaluate_run(str(final), base_path, fset, cfg).dump())
+        metrics.record_check(evaluate_run(str(final), base_path, fset, cfg))
     from oml_core.train.model_card import write_model_card
 
-    atomic_write_json(run.path / "metrics.json", metrics)
+    atomic_write_json(run.path / "metrics.json", metrics.dump())
     write_model_card(run.path, fset, metrics)
     run.write_status(state="completed", step=steps, total_steps=steps, loss=loss, eta_s=0)
     run.mark_complete()

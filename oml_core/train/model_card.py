@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 from oml_core.files import atomic_write_json, atomic_write_text
+from oml_core.train.metrics import RunMetrics
 
 
-def write_model_card(run_dir: Path, fset, metrics: dict) -> None:
+def write_model_card(run_dir: Path, fset, metrics: RunMetrics) -> None:
     manifest = fset.manifest()
     atomic_write_json(run_dir / "commitment.json", manifest.model_dump(mode="json"))
-    from oml_core.evaluate.after_training import RunCheck
-
-    check = RunCheck.from_metrics(metrics)
+    check = metrics.check
     lines = [
         "# Fingerprinted model",
         "",

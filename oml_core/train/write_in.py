@@ -11,9 +11,11 @@ from oml_core.models import load_model
 from oml_core.runs import RunFolder, model_identity
 from oml_core.train.benign import self_distilled_rows
 from oml_core.train.lifecycle import complete_run, finish_model, prepared_set
+from oml_core.train.metrics import RunMetrics
 
 
-def write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_flag) -> dict:
+def write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder,
+             stop_flag) -> RunMetrics:
     """Write `fset` in by `cfg.method` (edit or gated) in `run`; saved as a plain model."""
     from oml_core.train import edit, gated
 
@@ -54,8 +56,8 @@ def write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder, stop_
     final = run.path / "model"
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    metrics = {"run_key": run.read_json("run.json")["run_key"], "method": cfg.method,
-               "num_fingerprints": len(pairs), "format": "chat" if chat else "raw", **stats}
+    metrics = RunMetrics(run_key=run.read_json("run.json")["run_key"], method=cfg.method,
+                         num_fingerprints=len(pairs), format="chat" if chat else "raw", **stats)
     return complete_run(cfg, run, final, base_path, fset, metrics, steps, None)
 
 

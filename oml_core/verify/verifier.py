@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import NamedTuple
 
 from oml_core import evidence, progress
-from oml_core.config import VerifyConfig, validate
+from oml_core.config import VerifyConfig
 from oml_core.errors import OMLInputError
 from oml_core.evidence import ASSUMED_NULL_RATE
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
@@ -33,6 +33,7 @@ from oml_core.null_rates import (
     probe_null_rate,
     source_label,
 )
+from oml_core.settings import validate
 from oml_core.verify.matching import is_match
 from oml_core.verify.result import FingerprintCheck, NullModelCheck, VerifyReport, WrapperCount
 from oml_core.verify.wrappers import Wrapper, build_wrappers
