@@ -18,6 +18,7 @@ from oml_core.config import VerifyConfig
 from oml_core.evaluate.utility import compare_behaviour
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model
+from oml_core.runs import RunFolder
 from oml_core.verify import verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.02, 0.1])
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
-    info = json.loads(open(f"{args.run}/run.json").read())
+    record = RunFolder(Path(args.run)).record()
     fset = load_fingerprints(f"{args.run}/fingerprints.json")
-    base, tuned = load_model(info["base_model"], "cpu"), load_model(f"{args.run}/model", "cpu")
+    base, tuned = load_model(record.base_model, "cpu"), load_model(f"{args.run}/model", "cpu")
     trained = {k: v.clone() for k, v in tuned.model.state_dict().items()}
     rows = []
     for keep in args.keep:

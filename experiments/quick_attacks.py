@@ -28,6 +28,7 @@ from oml_core.evaluate.utility import first_token_distributions, heldout_text, p
 from oml_core.fingerprints import load_fingerprints
 from oml_core.inference import next_token_probs
 from oml_core.models import load_model
+from oml_core.runs import RunFolder
 from oml_core.verify.wrappers import build_wrappers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     started = time.time()
     run = Path(args.run)
-    base_path = json.loads((run / "run.json").read_text())["base_model"]
+    base_path = RunFolder(run).record().base_model
     base = load_model(base_path, "cpu", "float32")
     tuned = load_model(str(run / "model"), "cpu", "float32")
     tok = tuned.tokenizer

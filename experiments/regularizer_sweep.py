@@ -16,6 +16,7 @@ from oml_core.config import FingerprintConfig, VerifyConfig
 from oml_core.evaluate.utility import compare_behaviour
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import load_model
+from oml_core.runs import RunFolder
 from oml_core.train.regularizer import average_with_base
 from oml_core.verify import verify
 
@@ -31,10 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     run = Path(args.run)
-    info = json.loads((run / "run.json").read_text())
-    cfg = FingerprintConfig(**info["config"])
+    record = RunFolder(run).record()
+    cfg = FingerprintConfig(**record.config)
     fset = load_fingerprints(run / "fingerprints.json")
-    base = load_model(info["base_model"], "cpu")
+    base = load_model(record.base_model, "cpu")
     tuned = load_model(str(run / "model"), "cpu")
     trained_state = {k: v.clone() for k, v in tuned.model.state_dict().items()}
     base_state = base.model.state_dict()
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "perplexity_change": utility["perplexity_change"],
                      "near_miss": {k: v["fired"] for k, v in utility["near_miss_keys"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"run": str(run), "config": info["config"], "rows": rows}
+    result = {"run": str(run), "config": record.config, "rows": rows}
     write_result(args.out, result, device="cpu")
     return result
 

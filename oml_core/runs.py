@@ -17,6 +17,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from oml_core.errors import OMLInputError
 from oml_core.files import atomic_write_json, atomic_write_text
@@ -75,6 +78,27 @@ def run_key(settings: dict, fingerprint_sha256: str, base_identity: dict) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class RunRecord(BaseModel):
+    """run.json: what a run was asked to do, written before any work starts.
+
+    `config` stays a mapping of `FingerprintConfig`'s fields as the run had them: settings are
+    renamed and added over versions, and a run of an earlier version must still be found,
+    reused and evaluated. The provenance (`provenance()`: versions, git revision, platform,
+    time) rides along as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_key: str
+    config: dict[str, Any]
+    base_model: str
+    base_identity: dict[str, Any]
+    fingerprints_sha256: str
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        """One of the run's settings; `default` where its version had no such setting."""
+        return self.config.get(name, default)
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -89,20 +113,30 @@ class RunFolder:
         except (OSError, ValueError):
             return None
 
+    def record(self) -> RunRecord | None:
+        """run.json, or None where it is missing or not one OML wrote."""
+        data = self.read_json("run.json")
+        try:
+            return RunRecord.model_validate(data) if isinstance(data, dict) else None
+        except ValidationError:
+            return None
+
     def prepare(self, key: str) -> str:
         """Decide what to do with the folder: 'reuse', 'fresh' or 'restart' (says why)."""
         if self.path.exists() and not self.path.is_dir():
             raise OMLInputError(f"--out-dir {self.path} is a file; pass a folder path")
-        existing = self.read_json("run.json")
+        existing = self.record()
         if existing is None:
             if self.path.exists() and any(self.path.iterdir()):
-                raise OMLInputError(f"--out-dir {self.path} is not empty and is not an OML run; "
-                                    "pass a new or empty folder")
+                what = ("its run.json is not one this version reads"
+                        if (self.path / "run.json").exists() else "is not an OML run")
+                raise OMLInputError(f"--out-dir {self.path} is not empty and {what}; pass a new "
+                                    "or empty folder")
             self.path.mkdir(parents=True, exist_ok=True)
             return "fresh"
-        if existing.get("run_key") != key:
+        if existing.run_key != key:
             raise OMLInputError(
-                f"--out-dir {self.path} holds a different run (key {existing.get('run_key')}, "
+                f"--out-dir {self.path} holds a different run (key {existing.run_key}, "
                 f"this one {key}); pass another --out-dir or delete that folder")
         if self.complete:
             return "reuse"
@@ -111,8 +145,8 @@ class RunFolder:
 
     def reusable_action(self, key: str) -> str:
         """Read-only: 'reuse' if a complete run with this key is here, else 'fresh'."""
-        existing = self.read_json("run.json") or {}
-        return "reuse" if self.complete and existing.get("run_key") == key else "fresh"
+        existing = self.record()
+        return "reuse" if self.complete and existing and existing.run_key == key else "fresh"
 
     def write_status(self, **fields) -> None:
         fields.setdefault("updated", time.time())

@@ -40,8 +40,12 @@ def run_folder(tiny_model_dir, keys, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bench_run")
     shutil.copytree(tiny_model_dir, run / "model")
     shutil.copy(keys, run / "fingerprints.json")
-    (run / "run.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "config": {}}))
-    (run / "metrics.json").write_text(json.dumps({"layer": 0, "neurons": [0, 1, 2, 3]}))
+    (run / "run.json").write_text(json.dumps({
+        "run_key": "0" * 16, "config": {}, "base_model": str(tiny_model_dir),
+        "base_identity": {}, "fingerprints_sha256": "0" * 64}))
+    (run / "metrics.json").write_text(json.dumps({"run_key": "0" * 16, "method": "gated",
+                                                  "num_fingerprints": 4, "layer": 0,
+                                                  "neurons": [0, 1, 2, 3]}))
     return run
 
 

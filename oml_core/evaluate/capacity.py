@@ -87,14 +87,14 @@ def _regularized(run_dir: Path, lam: float, folder: Path, train_cfg: Fingerprint
     from oml_core.models import load_tokenizer
     from oml_core.train.lifecycle import finish_model
 
-    source = RunFolder(run_dir).read_json("run.json") or {}
-    key = hashlib.sha256(json.dumps({"source": source.get("run_key"), "lambda": lam},
+    source = RunFolder(run_dir).record()  # the lambda = 0 run this sweep just made or reused
+    key = hashlib.sha256(json.dumps({"source": source.run_key, "lambda": lam},
                                     sort_keys=True).encode()).hexdigest()[:16]
     existing = RunFolder(folder).read_json("metrics.json") or {}
     cached = RunCheck.from_metrics(existing) if isinstance(existing, dict) else None
     if cached and existing.get("derived_key") == key and (folder / "model").exists():
         return cached
-    base_path = source["base_model"]
+    base_path = source.base_model
     staging = folder / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,8 +169,9 @@ def run_part(ctx) -> CapacityResult:
     """The sweep for a run: its base model, its training settings (but the DeepSpeed config and
     the epoch cap given by `--capacity-deepspeed` / `--capacity-max-epochs`) and its kind of fingerprint set (strategy, key and response
     length), at `--capacity-sizes`; sweep folder OUT/capacity."""
-    run_config = (RunFolder(ctx.run_dir).read_json("run.json") or {}).get("config") or {}
-    training = {f.name: run_config[f.name] for f in fields(FingerprintConfig) if f.name in run_config}
+    record = RunFolder(ctx.run_dir).record()
+    training = {f.name: record.config[f.name] for f in fields(FingerprintConfig)
+                if f.name in record.config}
     generation = ctx.fset.generation or {}
     lambdas = ctx.cfg.capacity_regularizers or [0.0, training.get("forgetting_regularizer", 0.0)]
     if ctx.cfg.capacity_deepspeed:

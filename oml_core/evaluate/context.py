@@ -24,6 +24,7 @@ from oml_core.files import atomic_write_json
 from oml_core.fingerprints import FingerprintSet, load_fingerprints
 from oml_core.models import LoadedModel, load_model, pick_device, resolve_model
 from oml_core.runs import COMPLETE, RunFolder, model_identity, sha256_file, weights_digest
+from oml_core.train.metrics import RunMetrics
 from oml_core.verify.verifier import check_keys
 from oml_core.verify.wrappers import Wrapper, build_wrappers
 
@@ -160,20 +161,18 @@ def open_run(cfg: EvalConfig) -> EvalContext:
     if not run_dir.is_dir():
         raise OMLInputError(f"--run {run_dir} is not a folder; pass the run folder `oml fingerprint` made")
     run = RunFolder(run_dir)
-    info = run.read_json("run.json")
-    if info is None or not (run_dir / "fingerprints.json").exists():
+    record = run.record()
+    if record is None or not (run_dir / "fingerprints.json").exists():
         raise OMLInputError(f"--run {run_dir} is not an OML run (no run.json / fingerprints.json); "
                             "pass the folder `oml fingerprint --out-dir` made")
     if not (run_dir / COMPLETE).exists() or not (run_dir / "model" / "config.json").exists():
         raise OMLInputError(f"--run {run_dir} did not finish (no COMPLETE marker or model/); rerun "
                             "`oml fingerprint` with the same settings to finish it")
-    base_spec = cfg.model or info.get("base_model")
-    if not base_spec:
-        raise OMLInputError(f"--run {run_dir}: run.json names no base model; pass --model BASE")
-    base_path = resolve_model(base_spec)
+    base_path = resolve_model(cfg.model or record.base_model)
     fset = load_fingerprints(run_dir / "fingerprints.json")
-    metrics = run.read_json("metrics.json") or {}
-    trained_format = metrics.get("format") or (info.get("config") or {}).get("format")
+    metrics = RunMetrics.read(run_dir, "evaluated", "rerun `oml fingerprint` with the same "
+                              "settings into a new folder")
+    trained_format = metrics.format or record.setting("format")
     has_template = (run_dir / "model" / "tokenizer_config.json").exists() and _has_chat_template(
         run_dir / "model")
     chat = trained_format == "chat" if trained_format in ("chat", "raw") else has_template

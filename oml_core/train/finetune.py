@@ -60,7 +60,7 @@ def train(cfg: FingerprintConfig, fset, base_path: str, device: str, ds_config: 
     if final is None:  # ranks > 0: rank 0 verifies and writes
         return None
     metrics = RunMetrics(
-        run_key=run.read_json("run.json")["run_key"], method="finetune",
+        run_key=run.record().run_key, method="finetune",
         num_fingerprints=len(pairs), format="chat" if chat else "raw",
         steps=trainer.state.global_step, train_seconds=round(train_seconds, 1),
         memorised_at_step=callback.memorised_at,

@@ -22,7 +22,7 @@ from oml_core.errors import Cancelled, OMLInputError
 from oml_core.files import atomic_write_json
 from oml_core.fingerprints import load_fingerprints
 from oml_core.models import pick_device, resolve_model
-from oml_core.runs import RunFolder, model_identity, provenance, run_key, sha256_file, weights_digest
+from oml_core.runs import RunFolder, RunRecord, model_identity, provenance, run_key, sha256_file, weights_digest
 from oml_core.settings import applies, validate
 from oml_core.train import distributed
 from oml_core.train.headline import RunHeadline
@@ -71,10 +71,10 @@ def fingerprint(cfg: FingerprintConfig) -> FingerprintResult:
     if distributed.is_main():
         (run.path / "train.log").unlink(missing_ok=True)
         run.write_status(state="starting", step=0, total_steps=None)
-        atomic_write_json(run.path / "run.json", {
-            "run_key": key, "config": asdict(cfg), "base_model": base_path,
-            "base_identity": model_identity(base_path),
-            "fingerprints_sha256": sha256_file(cfg.fingerprints), **provenance()})
+        record = RunRecord(run_key=key, config=asdict(cfg), base_model=base_path,
+                           base_identity=model_identity(base_path),
+                           fingerprints_sha256=sha256_file(cfg.fingerprints), **provenance())
+        atomic_write_json(run.path / "run.json", record.model_dump(mode="json"))
     stop_flag = {"stop": False, "training": False}
     try:
         with _stopping_on_signals(stop_flag):

@@ -81,20 +81,21 @@ class RunMetrics(BaseModel):
         return data | self.model_dump(mode="json", exclude_unset=True, include=CHECK_FIELDS)
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> RunMetrics:
+    def read(cls, run_dir: str | Path, use: str = "reused",
+             fix: str = "move that folder away or pass another --out-dir to fingerprint "
+                        "again") -> RunMetrics:
         """A finished run's metrics.json, or one clear error naming what is wrong with it (the
-        field names only: the values are never echoed)."""
+        field names only: the values are never echoed), why that matters (the run cannot be
+        `use`d) and `fix`."""
         path = Path(run_dir) / "metrics.json"
         data = RunFolder(Path(run_dir)).read_json("metrics.json")
         if not isinstance(data, dict):
             raise OMLInputError(f"{path} is missing or not a JSON object, so the finished run in "
-                                f"{run_dir} cannot be reused; move that folder away or pass "
-                                "another --out-dir to fingerprint again")
+                                f"{run_dir} cannot be {use}; {fix}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             wrong = sorted({".".join(map(str, err["loc"])) for err in exc.errors()})
             raise OMLInputError(f"{path} is not a run's metrics as OML writes them (check "
                                 f"{', '.join(wrong[:5])}), so the finished run in {run_dir} cannot "
-                                "be reused; move that folder away or pass another --out-dir to "
-                                "fingerprint again") from None
+                                f"be {use}; {fix}") from None

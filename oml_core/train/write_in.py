@@ -56,7 +56,7 @@ def write_in(cfg: FingerprintConfig, fset, base_path: str, run: RunFolder,
     final = run.path / "model"
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    metrics = RunMetrics(run_key=run.read_json("run.json")["run_key"], method=cfg.method,
+    metrics = RunMetrics(run_key=run.record().run_key, method=cfg.method,
                          num_fingerprints=len(pairs), format="chat" if chat else "raw", **stats)
     return complete_run(cfg, run, final, base_path, fset, metrics, steps, None)
 
